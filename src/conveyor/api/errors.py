@@ -1,0 +1,56 @@
+"""Conveyor's error tree mapped to HTTP responses, in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from ..errors import ConveyorError, QueueFull
+
+ERROR_BODY: dict[str, Any] = {
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "detail": {
+                        "anyOf": [
+                            {"type": "string"},
+                            {"type": "array", "items": {"type": "object"}},
+                        ]
+                    }
+                },
+                "required": ["detail"],
+            }
+        }
+    }
+}
+
+
+def error_response(exc: ConveyorError) -> JSONResponse:
+    """The JSON response for a Conveyor error: ``{"detail": …}`` like FastAPI's own errors.
+
+    Errors with field-level details answer FastAPI's validation shape (a list of
+    ``{loc, msg, type}``), so clients handle one format for every ``422``.
+    """
+    detail: Any = exc.details if exc.details else exc.message
+    if exc.details:
+        detail = [{**item, "msg": item.get("msg") or exc.message} for item in exc.details]
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
+
+
+def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the error codes a route can answer."""
+    texts = {
+        401: "Missing or invalid API key",
+        404: "No such task",
+        409: "The task's state forbids this",
+        413: "Request body too large",
+        415: "Unsupported content type",
+        422: "Invalid input (what was wrong, where)",
+        429: "Too many queued tasks; see Retry-After",
+        503: "The store is unavailable",
+    }
+    return {code: {"description": texts[code], **ERROR_BODY} for code in codes}

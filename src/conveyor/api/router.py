@@ -1,0 +1,294 @@
+"""The ``/tasks`` API of DESIGN.md as a FastAPI router bound to one Conveyor instance."""
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core import MAX_DELAY_S
+from ..errors import ConveyorError, InvalidArguments, TaskStateConflict
+from ..record import TaskRecord
+from ..status import TaskStatus
+from .errors import documented, error_response
+from .routing import strict_route_class
+
+if TYPE_CHECKING:
+    from ..core import Conveyor
+
+
+class SubmitRequest(BaseModel):
+    """Body of ``POST /tasks``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="A registered task type.")
+    args: dict[str, Any] = Field(default_factory=dict, description="The task's arguments.")
+    priority: int | None = Field(default=None, ge=-1000, le=1000, description="Higher first.")
+    delay_s: float | None = Field(default=None, ge=0, le=MAX_DELAY_S)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_DELAY_S)
+
+
+class TaskLinks(BaseModel):
+    self: str
+    events: str
+    result: str
+
+
+class TaskOut(BaseModel):
+    """A task as the API shows it."""
+
+    id: str
+    name: str
+    status: TaskStatus
+    progress: float
+    message: str | None
+    args: dict[str, Any]
+    result: Any
+    error: dict[str, Any] | None
+    attempts: int
+    max_attempts: int
+    priority: int
+    timeout_s: float | None
+    cancel_requested: bool
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    run_at: str
+    links: TaskLinks
+
+
+class TaskPage(BaseModel):
+    items: list[TaskOut]
+    next_cursor: str | None
+
+
+class TaskTypeOut(BaseModel):
+    name: str
+    options: dict[str, Any]
+    args_schema: dict[str, Any]
+
+
+TaskId = Annotated[UUID, Path(description="The task's id (a UUID).")]
+
+
+def _json(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(body, separators=(",", ":")),
+        status_code=status_code,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
+    """The HTTP API over ``yard``; mount it with ``app.include_router(yard.router())``."""
+    settings = yard.settings
+    tenants = settings.tenants_by_key()
+    router = APIRouter(
+        prefix=prefix,
+        route_class=strict_route_class(settings.max_body_bytes),
+        responses=documented(401, 503) if tenants else documented(503),
+    )
+
+    def tenant(request: Request) -> str:
+        if not tenants:
+            return ""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            for key, name in tenants.items():
+                if secrets.compare_digest(key.encode(), token.encode()):
+                    return name
+        raise HTTPException(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+
+    Tenant = Annotated[str, Depends(tenant)]
+
+    def task_json(record: TaskRecord) -> dict[str, Any]:
+        return record.to_json(prefix)
+
+    def require_json(request: Request) -> None:
+        content_type = request.headers.get("content-type", "")
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise HTTPException(
+                415, f"POST /tasks takes application/json, not {content_type or 'no content type'}"
+            )
+
+    @router.post(
+        "/tasks",
+        status_code=202,
+        summary="Submit a task",
+        dependencies=[Depends(require_json)],
+        responses={
+            202: {"model": TaskOut, "description": "Committed; `Location` names the task."},
+            200: {"model": TaskOut, "description": "The task already submitted with this key."},
+            **documented(413, 415, 422, 429),
+        },
+        response_class=Response,
+    )
+    async def submit(
+        body: SubmitRequest,
+        owner: Tenant,
+        idempotency_key: Annotated[
+            str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
+        ] = None,
+    ) -> Response:
+        record, created = await yard.submit(
+            body.name,
+            body.args,
+            owner=owner,
+            priority=body.priority,
+            delay_s=body.delay_s,
+            timeout_s=body.timeout_s if body.timeout_s is not None else _unset(),
+            idempotency_key=idempotency_key,
+        )
+        location = f"{prefix}/tasks/{record.id}"
+        return _json(task_json(record), 202 if created else 200, {"Location": location})
+
+    @router.get(
+        "/tasks",
+        summary="List tasks, newest first",
+        response_model=TaskPage,
+        responses=documented(422),
+        response_class=Response,
+    )
+    async def list_tasks(
+        owner: Tenant,
+        status: TaskStatus | None = None,
+        name: Annotated[str | None, Query(max_length=200)] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[str | None, Query(max_length=20, pattern=r"^[0-9]+$")] = None,
+    ) -> Response:
+        before = int(cursor) if cursor is not None else None
+        records = await yard.list(
+            owner=owner, status=status, name=name, limit=limit + 1, before_seq=before
+        )
+        page = records[:limit]
+        next_cursor = str(page[-1].seq) if len(records) > limit else None
+        return _json({"items": [task_json(r) for r in page], "next_cursor": next_cursor})
+
+    @router.get(
+        "/tasks/{task_id}",
+        summary="A task's status, progress and result",
+        response_model=TaskOut,
+        responses=documented(404, 422),
+        response_class=Response,
+    )
+    async def get_task(task_id: TaskId, owner: Tenant) -> Response:
+        return _json(task_json(await yard.get(str(task_id), owner=owner)))
+
+    @router.post(
+        "/tasks/{task_id}/cancel",
+        summary="Cancel a queued or running task",
+        response_model=TaskOut,
+        responses=documented(404, 409, 422),
+        response_class=Response,
+    )
+    async def cancel_task(task_id: TaskId, owner: Tenant) -> Response:
+        return _json(task_json(await yard.cancel(str(task_id), owner=owner)))
+
+    @router.post(
+        "/tasks/{task_id}/retry",
+        status_code=202,
+        summary="Re-run a failed or cancelled task",
+        responses={202: {"model": TaskOut}, **documented(404, 409, 422)},
+        response_class=Response,
+    )
+    async def retry_task(task_id: TaskId, owner: Tenant) -> Response:
+        return _json(task_json(await yard.retry(str(task_id), owner=owner)), 202)
+
+    @router.get(
+        "/tasks/{task_id}/result",
+        summary="The task's result",
+        responses={
+            200: {"description": "The result, as JSON", "content": {"application/json": {}}},
+            **documented(404, 409, 422),
+        },
+        response_class=Response,
+    )
+    async def get_result(task_id: TaskId, owner: Tenant) -> Response:
+        record = await yard.get(str(task_id), owner=owner)
+        if record.status is not TaskStatus.COMPLETED:
+            reason = f"task {record.id} is {record.status.value}"
+            if record.error:
+                reason += f": {record.error.get('type')}: {record.error.get('message')}"
+            raise TaskStateConflict(reason + "; it has no result")
+        return _json(record.result)
+
+    @router.delete(
+        "/tasks/{task_id}",
+        status_code=204,
+        summary="Forget a terminal task",
+        responses=documented(404, 409, 422),
+        response_class=Response,
+    )
+    async def delete_task(task_id: TaskId, owner: Tenant) -> Response:
+        await yard.delete(str(task_id), owner=owner)
+        return Response(status_code=204)
+
+    async def visible_task(task_id: TaskId, owner: Tenant) -> TaskRecord:
+        return await yard.get(str(task_id), owner=owner)
+
+    @router.get(
+        "/tasks/{task_id}/events",
+        summary="Stream status and progress (Server-Sent Events) until the task ends",
+        response_class=EventSourceResponse,
+        responses=documented(404, 422),
+    )
+    async def task_events(
+        record: Annotated[TaskRecord, Depends(visible_task)], owner: Tenant
+    ) -> AsyncIterator[ServerSentEvent]:
+        last_status: TaskStatus | None = None
+        last_progress: tuple[float, str | None] | None = None
+        try:
+            async for current in yard.watch(record.id, owner=owner):
+                if current.status is not last_status:
+                    last_status = current.status
+                    yield ServerSentEvent(event="status", data=task_json(current))
+                progress = (current.progress, current.message)
+                if progress != last_progress and not current.terminal:
+                    last_progress = progress
+                    yield ServerSentEvent(
+                        event="progress",
+                        data={"id": current.id, "progress": progress[0], "message": progress[1]},
+                    )
+        except ConveyorError as exc:  # deleted while streaming, or the store went away
+            yield ServerSentEvent(event="error", data={"detail": exc.message})
+
+    @router.get(
+        "/task-types",
+        summary="Registered task types, their argument schema and options",
+        response_model=list[TaskTypeOut],
+    )
+    async def task_types(owner: Tenant) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": t.name,
+                "options": t.options.as_json(),
+                "args_schema": t.argument_schema(),
+            }
+            for t in yard.task_types.values()
+        ]
+
+    @router.get("/health", summary="Liveness and readiness", responses=documented(503))
+    async def health() -> Response:
+        try:
+            counts = await yard.store.count_by_status()
+        except ConveyorError as exc:
+            return error_response(exc)
+        return _json({"status": "ok", "engine": settings.engine, "tasks": counts})
+
+    return router
+
+
+def _unset() -> Any:
+    from ..task import UNSET
+
+    return UNSET
+
+
+__all__ = ["InvalidArguments", "SubmitRequest", "TaskOut", "build_router"]

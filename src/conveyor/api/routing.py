@@ -1,0 +1,66 @@
+"""Request handling shared by every Conveyor route: strict JSON, body limits, error mapping."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import HTTPException, Request, Response
+from fastapi.routing import APIRoute
+
+from .. import serialization
+from ..errors import ConveyorError
+from .errors import error_response
+
+MAX_BODY_SCOPE_KEY = "conveyor.max_body_bytes"
+
+
+class StrictRequest(Request):
+    """A request whose body is capped (413) and whose JSON is strict (no NaN, bounded depth)."""
+
+    async def body(self) -> bytes:
+        if not hasattr(self, "_body"):
+            limit: int = self.scope.get(MAX_BODY_SCOPE_KEY, 1_048_576)
+            declared = self.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise HTTPException(413, f"request body exceeds {limit} bytes")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in self.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPException(413, f"request body exceeds {limit} bytes")
+                chunks.append(chunk)
+            self._body = b"".join(chunks)
+        return self._body
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = serialization.loads(body)
+            except serialization.JSONError as exc:
+                # FastAPI turns JSONDecodeError into a 422 naming the problem and its position.
+                raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from exc
+        return self._json
+
+
+def strict_route_class(max_body_bytes: int) -> type[APIRoute]:
+    """An ``APIRoute`` class applying the body limit and mapping ``ConveyorError`` to HTTP."""
+
+    class ConveyorRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+            handler = super().get_route_handler()
+
+            async def handle(request: Request) -> Response:
+                request.scope[MAX_BODY_SCOPE_KEY] = max_body_bytes
+                strict = StrictRequest(request.scope, request.receive)
+                try:
+                    return await handler(strict)
+                except ConveyorError as exc:
+                    return error_response(exc)
+
+            return handle
+
+    return ConveyorRoute

@@ -1,0 +1,305 @@
+"""The ``conveyor`` command: serve the API, run workers, submit and follow tasks.
+
+A thin shell over public functions; every option is also settable as ``CONVEYOR_<OPTION>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import ipaddress
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .core import Conveyor
+from .settings import Settings
+
+app = typer.Typer(
+    help="Conveyor: durable background tasks for FastAPI.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+Url = Annotated[
+    str, typer.Option(envvar="CONVEYOR_URL", help="Base URL of a running `conveyor serve`.")
+]
+ApiKey = Annotated[
+    str | None, typer.Option(envvar="CONVEYOR_API_KEY", help="Bearer key, when keys are set.")
+]
+Concurrency = Annotated[
+    int | None,
+    typer.Option(envvar="CONVEYOR_CONCURRENCY", min=1, help="Tasks run at once per process."),
+]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(envvar="CONVEYOR_DATA_DIR", help="Where the SQLite store and blobs live."),
+]
+AppOption = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        envvar="CONVEYOR_APP",
+        help="module:attribute of your Conveyor instance (default: the built-in service).",
+    ),
+]
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _settings(concurrency: int | None, data_dir: Path | None) -> Settings:
+    overrides: dict[str, Any] = {}
+    if concurrency is not None:
+        overrides["concurrency"] = concurrency
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    return Settings(**overrides)
+
+
+def load_yard(import_string: str) -> Conveyor:
+    """Import ``module:attribute`` and return the Conveyor instance it names."""
+    module_name, sep, attribute = import_string.partition(":")
+    if not sep or not module_name or not attribute:
+        raise typer.BadParameter(f"expected module:attribute, got {import_string!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise typer.BadParameter(f"cannot import module {module_name!r}: {exc}") from exc
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise typer.BadParameter(
+                f"module {module_name!r} has no attribute {attribute!r}"
+            ) from None
+    if not isinstance(target, Conveyor):
+        raise typer.BadParameter(f"{import_string} is a {type(target).__name__}, not a Conveyor")
+    return target
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(envvar="CONVEYOR_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="CONVEYOR_PORT", min=0, max=65535)] = 8000,
+    concurrency: Concurrency = None,
+    data_dir: DataDir = None,
+    workers: Annotated[
+        bool, typer.Option(envvar="CONVEYOR_WORKERS", help="Run task workers in the server.")
+    ] = True,
+    log_level: Annotated[str, typer.Option(envvar="CONVEYOR_LOG_LEVEL")] = "info",
+) -> None:
+    """Serve the HTTP API (and run task workers) with the embedded engine."""
+    import uvicorn
+
+    from .service import create_app
+
+    settings = _settings(concurrency, data_dir)
+    if not settings.tenants_by_key() and not _is_loopback(host):
+        errors.print(
+            f"refusing to serve on {host} with no API keys: set CONVEYOR_API_KEYS "
+            "(tenant:key,…) or bind to 127.0.0.1"
+        )
+        raise typer.Exit(2)
+    _configure_logging(log_level)
+    uvicorn.run(
+        create_app(settings, run_workers=workers),
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        log_config=None,
+    )
+
+
+@app.command()
+def worker(
+    concurrency: Concurrency = None,
+    data_dir: DataDir = None,
+    app_path: AppOption = None,
+    log_level: Annotated[str, typer.Option(envvar="CONVEYOR_LOG_LEVEL")] = "info",
+) -> None:
+    """Run task workers without the HTTP API, sharing the store with `conveyor serve`."""
+    from .service import build_yard
+
+    _configure_logging(log_level)
+    yard = load_yard(app_path) if app_path else build_yard(_settings(concurrency, data_dir))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        async with yard:
+            logging.getLogger("conveyor").info("worker running; Ctrl-C to stop")
+            await stop.wait()
+
+    asyncio.run(run())
+
+
+def _client(url: str, api_key: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=30.0)
+
+
+def _check(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail")
+        except ValueError:
+            detail = response.text
+        errors.print(f"[red]{response.status_code}[/red] {json.dumps(detail)}")
+        raise typer.Exit(1)
+    return response.json() if response.content else None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _request(method: str, url: str, api_key: str | None, path: str, **kwargs: Any) -> Any:
+    try:
+        with _client(url, api_key) as client:
+            return _check(client.request(method, path, **kwargs))
+    except httpx.TransportError as exc:
+        errors.print(f"cannot reach {url}: {exc}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def submit(
+    name: Annotated[str, typer.Argument(help="Task type, e.g. demo.sleep")],
+    args: Annotated[
+        list[str] | None, typer.Argument(help="key=value arguments; values parsed as JSON.")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Follow progress until the task ends.")] = False,
+    priority: Annotated[int | None, typer.Option()] = None,
+    delay_s: Annotated[float | None, typer.Option()] = None,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+) -> None:
+    """Submit a task over HTTP; with --wait, show a live progress bar until it ends."""
+    parsed: dict[str, Any] = {}
+    for item in args or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got {item!r}")
+        parsed[key] = _parse_value(value)
+    body: dict[str, Any] = {"name": name, "args": parsed}
+    if priority is not None:
+        body["priority"] = priority
+    if delay_s is not None:
+        body["delay_s"] = delay_s
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    task = _request("POST", url, api_key, "/tasks", json=body, headers=headers)
+    if not wait:
+        console.print_json(data=task)
+        return
+    final = _follow(url, api_key, task)
+    console.print_json(data=final)
+    if final["status"] != "completed":
+        raise typer.Exit(1)
+
+
+def _follow(url: str, api_key: str | None, task: dict[str, Any]) -> dict[str, Any]:
+    with (
+        Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TextColumn("{task.fields[message]}"),
+            TimeElapsedColumn(),
+            console=errors,
+        ) as bar,
+        _client(url, api_key) as client,
+    ):
+        line = bar.add_task(task["name"], total=100, message=task["status"])
+        event = ""
+        with client.stream("GET", f"/tasks/{task['id']}/events", timeout=None) as stream:
+            for raw in stream.iter_lines():
+                if raw.startswith("event:"):
+                    event = raw.partition(":")[2].strip()
+                elif raw.startswith("data:"):
+                    data = json.loads(raw.partition(":")[2])
+                    if event == "progress":
+                        bar.update(line, completed=data["progress"], message=data["message"] or "")
+                    elif event == "status":
+                        bar.update(line, completed=data["progress"], message=data["status"])
+        return _check(client.get(f"/tasks/{task['id']}"))  # type: ignore[no-any-return]
+
+
+@app.command()
+def status(
+    task_id: Annotated[str, typer.Argument(help="The task's id")],
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+) -> None:
+    """Show one task."""
+    console.print_json(data=_request("GET", url, api_key, f"/tasks/{task_id}"))
+
+
+@app.command("list")
+def list_tasks(
+    status: Annotated[str | None, typer.Option(help="queued, running, completed, …")] = None,
+    name: Annotated[str | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+) -> None:
+    """List tasks, newest first."""
+    params: dict[str, Any] = {"limit": limit}
+    if status:
+        params["status"] = status
+    if name:
+        params["name"] = name
+    page = _request("GET", url, api_key, "/tasks", params=params)
+    table = Table("id", "name", "status", "progress", "attempts", "created")
+    for item in page["items"]:
+        table.add_row(
+            item["id"],
+            item["name"],
+            item["status"],
+            f"{item['progress']:.0f}%",
+            f"{item['attempts']}/{item['max_attempts']}",
+            item["created_at"],
+        )
+    console.print(table)
+
+
+@app.command()
+def cancel(
+    task_id: Annotated[str, typer.Argument(help="The task's id")],
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+) -> None:
+    """Cancel a queued or running task."""
+    console.print_json(data=_request("POST", url, api_key, f"/tasks/{task_id}/cancel"))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,86 @@
+"""What a running task sees of Conveyor: its id, attempt, progress, cancellation and a logger."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any
+
+from .errors import TaskCancelled
+
+_logger = logging.getLogger("conveyor.task")
+
+
+class _Done:
+    """An awaitable that is already finished (progress reported from a thread or a child)."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+_DONE = _Done()
+
+ProgressReporter = Callable[[float, str | None], Awaitable[None] | None]
+
+
+class TaskContext:
+    """Handed to a task function as its first parameter.
+
+    Example:
+        ```python
+        @yard.task(timeout_s=30)
+        async def process(ctx: TaskContext, data: str) -> str:
+            await ctx.progress(50, "half way")
+            ctx.raise_if_cancelled()
+            return data.upper()
+        ```
+    """
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        name: str,
+        attempt: int,
+        max_attempts: int,
+        reporter: ProgressReporter,
+        cancel_event: threading.Event | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.name = name
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self._reporter = reporter
+        self._cancel_event = cancel_event or threading.Event()
+        self.log = logging.LoggerAdapter(
+            _logger, {"task_id": task_id, "task_name": name, "attempt": attempt}
+        )
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancellation (or a timeout) was requested; sync tasks should then stop."""
+        return self._cancel_event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`TaskCancelled` if cancellation was requested."""
+        if self._cancel_event.is_set():
+            raise TaskCancelled(f"task {self.task_id} was cancelled")
+
+    def progress(self, percent: float, message: str | None = None) -> Awaitable[None]:
+        """Record progress (0–100) with an optional message; persisted and streamed to /events.
+
+        Awaiting it (in an async task) waits until it is stored; a sync task may call it without
+        awaiting.
+        """
+        if not isinstance(percent, int | float) or math.isnan(percent) or not 0 <= percent <= 100:
+            raise ValueError(f"progress must be a number from 0 to 100, got {percent!r}")
+        if message is not None:
+            message = str(message)[:1000]
+        pending = self._reporter(float(percent), message)
+        return _DONE if pending is None else pending
+
+    def request_cancel(self) -> None:
+        self._cancel_event.set()

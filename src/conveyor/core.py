@@ -1,0 +1,366 @@
+"""``Conveyor``: the task registry, submission, waiting, and the lifecycle of store and engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+
+from .context import TaskContext
+from .errors import ConfigurationError, InvalidArguments, NotStarted, TaskTypeError, UnknownTaskType
+from .errors import WaitTimeout as WaitTimeout
+from .record import TaskRecord
+from .settings import Settings
+from .status import TaskStatus
+from .store import Store, open_store
+from .task import UNSET, Executor, TaskOptions, TaskType
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
+    from .engines.base import Engine
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger = logging.getLogger("conveyor")
+
+MAX_DELAY_S = 366 * 24 * 3600.0
+_WATCH_POLL_S = 0.25
+
+
+class _TaskDecorator(Protocol):
+    @overload
+    def __call__(
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]], /
+    ) -> TaskType[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[TaskContext, P], R], /) -> TaskType[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> TaskType[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> TaskType[P, R]: ...
+
+
+class Conveyor:
+    """A task system: register task types, then submit, watch and manage tasks.
+
+    Example:
+        ```python
+        yard = Conveyor(Settings())
+
+        @yard.task(timeout_s=30, retries=3)
+        async def process_data(ctx: TaskContext, data: str) -> str:
+            await ctx.progress(50, "half way")
+            return f"Processed: {data}"
+
+        app = FastAPI(lifespan=yard.lifespan)
+        app.include_router(yard.router())
+        ```
+
+    Args:
+        settings: typed settings (defaults to ``Settings()``; read from the environment only if
+            the caller builds it so).
+        run_workers: run engine workers in this process (False: submit and serve only).
+    """
+
+    def __init__(self, settings: Settings | None = None, *, run_workers: bool = True) -> None:
+        self.settings = settings if settings is not None else Settings()
+        self.run_workers = run_workers
+        self.task_types: dict[str, TaskType[Any, Any]] = {}
+        self._store: Store | None = None
+        self._engine: Engine | None = None
+        self._changed: dict[str, asyncio.Event] = {}
+        self._started = False
+
+    # registry ----------------------------------------------------------------------------------
+
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        timeout_s: float | None = None,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        backoff_base_s: float | None = None,
+        concurrency: int | None = None,
+        priority: int = 0,
+        executor: Executor | None = None,
+        idempotent: bool = False,
+    ) -> _TaskDecorator:
+        """Register a function as a task type.
+
+        Args:
+            name: defaults to ``module.function``.
+            timeout_s: per attempt; ``None`` is no limit. A timeout fails with ``TimeoutError``.
+            retries: extra attempts after a failure whose exception is in ``retry_on``.
+            backoff_base_s: first retry delay (doubles per attempt, with jitter).
+            concurrency: at most this many of this type run at once, across all workers.
+            priority: default priority (higher runs first).
+            executor: ``async`` (coroutines), ``thread`` (sync functions), or ``process``
+                (CPU-bound, run in a child process); inferred from the function by default.
+            idempotent: the function is safe to run twice (documented; recovery always re-runs).
+        """
+        if retries < 0 or (timeout_s is not None and timeout_s <= 0):
+            raise TaskTypeError("retries must be ≥ 0 and timeout_s > 0")
+        if concurrency is not None and concurrency < 1:
+            raise TaskTypeError("concurrency must be ≥ 1")
+
+        def register(fn: Callable[..., Any]) -> TaskType[Any, Any]:
+            task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            if task_name in self.task_types:
+                raise TaskTypeError(f"a task type named {task_name!r} is already registered")
+            chosen = executor or ("async" if asyncio.iscoroutinefunction(fn) else "thread")
+            if chosen == "async" and not asyncio.iscoroutinefunction(fn):
+                raise TaskTypeError(f"task {task_name!r}: executor='async' needs an async def")
+            options = TaskOptions(
+                timeout_s=timeout_s,
+                retries=retries,
+                retry_on=retry_on,
+                backoff_base_s=backoff_base_s,
+                concurrency=concurrency,
+                priority=priority,
+                executor=chosen,
+                idempotent=idempotent,
+            )
+            task_type: TaskType[Any, Any] = TaskType(fn, name=task_name, options=options, yard=self)
+            self.task_types[task_name] = task_type
+            return task_type
+
+        return register  # type: ignore[return-value]
+
+    def task_type(self, name: str) -> TaskType[Any, Any]:
+        try:
+            return self.task_types[name]
+        except KeyError:
+            raise UnknownTaskType(
+                f"no task type named {name!r}",
+                details=[{"loc": ["body", "name"], "msg": "unknown task type", "type": "unknown"}],
+            ) from None
+
+    # lifecycle ---------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise NotStarted("Conveyor is not started: use `async with yard:` or yard.lifespan")
+        return self._store
+
+    async def start(self) -> None:
+        """Open the store and start the engine's workers (if ``run_workers``)."""
+        if self._started:
+            raise ConfigurationError("this Conveyor instance is already started")
+        self._started = True
+        if self.settings.engine != "local":
+            raise ConfigurationError(f"engine {self.settings.engine!r} is not available yet")
+        store = open_store(self.settings)
+        await store.open()
+        self._store = store
+        if self.run_workers:
+            from .engines.local import LocalEngine
+
+            self._engine = LocalEngine(self)
+            await self._engine.start()
+
+    async def stop(self) -> None:
+        """Stop claiming, drain running tasks up to the grace period, re-queue the rest."""
+        if not self._started:
+            return
+        try:
+            if self._engine is not None:
+                await self._engine.stop(self.settings.shutdown_grace_s)
+        finally:
+            self._engine = None
+            if self._store is not None:
+                await self._store.close()
+            self._store = None
+            self._started = False
+
+    async def __aenter__(self) -> Conveyor:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @asynccontextmanager
+    async def lifespan(self, app: object) -> AsyncIterator[None]:
+        """FastAPI lifespan: ``FastAPI(lifespan=yard.lifespan)``."""
+        async with self:
+            yield
+
+    def router(self, *, prefix: str = "") -> APIRouter:
+        """The ``/tasks`` HTTP API as a FastAPI router."""
+        from .api.router import build_router
+
+        return build_router(self, prefix=prefix)
+
+    # tasks -------------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        name: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        owner: str = "",
+        priority: int | None = None,
+        delay_s: float | None = None,
+        timeout_s: float | None = UNSET,
+        idempotency_key: str | None = None,
+    ) -> tuple[TaskRecord, bool]:
+        """Submit by name with JSON arguments; ``(record, created)``."""
+        task_type = self.task_type(name)
+        return await self.submit_validated(
+            task_type,
+            task_type.validate(args or {}),
+            owner=owner,
+            priority=priority,
+            delay_s=delay_s,
+            timeout_s=timeout_s,
+            idempotency_key=idempotency_key,
+        )
+
+    async def submit_validated(
+        self,
+        task_type: TaskType[Any, Any],
+        args: dict[str, Any],
+        *,
+        owner: str,
+        priority: int | None,
+        delay_s: float | None,
+        timeout_s: float | None,
+        idempotency_key: str | None,
+    ) -> tuple[TaskRecord, bool]:
+        if delay_s is not None and not (0 <= delay_s <= MAX_DELAY_S and math.isfinite(delay_s)):
+            raise InvalidArguments(f"delay_s must be between 0 and {MAX_DELAY_S:.0f}")
+        if timeout_s is UNSET:
+            timeout_s = task_type.options.timeout_s
+        elif timeout_s is not None and not (0 < timeout_s < math.inf):
+            raise InvalidArguments("timeout_s must be a positive number")
+        now = time.time()
+        record = TaskRecord(
+            id=str(uuid.uuid4()),
+            name=task_type.name,
+            status=TaskStatus.QUEUED,
+            args=args,
+            owner=owner,
+            priority=task_type.options.priority if priority is None else priority,
+            max_attempts=task_type.options.max_attempts,
+            timeout_s=timeout_s,
+            created_at=now,
+            run_at=now + (delay_s or 0.0),
+            idempotency_key=idempotency_key,
+        )
+        stored, created = await self.store.insert(record, max_queued=self.settings.max_queued)
+        if created and self._engine is not None:
+            self._engine.wake()
+        return stored, created
+
+    async def get(self, task_id: str, *, owner: str | None = None) -> TaskRecord:
+        return await self.store.get(task_id, owner=owner)
+
+    async def list(
+        self,
+        *,
+        owner: str | None = None,
+        status: TaskStatus | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        before_seq: int | None = None,
+    ) -> list[TaskRecord]:
+        return await self.store.list(
+            owner=owner, status=status, name=name, limit=limit, before_seq=before_seq
+        )
+
+    async def cancel(self, task_id: str, *, owner: str | None = None) -> TaskRecord:
+        """Cancel a queued task at once; request cancellation of a running one."""
+        record = await self.store.cancel(task_id, owner=owner)
+        if record.status is TaskStatus.RUNNING and self._engine is not None:
+            self._engine.cancel_local(record.id)
+        self.notify(record.id)
+        return record
+
+    async def retry(self, task_id: str, *, owner: str | None = None) -> TaskRecord:
+        """Re-run a failed or cancelled task (a new attempt budget)."""
+        current = await self.store.get(task_id, owner=owner)
+        attempts = (
+            self.task_types[current.name].options.max_attempts
+            if current.name in self.task_types
+            else 1
+        )
+        record = await self.store.retry(task_id, owner=owner, attempts=attempts)
+        if self._engine is not None:
+            self._engine.wake()
+        self.notify(record.id)
+        return record
+
+    async def delete(self, task_id: str, *, owner: str | None = None) -> None:
+        await self.store.delete(task_id, owner=owner)
+        self.notify(task_id)
+
+    # change notification -----------------------------------------------------------------------
+
+    def notify(self, task_id: str) -> None:
+        """Wake whoever waits on this task (in this process; others poll the store)."""
+        event = self._changed.pop(task_id, None)
+        if event is not None:
+            event.set()
+
+    def _change_event(self, task_id: str) -> asyncio.Event:
+        event = self._changed.get(task_id)
+        if event is None:
+            event = self._changed[task_id] = asyncio.Event()
+        return event
+
+    async def watch(self, task_id: str, *, owner: str | None = None) -> AsyncIterator[TaskRecord]:
+        """Yield the task's record each time it changes, ending after a terminal state."""
+        last: tuple[Any, ...] | None = None
+        while True:
+            event = self._change_event(task_id)
+            record = await self.store.get(task_id, owner=owner)
+            key = (record.status, record.progress, record.message, record.attempts)
+            if key != last:
+                last = key
+                yield record
+            if record.terminal:
+                return
+            try:
+                await asyncio.wait_for(event.wait(), _WATCH_POLL_S)
+            except TimeoutError:
+                pass
+
+    async def wait(
+        self, task_id: str, *, owner: str | None = None, timeout_s: float | None = None
+    ) -> TaskRecord:
+        """Wait until the task is terminal; its record. Raises ``WaitTimeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            event = self._change_event(task_id)
+            record = await self.store.get(task_id, owner=owner)
+            if record.terminal:
+                return record
+            pause = _WATCH_POLL_S
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise WaitTimeout(f"task {task_id} is still {record.status.value}")
+                pause = min(pause, remaining)
+            try:
+                await asyncio.wait_for(event.wait(), pause)
+            except TimeoutError:
+                pass

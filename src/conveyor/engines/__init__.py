@@ -1,0 +1,1 @@
+"""Engines: what executes tasks (``local`` embedded workers; ``celery`` later)."""

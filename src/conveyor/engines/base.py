@@ -1,0 +1,24 @@
+"""The contract every engine implements; the store, not the engine, is the truth."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Engine(Protocol):
+    """Claims tasks from the store and runs them.
+
+    ``wake`` is a hint that work is waiting (a submission in this process); ``cancel_local`` asks
+    the engine to stop a running task it holds. Everything else goes through the store, so several
+    engines in several processes may share one store.
+    """
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming; drain up to ``grace_s``; re-queue what is still running."""
+        ...
+
+    def wake(self) -> None: ...
+
+    def cancel_local(self, task_id: str) -> bool: ...

@@ -1,0 +1,212 @@
+"""A pool of child processes for CPU-bound tasks, where one child can be killed and replaced.
+
+``concurrent.futures.ProcessPoolExecutor`` cannot stop one running call, so cancellation and
+timeouts of ``executor="process"`` tasks kill that child; the next task spawns a fresh one.
+Children are started with ``spawn`` (never ``fork`` from a threaded parent) and import the task's
+module by name; arguments and results cross the pipe as JSON text, never pickled objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import multiprocessing
+import signal
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from .. import serialization
+from ..context import TaskContext
+
+
+class ChildTaskError(Exception):
+    """The task raised in the child process (or the child died)."""
+
+    def __init__(
+        self, type_name: str, message: str, tb: str | None, *, lineage: list[str]
+    ) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback = tb
+        self.lineage = lineage
+
+    def matches(self, classes: tuple[type[BaseException], ...]) -> bool:
+        """Whether the child's exception is an instance of one of ``classes``."""
+        return any(name in self.lineage for name in map(_qualified, classes))
+
+
+def _qualified(cls: type[BaseException]) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _Child:
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+
+    async def receive(self) -> tuple[Any, ...]:
+        loop = asyncio.get_running_loop()
+        fd = self.conn.fileno()
+        while not self.conn.poll():
+            ready = loop.create_future()
+            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+        try:
+            message: tuple[Any, ...] = self.conn.recv()
+        except (EOFError, OSError) as exc:
+            await asyncio.to_thread(self.process.join, 5)
+            raise ChildTaskError(
+                "WorkerLost",
+                f"the child process running the task died (exit code {self.process.exitcode})",
+                None,
+                lineage=exception_names(Exception),
+            ) from exc
+        return message
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+
+
+class ProcessPool:
+    """At most ``size`` children; each runs one task at a time."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[_Child] = []
+        self._busy: set[_Child] = set()
+        self._context = multiprocessing.get_context("spawn")
+
+    async def run(
+        self,
+        module: str,
+        qualname: str,
+        args: dict[str, Any],
+        *,
+        task: tuple[str, str, int, int],
+        on_progress: Callable[[float, str | None], None],
+    ) -> str:
+        """Run the task type ``module:qualname`` in a child; its result as JSON text."""
+        async with self._slots:
+            child = self._idle.pop() if self._idle else await self._spawn()
+            self._busy.add(child)
+            reusable = False
+            try:
+                child.conn.send(("run", module, qualname, args, *task))
+                while True:
+                    message = await child.receive()
+                    if message[0] == "progress":
+                        on_progress(message[1], message[2])
+                        continue
+                    reusable = True
+                    if message[0] == "ok":
+                        return str(message[1])
+                    _, type_name, text, tb, lineage = message
+                    raise ChildTaskError(type_name, text, tb, lineage=lineage)
+            finally:
+                self._busy.discard(child)
+                if reusable:
+                    self._idle.append(child)
+                else:  # cancelled, timed out or died mid-task: never reuse
+                    await asyncio.to_thread(child.kill)
+
+    async def _spawn(self) -> _Child:
+        parent_conn, child_conn = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=_child_main, args=(child_conn,), name="conveyor-task-process", daemon=True
+        )
+        await asyncio.to_thread(process.start)
+        child_conn.close()
+        return _Child(process, parent_conn)
+
+    async def close(self) -> None:
+        children = [*self._idle, *self._busy]
+        self._idle.clear()
+        self._busy.clear()
+        for child in children:
+            await asyncio.to_thread(child.kill)
+
+
+def _child_main(conn: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        if message[0] != "run":
+            return
+        _, module, qualname, args, task_id, name, attempt, max_attempts = message
+        conn.send(_run_in_child(conn, module, qualname, args, task_id, name, attempt, max_attempts))
+
+
+_targets: dict[tuple[str, str], tuple[Callable[..., Any], bool, Any]] = {}
+
+
+def _load_target(module: str, qualname: str, name: str) -> tuple[Callable[..., Any], bool, Any]:
+    from ..task import TaskType, _argument_model
+
+    key = (module, qualname)
+    if key not in _targets:
+        target: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+        fn = target.fn if isinstance(target, TaskType) else target
+        if not callable(fn):
+            raise TypeError(f"{module}:{qualname} is not a function")
+        takes_context, model = _argument_model(fn, name)
+        _targets[key] = (fn, takes_context, model)
+    return _targets[key]
+
+
+def _run_in_child(
+    conn: Connection,
+    module: str,
+    qualname: str,
+    args: dict[str, Any],
+    task_id: str,
+    name: str,
+    attempt: int,
+    max_attempts: int,
+) -> tuple[Any, ...]:
+    try:
+        fn, takes_context, model = _load_target(module, qualname, name)
+        validated = model.model_validate(args)
+        kwargs = {field: getattr(validated, field) for field in type(validated).model_fields}
+        ctx = TaskContext(
+            task_id=task_id,
+            name=name,
+            attempt=attempt,
+            max_attempts=max_attempts,
+            reporter=lambda percent, text: conn.send(("progress", percent, text)),
+        )
+        value = fn(ctx, **kwargs) if takes_context else fn(**kwargs)
+        if inspect.isawaitable(value):
+            value = asyncio.run(_await(value))
+        try:
+            return ("ok", serialization.dumps(value))
+        except serialization.JSONError as exc:
+            return ("error", "TypeError", f"the result is {exc}", None, [])
+    except Exception as exc:
+        tb = "".join(traceback.format_exception(exc))
+        return ("error", type(exc).__name__, str(exc), tb, exception_names(type(exc)))
+
+
+def exception_names(cls: type[BaseException]) -> list[str]:
+    """Qualified names of an exception class and its bases (to match ``retry_on`` by name)."""
+    return [_qualified(c) for c in cls.__mro__]
+
+
+async def _await(value: Any) -> Any:
+    return await value

@@ -1,0 +1,102 @@
+"""Conveyor's errors: one tree, one base class.
+
+    ConveyorError
+    ├── ConfigurationError        settings or task definitions that cannot work
+    ├── TaskTypeError             a task type cannot be registered (bad signature, duplicate name)
+    ├── UnknownTaskType           submit of a name nobody registered            → 422
+    ├── InvalidArguments          arguments that fail validation (with details)  → 422
+    ├── TaskNotFound              no such task (or not this tenant's)            → 404
+    ├── TaskStateConflict         the task's state forbids the operation         → 409
+    ├── QueueFull                 back-pressure: too many queued tasks           → 429
+    ├── StoreUnavailable          the store cannot be reached or written         → 503
+    ├── NotStarted                the Conveyor instance is not started
+    ├── TaskCancelled             raised inside a task when cancellation was requested
+    ├── TaskFailed                raised by ``TaskHandle.result()`` for a failed task
+    └── WaitTimeout               ``TaskHandle.wait()`` ran out of time
+
+Foreign errors (sqlite3, pydantic, …) are translated once, at the boundary, with ``raise … from``.
+The HTTP layer maps this tree to status codes in one exception handler (``api/errors.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConveyorError(Exception):
+    """Base class of every error Conveyor raises."""
+
+    status_code = 500
+
+    def __init__(self, message: str, *, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class ConfigurationError(ConveyorError):
+    """Settings that cannot work together."""
+
+
+class TaskTypeError(ConveyorError):
+    """A task type that cannot be registered."""
+
+
+class UnknownTaskType(ConveyorError):
+    """A submission named a task type that is not registered."""
+
+    status_code = 422
+
+
+class InvalidArguments(ConveyorError):
+    """Arguments failed validation; ``details`` lists each problem with its location."""
+
+    status_code = 422
+
+
+class TaskNotFound(ConveyorError):
+    """No task with that id (or not visible to this tenant)."""
+
+    status_code = 404
+
+
+class TaskStateConflict(ConveyorError):
+    """The task's current state forbids the operation."""
+
+    status_code = 409
+
+
+class QueueFull(ConveyorError):
+    """Too many tasks are queued; retry after ``retry_after_s`` seconds."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StoreUnavailable(ConveyorError):
+    """The store could not be reached or written."""
+
+    status_code = 503
+
+
+class NotStarted(ConveyorError):
+    """The Conveyor instance must be started (``async with yard`` or ``yard.lifespan``)."""
+
+
+class TaskCancelled(ConveyorError):
+    """Raised inside a task by ``ctx.raise_if_cancelled()`` once cancellation was requested."""
+
+
+class TaskFailed(ConveyorError):
+    """The awaited task ended ``failed``; ``error`` holds its ``{type, message, traceback}``."""
+
+    def __init__(self, message: str, *, error: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+class WaitTimeout(ConveyorError):
+    """A wait for a task ran out of time before the task reached a terminal state."""

@@ -1,0 +1,72 @@
+"""The durable record of one task, and its JSON form for the HTTP API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from .status import TERMINAL, TaskStatus
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as ISO-8601 UTC (``2026-11-24T03:52:18.123456Z``)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """One task as the store holds it. Times are epoch seconds (UTC)."""
+
+    id: str
+    name: str
+    status: TaskStatus
+    args: dict[str, Any]
+    owner: str = ""
+    priority: int = 0
+    result: Any = None
+    error: dict[str, Any] | None = None
+    progress: float = 0.0
+    message: str | None = None
+    attempts: int = 0
+    max_attempts: int = 1
+    timeout_s: float | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    run_at: float = 0.0
+    idempotency_key: str | None = None
+    cancel_requested: bool = False
+    worker_id: str | None = None
+    lease_expires_at: float | None = None
+    seq: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_json(self, prefix: str = "") -> dict[str, Any]:
+        """The task JSON of the HTTP API; ``prefix`` is where the router is mounted."""
+        base = f"{prefix}/tasks/{self.id}"
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status.value,
+            "progress": self.progress,
+            "message": self.message,
+            "args": self.args,
+            "result": self.result,
+            "error": self.error,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "priority": self.priority,
+            "timeout_s": self.timeout_s,
+            "cancel_requested": self.cancel_requested,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "run_at": iso(self.run_at),
+            "links": {"self": base, "events": f"{base}/events", "result": f"{base}/result"},
+        }

@@ -1,0 +1,35 @@
+"""Strict JSON: what Conveyor accepts and stores (no NaN, no Infinity, bounded depth)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pydantic_core
+
+
+class JSONError(ValueError):
+    """Text that is not strict JSON, or a value that cannot be written as JSON."""
+
+
+def loads(data: str | bytes) -> Any:
+    """Parse strict JSON: NaN/Infinity, huge numbers and deep nesting are refused."""
+    try:
+        return pydantic_core.from_json(data, allow_inf_nan=False)
+    except ValueError as exc:
+        raise JSONError(str(exc)) from exc
+
+
+def _default(value: Any) -> Any:
+    try:
+        return pydantic_core.to_jsonable_python(value)
+    except pydantic_core.PydanticSerializationError as exc:
+        raise TypeError(f"{type(value).__name__} is not JSON-serialisable") from exc
+
+
+def dumps(value: Any) -> str:
+    """Write ``value`` as compact JSON; pydantic models, dataclasses, dates are converted."""
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"), default=_default)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise JSONError(f"not JSON-serialisable: {exc}") from exc

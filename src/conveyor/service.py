@@ -1,0 +1,49 @@
+"""The ready service: Conveyor's API with the built-in task types, as a FastAPI app."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+
+from . import __version__
+from .core import Conveyor
+from .demo import register_demo_tasks
+from .settings import Settings
+
+logger = logging.getLogger("conveyor.service")
+
+
+def build_yard(settings: Settings, *, run_workers: bool = True) -> Conveyor:
+    """A Conveyor instance with every built-in task type registered."""
+    yard = Conveyor(settings, run_workers=run_workers)
+    register_demo_tasks(yard)
+    return yard
+
+
+def create_app(
+    settings: Settings | None = None, *, yard: Conveyor | None = None, run_workers: bool = True
+) -> FastAPI:
+    """The service app: ``/tasks`` API, health, OpenAPI docs; workers run inside it."""
+    if yard is None:
+        yard = build_yard(settings or Settings(), run_workers=run_workers)
+    app = FastAPI(
+        title="Conveyor",
+        version=__version__,
+        description="Durable background tasks: submit, follow progress, fetch results.",
+        lifespan=yard.lifespan,
+    )
+    app.state.yard = yard
+    app.include_router(yard.router())
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        return RedirectResponse("/docs")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+    return app

@@ -1,0 +1,85 @@
+"""Settings, read from ``CONVEYOR_*`` environment variables at the edge and passed in explicitly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigurationError
+
+
+class Settings(BaseSettings):
+    """Conveyor's settings; each field is also ``CONVEYOR_<FIELD>`` in the environment.
+
+    Example:
+        ``Settings(database_url="sqlite:///./var/app.db", concurrency=32)``
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+
+    engine: Literal["local", "celery"] = "local"
+    database_url: str | None = Field(
+        default=None, description="Defaults to sqlite:///<data_dir>/conveyor.db."
+    )
+    broker_url: str | None = None
+    data_dir: Path = Path("./var")
+    api_keys: str = Field(
+        default="",
+        description="Comma-separated `tenant:key` pairs (a bare `key` belongs to tenant `default`).",
+    )
+    concurrency: int = Field(default=16, ge=1, le=10_000, description="Global limit per process.")
+    process_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    max_queued: int | None = Field(default=100_000, ge=1)
+    lease_s: float = Field(default=30.0, gt=0.5, description="Lease of a claimed task.")
+    poll_s: float = Field(default=0.1, gt=0, le=10, description="Idle poll of the store.")
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
+        default="NORMAL",
+        description="NORMAL survives a process crash (kill -9); FULL also survives power loss.",
+    )
+    retry_base_s: float = Field(default=1.0, ge=0)
+    retry_max_s: float = Field(default=300.0, ge=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("database_url must start with sqlite:/// or postgresql://")
+        return value
+
+    @model_validator(mode="after")
+    def _default_database(self) -> Settings:
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'conveyor.db'}"
+        return self
+
+    @property
+    def store_url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url
+
+    def sqlite_path(self) -> Path:
+        """The SQLite file named by ``database_url`` (``sqlite:///relative`` or ``sqlite:////abs``)."""
+        if not self.store_url.startswith("sqlite:///"):
+            raise ConfigurationError(f"not a SQLite URL: {self.store_url!r}")
+        return Path(self.store_url.removeprefix("sqlite:///"))
+
+    def tenants_by_key(self) -> dict[str, str]:
+        """API keys mapped to tenant names; empty when authentication is off."""
+        keys: dict[str, str] = {}
+        for item in self.api_keys.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            tenant, sep, key = item.partition(":")
+            if not sep:
+                tenant, key = "default", tenant
+            if not key or not tenant:
+                raise ConfigurationError(f"malformed CONVEYOR_API_KEYS entry {item!r}")
+            keys[key] = tenant
+        return keys

@@ -1,0 +1,21 @@
+"""Stores: where task records live, the single source of truth."""
+
+from __future__ import annotations
+
+from ..errors import ConfigurationError
+from ..settings import Settings
+from .base import Store
+
+
+def open_store(settings: Settings) -> Store:
+    """The store named by ``settings.database_url`` (not yet opened)."""
+    if settings.store_url.startswith("sqlite://"):
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore(settings.sqlite_path(), synchronous=settings.sqlite_synchronous)
+    raise ConfigurationError(
+        f"no store for {settings.store_url!r} in this version; use sqlite:///path"
+    )
+
+
+__all__ = ["Store", "open_store"]

@@ -1,0 +1,202 @@
+"""Task types: a function, its validated argument model, and its options."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, get_type_hints
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from .context import TaskContext
+from .errors import InvalidArguments, TaskTypeError
+
+if TYPE_CHECKING:
+    from .core import Conveyor
+    from .handle import TaskHandle
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Executor = Literal["async", "thread", "process"]
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+"""Tells "use the default" apart from ``None`` ("no limit")."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """Options of a task type. ``timeout_s=None`` means no limit."""
+
+    timeout_s: float | None = None
+    retries: int = 0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    backoff_base_s: float | None = None
+    concurrency: int | None = None
+    priority: int = 0
+    executor: Executor = "async"
+    idempotent: bool = False
+
+    @property
+    def max_attempts(self) -> int:
+        return self.retries + 1
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "timeout_s": self.timeout_s,
+            "retries": self.retries,
+            "retry_on": [exc.__name__ for exc in self.retry_on],
+            "concurrency": self.concurrency,
+            "priority": self.priority,
+            "executor": self.executor,
+            "idempotent": self.idempotent,
+        }
+
+
+def validation_details(exc: ValidationError, prefix: tuple[str | int, ...]) -> list[dict[str, Any]]:
+    """pydantic errors as ``{loc, msg, type}`` dicts, located under ``prefix``."""
+    return [
+        {"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+class TaskType(Generic[P, R]):
+    """A registered task function. Submit runs of it with ``await task.submit(...)``."""
+
+    def __init__(
+        self, fn: Callable[..., Any], *, name: str, options: TaskOptions, yard: Conveyor
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.options = options
+        self._yard = yard
+        self.module = fn.__module__
+        self.qualname = fn.__qualname__
+        self.takes_context, self.args_model = _argument_model(fn, name)
+        self._fields = tuple(self.args_model.model_fields)
+        if options.executor == "process" and "<locals>" in self.qualname:
+            raise TaskTypeError(
+                f"task {name!r}: executor='process' needs a module-level function "
+                "(child processes import it by name)"
+            )
+
+    def __repr__(self) -> str:
+        return f"<TaskType {self.name} executor={self.options.executor}>"
+
+    def validate(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate keyword arguments; their JSON form, or :class:`InvalidArguments`."""
+        try:
+            model = self.args_model.model_validate(args)
+        except ValidationError as exc:
+            raise InvalidArguments(
+                f"invalid arguments for task {self.name!r}",
+                details=validation_details(exc, ("args",)),
+            ) from exc
+        return model.model_dump(mode="json")
+
+    def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Validate a Python call's arguments; their JSON form."""
+        if len(args) > len(self._fields):
+            raise InvalidArguments(
+                f"task {self.name!r} takes {len(self._fields)} arguments, got {len(args)}"
+            )
+        merged = dict(zip(self._fields, args, strict=False))
+        for key, value in kwargs.items():
+            if key in merged:
+                raise InvalidArguments(f"task {self.name!r} got two values for {key!r}")
+            merged[key] = value
+        return self.validate(merged)
+
+    def call_kwargs(self, stored: Mapping[str, Any]) -> dict[str, Any]:
+        """Stored JSON arguments as the typed values the function receives."""
+        model = self.args_model.model_validate(stored)
+        return {field: getattr(model, field) for field in self._fields}
+
+    def argument_schema(self) -> dict[str, Any]:
+        return self.args_model.model_json_schema()
+
+    async def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """Validate the arguments, commit the task, and return its handle."""
+        return await self.options_for().submit(*args, **kwargs)
+
+    def options_for(
+        self,
+        *,
+        priority: int | None = None,
+        delay_s: float | None = None,
+        timeout_s: float | None = UNSET,
+        idempotency_key: str | None = None,
+        owner: str = "",
+    ) -> Submission[P, R]:
+        """Per-submission options; ``await task.options_for(priority=9).submit(...)``."""
+        return Submission(self, priority, delay_s, timeout_s, idempotency_key, owner)
+
+
+class Submission(Generic[P, R]):
+    """A task type with per-submission options bound."""
+
+    def __init__(
+        self,
+        task_type: TaskType[P, R],
+        priority: int | None,
+        delay_s: float | None,
+        timeout_s: float | None,
+        idempotency_key: str | None,
+        owner: str,
+    ) -> None:
+        self._type = task_type
+        self._priority = priority
+        self._delay_s = delay_s
+        self._timeout_s = timeout_s
+        self._idempotency_key = idempotency_key
+        self._owner = owner
+
+    async def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        from .handle import TaskHandle
+
+        record, _ = await self._type._yard.submit_validated(
+            self._type,
+            self._type.bind(*args, **kwargs),
+            owner=self._owner,
+            priority=self._priority,
+            delay_s=self._delay_s,
+            timeout_s=self._timeout_s,
+            idempotency_key=self._idempotency_key,
+        )
+        return TaskHandle(record.id, self._type._yard, owner=self._owner)
+
+
+def _argument_model(fn: Callable[..., Any], name: str) -> tuple[bool, type[BaseModel]]:
+    try:
+        signature = inspect.signature(fn)
+        hints = get_type_hints(fn, include_extras=True)
+    except (TypeError, ValueError, NameError) as exc:
+        raise TaskTypeError(f"task {name!r}: cannot read the signature: {exc}") from exc
+    params = list(signature.parameters.values())
+    takes_context = bool(params) and (
+        hints.get(params[0].name) is TaskContext or params[0].name == "ctx"
+    )
+    fields: dict[str, Any] = {}
+    for param in params[1 if takes_context else 0 :]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+            raise TaskTypeError(
+                f"task {name!r}: parameter {param.name!r} must be a named parameter "
+                "(no *args, **kwargs or positional-only)"
+            )
+        default = ... if param.default is param.empty else param.default
+        fields[param.name] = (hints.get(param.name, Any), default)
+    model_name = "".join(part.title() for part in name.replace("-", "_").split(".")) + "Args"
+    config = ConfigDict(extra="forbid", title=f"{name} arguments")
+    try:
+        model = create_model(model_name, __config__=config, **fields)
+    except Exception as exc:
+        raise TaskTypeError(f"task {name!r}: unsupported argument types: {exc}") from exc
+    return takes_context, model

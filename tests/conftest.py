@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from conveyor import Conveyor, Settings
+from conveyor.status import TaskStatus
+
+from . import tasks
+
+ENGINES = ["local"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, engine: str) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "engine": engine,
+            "data_dir": tmp_path,
+            "lease_s": 2.0,
+            "poll_s": 0.02,
+            "shutdown_grace_s": 0.5,
+            "process_workers": 2,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def make_yard(make_settings: Callable[..., Settings]) -> Callable[..., Conveyor]:
+    def make(*, run_workers: bool = True, **overrides: Any) -> Conveyor:
+        yard = Conveyor(make_settings(**overrides), run_workers=run_workers)
+        tasks.register(yard)
+        return yard
+
+    return make
+
+
+@pytest.fixture
+async def yard(make_yard: Callable[..., Conveyor]) -> AsyncIterator[Conveyor]:
+    tasks.ACTIVE.update(now=0, max=0)
+    async with make_yard() as started:
+        yield started
+    for gate in tasks.ASYNC_GATES.values():
+        gate.set()
+    for thread_gate in tasks.THREAD_GATES.values():
+        thread_gate.set()
+    tasks.ASYNC_GATES.clear()
+    tasks.THREAD_GATES.clear()
+
+
+async def wait_for_status(
+    yard: Conveyor, task_id: str, status: TaskStatus, timeout_s: float = 10.0
+) -> None:
+    """Wait (on change notifications) until the task reaches ``status``."""
+    import anyio
+
+    with anyio.fail_after(timeout_s):
+        async for record in yard.watch(task_id):
+            if record.status is status:
+                return
+    raise AssertionError(f"task {task_id} ended without reaching {status}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """A FastAPI app served by a real uvicorn on a loopback port, in a thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=20.0, **kwargs)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[FastAPI], LiveServer]]:
+    servers: list[LiveServer] = []
+
+    def start(app: FastAPI) -> LiveServer:
+        server = LiveServer(app)
+        servers.append(server.__enter__())
+        return server
+
+    yield start
+    for server in reversed(servers):
+        server.__exit__()

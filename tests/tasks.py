@@ -1,0 +1,111 @@
+"""Task functions used by the tests (module level, so child processes can import them)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+from pydantic import BaseModel
+
+from conveyor import Conveyor, TaskContext
+
+# Gates let a test hold a task at a known point and release it, instead of sleeping.
+ASYNC_GATES: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+THREAD_GATES: dict[str, threading.Event] = defaultdict(threading.Event)
+FAILURES: dict[str, int] = defaultdict(int)
+ACTIVE = {"now": 0, "max": 0}
+
+
+class Point(BaseModel):
+    x: int
+    y: int
+
+
+async def echo(ctx: TaskContext, value: Any) -> Any:
+    return value
+
+
+async def gated(ctx: TaskContext, key: str) -> str:
+    await ctx.progress(50, "waiting at the gate")
+    ACTIVE["now"] += 1
+    ACTIVE["max"] = max(ACTIVE["max"], ACTIVE["now"])
+    try:
+        await ASYNC_GATES[key].wait()
+    finally:
+        ACTIVE["now"] -= 1
+    return key
+
+
+def thread_gated(ctx: TaskContext, key: str) -> str:
+    ctx.progress(10, "thread waiting")
+    while not THREAD_GATES[key].wait(0.01):
+        ctx.raise_if_cancelled()
+    return key
+
+
+async def flaky(ctx: TaskContext, key: str, failures: int) -> int:
+    """Fails ``failures`` times for ``key``, then returns the attempt number."""
+    if FAILURES[key] < failures:
+        FAILURES[key] += 1
+        raise ConnectionError(f"transient failure {FAILURES[key]}")
+    return ctx.attempt
+
+
+async def wrong_kind(ctx: TaskContext) -> None:
+    raise ValueError("not retried")
+
+
+async def boom(ctx: TaskContext, message: str) -> None:
+    raise ValueError(message)
+
+
+async def unserialisable(ctx: TaskContext) -> Any:
+    return object()
+
+
+async def model_result(ctx: TaskContext, point: Point) -> Point:
+    return Point(x=point.y, y=point.x)
+
+
+def sync_add(ctx: TaskContext, a: int, b: int) -> int:
+    return a + b
+
+
+def cpu_square(ctx: TaskContext, n: int) -> int:
+    ctx.progress(50, "squaring")
+    return n * n
+
+
+def cpu_forever(ctx: TaskContext) -> None:
+    ctx.progress(1, "spinning")
+    while True:
+        time.monotonic()
+
+
+def cpu_crash(ctx: TaskContext) -> None:
+    import os
+
+    os._exit(3)
+
+
+def register(yard: Conveyor) -> None:
+    """Register every test task type on ``yard``."""
+    yard.task(name="t.echo")(echo)
+    yard.task(name="t.gated")(gated)
+    yard.task(name="t.gated_short", timeout_s=0.2)(gated)
+    yard.task(name="t.gated_limited", concurrency=2)(gated)
+    yard.task(name="t.thread_gated")(thread_gated)
+    yard.task(name="t.thread_short", timeout_s=0.2)(thread_gated)
+    yard.task(name="t.flaky", retries=2, backoff_base_s=0.0, retry_on=(ConnectionError,))(flaky)
+    yard.task(name="t.wrong_kind", retries=3, retry_on=(ConnectionError,))(wrong_kind)
+    yard.task(name="t.boom")(boom)
+    yard.task(name="t.unserialisable")(unserialisable)
+    yard.task(name="t.model")(model_result)
+    yard.task(name="t.sync_add")(sync_add)
+    yard.task(name="t.cpu_square", executor="process")(cpu_square)
+    yard.task(name="t.cpu_forever", executor="process")(cpu_forever)
+    yard.task(name="t.cpu_short", executor="process", timeout_s=0.5)(cpu_forever)
+    yard.task(name="t.cpu_crash", executor="process")(cpu_crash)

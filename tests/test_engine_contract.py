@@ -1,0 +1,309 @@
+"""The engine contract: every engine must pass this suite unchanged (see conftest.ENGINES)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+from conveyor import Conveyor, TaskFailed, TaskStatus
+from conveyor.errors import InvalidArguments, QueueFull, TaskStateConflict, UnknownTaskType
+
+from . import tasks
+from .conftest import wait_for_status
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_submit_and_result(yard: Conveyor) -> None:
+    record, created = await yard.submit("t.echo", {"value": {"a": [1, 2, "x"]}})
+    assert created and record.status is TaskStatus.QUEUED
+    done = await yard.wait(record.id, timeout_s=10)
+    assert done.status is TaskStatus.COMPLETED
+    assert done.result == {"a": [1, 2, "x"]}
+    assert done.progress == 100
+    assert done.attempts == 1
+    assert done.started_at is not None and done.finished_at is not None
+    assert done.created_at <= done.started_at <= done.finished_at
+
+
+async def test_typed_submit_from_python(yard: Conveyor) -> None:
+    add = yard.task_types["t.sync_add"]
+    handle = await add.submit(2, b=40)
+    assert await handle.result(timeout_s=10) == 42
+
+
+async def test_pydantic_arguments_and_results(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.model", {"point": {"x": 1, "y": "2"}})
+    assert record.args == {"point": {"x": 1, "y": 2}}
+    done = await yard.wait(record.id, timeout_s=10)
+    assert done.result == {"x": 2, "y": 1}
+
+
+async def test_bad_arguments_are_refused_before_storing(yard: Conveyor) -> None:
+    with pytest.raises(InvalidArguments) as caught:
+        await yard.submit("t.sync_add", {"a": "not a number", "c": 1})
+    locations = {tuple(d["loc"]) for d in caught.value.details}
+    assert ("args", "a") in locations and ("args", "b") in locations
+    assert ("args", "c") in locations
+    with pytest.raises(UnknownTaskType):
+        await yard.submit("t.nope", {})
+    assert await yard.list() == []
+
+
+async def test_progress_is_persisted_and_streamed(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.gated", {"key": "progress"})
+    seen = []
+    with anyio.fail_after(10):
+        async for current in yard.watch(record.id):
+            seen.append((current.status, current.progress, current.message))
+            if current.progress == 50:
+                stored = await yard.get(record.id)
+                assert stored.message == "waiting at the gate"
+                tasks.ASYNC_GATES["progress"].set()
+    assert (TaskStatus.RUNNING, 50, "waiting at the gate") in seen
+    assert seen[-1][0] is TaskStatus.COMPLETED
+
+
+async def test_failure_records_type_message_and_traceback(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.boom", {"message": "bad input 42"})
+    done = await yard.wait(record.id, timeout_s=10)
+    assert done.status is TaskStatus.FAILED
+    assert done.error is not None
+    assert done.error["type"] == "ValueError"
+    assert done.error["message"] == "bad input 42"
+    assert "in boom" in done.error["traceback"]
+    handle = yard.task_types["t.boom"]
+    with pytest.raises(TaskFailed, match="bad input 7"):
+        await (await handle.submit(message="bad input 7")).result(timeout_s=10)
+
+
+async def test_unserialisable_result_fails_clearly(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.unserialisable", {})
+    done = await yard.wait(record.id, timeout_s=10)
+    assert done.status is TaskStatus.FAILED
+    assert done.error is not None and done.error["type"] == "TypeError"
+    assert "JSON-serialisable" in done.error["message"]
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param("t.gated_short", id="async"), pytest.param("t.thread_short", id="thread"),
+             pytest.param("t.cpu_short", id="process")]
+)
+async def test_timeout_fails_with_timeout_error(yard: Conveyor, name: str) -> None:
+    record, _ = await yard.submit(name, {} if name == "t.cpu_short" else {"key": f"to-{name}"})
+    done = await yard.wait(record.id, timeout_s=20)
+    assert done.status is TaskStatus.FAILED
+    assert done.error is not None and done.error["type"] == "TimeoutError"
+    assert "timed out" in done.error["message"]
+
+
+async def test_timeout_per_submission_overrides_type(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.gated", {"key": "override"}, timeout_s=0.1)
+    done = await yard.wait(record.id, timeout_s=10)
+    assert done.error is not None and done.error["type"] == "TimeoutError"
+
+
+async def test_retry_with_backoff_until_success(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.flaky", {"key": "retry-ok", "failures": 2})
+    done = await yard.wait(record.id, timeout_s=20)
+    assert done.status is TaskStatus.COMPLETED
+    assert done.result == 3 and done.attempts == 3 and done.max_attempts == 3
+
+
+async def test_retries_exhausted_keep_the_last_error(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.flaky", {"key": "retry-ko", "failures": 5})
+    done = await yard.wait(record.id, timeout_s=20)
+    assert done.status is TaskStatus.FAILED
+    assert done.attempts == 3
+    assert done.error is not None and done.error["message"] == "transient failure 3"
+
+
+async def test_only_retry_on_exceptions_are_retried(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.wrong_kind", {})
+    done = await yard.wait(record.id, timeout_s=10)
+    assert done.status is TaskStatus.FAILED and done.attempts == 1
+
+
+async def test_cancel_queued_is_immediate(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.echo", {"value": 1}, delay_s=3600)
+    cancelled = await yard.cancel(record.id)
+    assert cancelled.status is TaskStatus.CANCELLED
+    with pytest.raises(TaskStateConflict):
+        await yard.cancel(record.id)
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        pytest.param("t.gated", {"key": "cancel-async"}, id="async"),
+        pytest.param("t.thread_gated", {"key": "cancel-thread"}, id="thread"),
+        pytest.param("t.cpu_forever", {}, id="process"),
+    ],
+)
+async def test_cancel_running(yard: Conveyor, name: str, args: dict[str, str]) -> None:
+    record, _ = await yard.submit(name, args)
+    with anyio.fail_after(20):
+        async for current in yard.watch(record.id):
+            if current.status is TaskStatus.RUNNING and current.progress > 0:
+                break
+    requested = await yard.cancel(record.id)
+    assert requested.cancel_requested
+    done = await yard.wait(record.id, timeout_s=20)
+    assert done.status is TaskStatus.CANCELLED
+
+
+async def test_process_pool_replaces_a_killed_or_crashed_child(yard: Conveyor) -> None:
+    crashed, _ = await yard.submit("t.cpu_crash", {})
+    done = await yard.wait(crashed.id, timeout_s=20)
+    assert done.status is TaskStatus.FAILED
+    assert done.error is not None and done.error["type"] == "WorkerLost"
+    squares = [(await yard.submit("t.cpu_square", {"n": n}))[0] for n in range(4)]
+    results = [(await yard.wait(r.id, timeout_s=20)).result for r in squares]
+    assert results == [0, 1, 4, 9]
+
+
+async def test_per_type_concurrency_limit(yard: Conveyor) -> None:
+    ids = [(await yard.submit("t.gated_limited", {"key": "limit"}))[0].id for _ in range(6)]
+    await wait_for_status(yard, ids[1], TaskStatus.RUNNING)
+    running = await yard.list(status=TaskStatus.RUNNING)
+    assert len(running) == 2
+    tasks.ASYNC_GATES["limit"].set()
+    for task_id in ids:
+        assert (await yard.wait(task_id, timeout_s=20)).status is TaskStatus.COMPLETED
+    assert tasks.ACTIVE["max"] == 2
+
+
+async def test_global_concurrency_limit(make_yard: Callable[..., Conveyor]) -> None:
+    tasks.ACTIVE.update(now=0, max=0)
+    async with make_yard(concurrency=3) as yard:
+        ids = [(await yard.submit("t.gated", {"key": "global"}))[0].id for _ in range(7)]
+        await wait_for_status(yard, ids[2], TaskStatus.RUNNING)
+        assert len(await yard.list(status=TaskStatus.RUNNING)) == 3
+        tasks.ASYNC_GATES["global"].set()
+        for task_id in ids:
+            await yard.wait(task_id, timeout_s=20)
+        assert tasks.ACTIVE["max"] == 3
+    tasks.ASYNC_GATES.clear()
+
+
+async def test_priority_orders_the_queue(make_yard: Callable[..., Conveyor]) -> None:
+    async with make_yard(run_workers=False) as submitter:
+        low = (await submitter.submit("t.echo", {"value": "low"}, priority=0))[0]
+        high = (await submitter.submit("t.echo", {"value": "high"}, priority=10))[0]
+        mid = (await submitter.submit("t.echo", {"value": "mid"}, priority=5))[0]
+    async with make_yard(concurrency=1) as worker:
+        done = [await worker.wait(r.id, timeout_s=10) for r in (low, high, mid)]
+    by_start = sorted(done, key=lambda r: r.started_at or 0)
+    assert [r.result for r in by_start] == ["high", "mid", "low"]
+
+
+async def test_delay_defers_the_start(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.echo", {"value": 1}, delay_s=0.5)
+    assert record.run_at == pytest.approx(record.created_at + 0.5)
+    done = await yard.wait(record.id, timeout_s=10)
+    assert done.started_at is not None and done.started_at >= record.created_at + 0.5
+
+
+async def test_idempotency_key_answers_the_same_task(yard: Conveyor) -> None:
+    first, created = await yard.submit("t.echo", {"value": 1}, idempotency_key="k-1")
+    again, created_again = await yard.submit("t.echo", {"value": 2}, idempotency_key="k-1")
+    assert created and not created_again and again.id == first.id
+    other_tenant, created_other = await yard.submit(
+        "t.echo", {"value": 1}, idempotency_key="k-1", owner="tenant-b"
+    )
+    assert created_other and other_tenant.id != first.id
+
+
+async def test_queue_full_is_refused(make_yard: Callable[..., Conveyor]) -> None:
+    async with make_yard(run_workers=False, max_queued=2) as yard:
+        await yard.submit("t.echo", {"value": 1})
+        await yard.submit("t.echo", {"value": 2})
+        with pytest.raises(QueueFull) as caught:
+            await yard.submit("t.echo", {"value": 3})
+        assert caught.value.retry_after_s >= 1
+
+
+async def test_explicit_retry_of_a_failed_task(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.boom", {"message": "x"})
+    await yard.wait(record.id, timeout_s=10)
+    again = await yard.retry(record.id)
+    assert again.status is TaskStatus.QUEUED and again.error is None
+    done = await yard.wait(record.id, timeout_s=10)
+    assert done.status is TaskStatus.FAILED and done.attempts == 2
+    ok, _ = await yard.submit("t.echo", {"value": 1})
+    await yard.wait(ok.id, timeout_s=10)
+    with pytest.raises(TaskStateConflict):
+        await yard.retry(ok.id)
+
+
+async def test_recovery_requeues_a_dead_workers_task(
+    make_yard: Callable[..., Conveyor],
+) -> None:
+    async with make_yard(run_workers=False) as dead:
+        record, _ = await dead.submit("t.flaky", {"key": "recover", "failures": 0})
+        claimed = await dead.store.claim(
+            worker_id="dead-worker", names=["t.flaky"], limits={}, n=1, lease_s=0.1
+        )
+        assert [c.id for c in claimed] == [record.id]
+    async with make_yard() as alive:
+        done = await alive.wait(record.id, timeout_s=20)
+        assert done.status is TaskStatus.COMPLETED
+        assert done.attempts == 2 and done.worker_id != "dead-worker"
+        # the dead worker's late outcome is dropped: each attempt is recorded once
+        late = await alive.store.finish(
+            record.id, "dead-worker", 1, status=TaskStatus.FAILED, error={"type": "X"}
+        )
+        assert late is None
+        assert (await alive.get(record.id)).status is TaskStatus.COMPLETED
+
+
+async def test_recovery_fails_worker_lost_without_attempts_left(
+    make_yard: Callable[..., Conveyor],
+) -> None:
+    async with make_yard(run_workers=False) as dead:
+        record, _ = await dead.submit("t.echo", {"value": 1})
+        await dead.store.claim(worker_id="dead", names=["t.echo"], limits={}, n=1, lease_s=0.1)
+    async with make_yard() as alive:
+        done = await alive.wait(record.id, timeout_s=20)
+    assert done.status is TaskStatus.FAILED
+    assert done.error is not None and done.error["type"] == "WorkerLost"
+
+
+async def test_graceful_shutdown_requeues_unfinished_work(
+    make_yard: Callable[..., Conveyor],
+) -> None:
+    yard = make_yard(shutdown_grace_s=0.05)
+    async with yard:
+        record, _ = await yard.submit("t.gated", {"key": "shutdown"})
+        await wait_for_status(yard, record.id, TaskStatus.RUNNING)
+    async with make_yard(run_workers=False) as reader:
+        after = await reader.get(record.id)
+    assert after.status is TaskStatus.QUEUED and after.attempts == 0
+    tasks.ASYNC_GATES.clear()
+
+
+async def test_delete_only_terminal_tasks(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.echo", {"value": 1}, delay_s=3600)
+    with pytest.raises(TaskStateConflict):
+        await yard.delete(record.id)
+    await yard.cancel(record.id)
+    await yard.delete(record.id)
+    assert await yard.list() == []
+
+
+async def test_list_filters_and_pages(yard: Conveyor) -> None:
+    ids = [(await yard.submit("t.echo", {"value": i}, delay_s=3600))[0].id for i in range(5)]
+    await yard.submit("t.sync_add", {"a": 1, "b": 2}, delay_s=3600)
+    first = await yard.list(name="t.echo", limit=3)
+    assert [r.id for r in first] == ids[::-1][:3]
+    rest = await yard.list(name="t.echo", limit=3, before_seq=first[-1].seq)
+    assert [r.id for r in rest] == ids[::-1][3:]
+    assert len(await yard.list(status=TaskStatus.QUEUED)) == 6
+
+
+async def test_many_sync_tasks_in_the_thread_pool(yard: Conveyor) -> None:
+    records = [(await yard.submit("t.sync_add", {"a": i, "b": 1}))[0] for i in range(20)]
+    results = [(await yard.wait(r.id, timeout_s=10)).result for r in records]
+    assert results == [i + 1 for i in range(20)]
