@@ -144,7 +144,9 @@ class Conveyor:
         except KeyError:
             raise UnknownTaskType(
                 f"no task type named {name!r}",
-                details=[{"loc": ["body", "name"], "msg": "unknown task type", "type": "unknown"}],
+                details=[
+                    {"loc": ["name"], "msg": f"unknown task type {name!r}", "type": "unknown_task"}
+                ],
             ) from None
 
     # lifecycle ---------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
@@ -137,7 +137,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
             str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
         ] = None,
     ) -> Response:
-        record, created = await yard.submit(
+        record, created = await _located(yard.submit)(
             body.name,
             body.args,
             owner=owner,
@@ -283,6 +283,24 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         return _json({"status": "ok", "engine": settings.engine, "tasks": counts})
 
     return router
+
+
+def _located(submit: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Locate argument errors in the request body, as FastAPI's own validation errors are."""
+
+    async def located(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await submit(*args, **kwargs)
+        except ConveyorError as exc:
+            exc.details = [
+                {**item, "loc": ["body", *item["loc"]]}
+                if item.get("loc", ["body"])[0] != "body"
+                else item
+                for item in exc.details
+            ]
+            raise
+
+    return located
 
 
 def _unset() -> Any:

@@ -1,0 +1,113 @@
+"""Pure helpers: transitions, backoff, settings, strict JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conveyor import Settings, TaskStatus
+from conveyor.backoff import retry_delay_s
+from conveyor.errors import ConfigurationError
+from conveyor.serialization import JSONError, dumps, loads
+from conveyor.status import ACTIVE, TERMINAL, can_transition
+
+Q, R, C, F, X = (
+    TaskStatus.QUEUED,
+    TaskStatus.RUNNING,
+    TaskStatus.COMPLETED,
+    TaskStatus.FAILED,
+    TaskStatus.CANCELLED,
+)
+
+
+@pytest.mark.parametrize(
+    ("current", "target", "allowed"),
+    [
+        pytest.param(Q, R, True, id="claim"),
+        pytest.param(Q, X, True, id="cancel-queued"),
+        pytest.param(Q, C, False, id="complete-unclaimed"),
+        pytest.param(R, C, True, id="complete"),
+        pytest.param(R, F, True, id="fail"),
+        pytest.param(R, X, True, id="cancel-running"),
+        pytest.param(R, Q, True, id="retry-or-recover"),
+        pytest.param(C, Q, False, id="completed-is-final"),
+        pytest.param(C, F, False, id="completed-never-fails"),
+        pytest.param(F, Q, True, id="explicit-retry"),
+        pytest.param(X, Q, True, id="retry-cancelled"),
+        pytest.param(F, C, False, id="failed-never-completes"),
+    ],
+)
+def test_transitions(current: TaskStatus, target: TaskStatus, allowed: bool) -> None:
+    assert can_transition(current, target) is allowed
+
+
+def test_named_sets() -> None:
+    assert TERMINAL == {C, F, X} and ACTIVE == {Q, R} and not TERMINAL & ACTIVE
+
+
+@pytest.mark.parametrize(
+    ("attempt", "kwargs", "expected"),
+    [
+        pytest.param(1, {"base_s": 1.0, "jitter": False}, 1.0, id="first"),
+        pytest.param(2, {"base_s": 1.0, "jitter": False}, 2.0, id="doubles"),
+        pytest.param(5, {"base_s": 0.5, "jitter": False}, 8.0, id="base"),
+        pytest.param(20, {"base_s": 1.0, "max_s": 60, "jitter": False}, 60.0, id="capped"),
+        pytest.param(3, {"base_s": 1.0, "rand": lambda: 0.0}, 2.0, id="jitter-low"),
+        pytest.param(3, {"base_s": 1.0, "rand": lambda: 1.0}, 4.0, id="jitter-high"),
+        pytest.param(3, {"base_s": 0.0}, 0.0, id="zero-base"),
+    ],
+)
+def test_retry_delay(attempt: int, kwargs: dict[str, object], expected: float) -> None:
+    assert retry_delay_s(attempt, **kwargs) == pytest.approx(expected)  # type: ignore[arg-type]
+
+
+def test_retry_delay_rejects_attempt_zero() -> None:
+    with pytest.raises(ValueError):
+        retry_delay_s(0)
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CONVEYOR_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CONVEYOR_CONCURRENCY", "7")
+    monkeypatch.setenv("CONVEYOR_API_KEYS", "alpha:k1, k2")
+    settings = Settings()
+    assert settings.concurrency == 7
+    assert settings.sqlite_path() == tmp_path / "conveyor.db"
+    assert settings.tenants_by_key() == {"k1": "alpha", "k2": "default"}
+
+
+@pytest.mark.parametrize("bad", ["alpha:", ":key"])
+def test_malformed_api_keys(bad: str) -> None:
+    with pytest.raises(ConfigurationError):
+        Settings(api_keys=bad).tenants_by_key()
+
+
+def test_unknown_database_scheme() -> None:
+    with pytest.raises(ValueError, match="sqlite"):
+        Settings(database_url="mysql://x")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("[NaN]", id="nan"),
+        pytest.param('{"a": Infinity}', id="infinity"),
+        pytest.param("1" * 10_000, id="huge-integer"),
+        pytest.param("[" * 100_000 + "]" * 100_000, id="deep-nesting"),
+        pytest.param('{"a": 1', id="truncated"),
+        pytest.param("", id="empty"),
+        pytest.param(b"\xff\xfe", id="not-utf8"),
+    ],
+)
+def test_strict_json_refuses(text: str | bytes) -> None:
+    with pytest.raises(JSONError):
+        loads(text)
+
+
+def test_dumps_refuses_non_json_values() -> None:
+    assert dumps({"a": [1, 2.5, None]}) == '{"a":[1,2.5,null]}'
+    with pytest.raises(JSONError):
+        dumps(float("nan"))
+    with pytest.raises(JSONError):
+        dumps(object())
