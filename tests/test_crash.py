@@ -1,0 +1,150 @@
+"""Crash tests: `kill -9` of the server or of a worker process mid-run loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.timeout(300)
+
+TASKS = 200
+SLEEP_ARGS = {"seconds": 0.3, "steps": 3}
+
+
+class Process:
+    """A `conveyor` subprocess whose output is collected; waits on a line instead of sleeping."""
+
+    def __init__(self, args: list[str], env: dict[str, str], ready: str) -> None:
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._marker = ready
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(60):
+            self.kill()
+            raise RuntimeError("process did not start:\n" + "".join(self.lines[-30:]))
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line)
+            if self._marker in line:
+                self._ready.set()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(30)
+        self._reader.join(10)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    processes: list[Process] = []
+    env = {
+        **os.environ,
+        "CONVEYOR_DATA_DIR": str(tmp_path),
+        "CONVEYOR_LEASE_S": "2",
+        "CONVEYOR_POLL_S": "0.05",
+        "CONVEYOR_LOG_LEVEL": "warning",
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
+
+    def start(*args: str, ready: str, **extra_env: str) -> Process:
+        process = Process(list(args), env | extra_env, ready)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.kill()
+
+
+def start_server(spawn: Any, port: int, **env: str) -> Process:
+    return spawn(
+        "serve", "--port", str(port), "--log-level", "info", ready="Application startup complete",
+        **env,
+    )
+
+
+def follow_to_end(client: httpx.Client, task_id: str) -> dict[str, Any]:
+    """Block on the task's event stream (it ends when the task is terminal)."""
+    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
+        for _ in stream.iter_lines():
+            pass
+    task: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
+    return task
+
+
+def submit_batch(client: httpx.Client) -> list[str]:
+    ids = []
+    for _ in range(TASKS):
+        response = client.post("/tasks", json={"name": "demo.sleep", "args": SLEEP_ARGS})
+        assert response.status_code == 202
+        ids.append(response.json()["id"])
+    return ids
+
+
+def stored_rows(tmp_path: Path) -> list[tuple[str, str, int, str]]:
+    with sqlite3.connect(tmp_path / "conveyor.db") as db:
+        return db.execute("SELECT id, status, attempts, worker_id FROM tasks").fetchall()
+
+
+def assert_all_completed_once(client: httpx.Client, ids: list[str], tmp_path: Path) -> None:
+    finals = [follow_to_end(client, task_id) for task_id in ids]
+    assert [t["status"] for t in finals] == ["completed"] * TASKS
+    assert all(t["result"] == {"slept": 0.3} for t in finals)
+    rows = stored_rows(tmp_path)
+    assert len(rows) == TASKS and {row[0] for row in rows} == set(ids)  # none lost, none doubled
+    attempts = [t["attempts"] for t in finals]
+    assert set(attempts) <= {1, 2}
+    assert 2 in attempts, "the killed run's tasks should have been recovered and re-run"
+
+
+def test_kill_9_server_mid_run(spawn: Any, tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(spawn, port)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        ids = submit_batch(client)
+        follow_to_end(client, ids[40])  # well into the batch: some done, 16 running
+        server.kill()
+    port = free_port()
+    start_server(spawn, port)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        assert_all_completed_once(client, ids, tmp_path)
+
+
+def test_kill_9_worker_while_server_lives(spawn: Any, tmp_path: Path) -> None:
+    port = free_port()
+    start_server(spawn, port, CONVEYOR_CONCURRENCY="2")
+    worker = spawn("worker", "--concurrency", "16", ready="worker running",
+                   CONVEYOR_LOG_LEVEL="info")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        ids = submit_batch(client)
+        follow_to_end(client, ids[60])
+        worker.kill()
+        assert_all_completed_once(client, ids, tmp_path)
+    workers = {row[3] for row in stored_rows(tmp_path)}
+    assert len(workers) == 2, "both the worker process and the server ran tasks"
