@@ -6,7 +6,6 @@ import asyncio
 import logging
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 from .context import TaskContext
 from .errors import ConfigurationError, InvalidArguments, NotStarted, TaskTypeError, UnknownTaskType
 from .errors import WaitTimeout as WaitTimeout
+from .ids import uuid7
 from .record import TaskRecord
 from .settings import Settings
 from .status import TaskStatus
@@ -255,7 +255,7 @@ class Conveyor:
             raise InvalidArguments("timeout_s must be a positive number")
         now = time.time()
         record = TaskRecord(
-            id=str(uuid.uuid4()),
+            id=uuid7(),
             name=task_type.name,
             status=TaskStatus.QUEUED,
             args=args,

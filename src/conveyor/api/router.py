@@ -1,21 +1,24 @@
 """The ``/tasks`` API of DESIGN.md as a FastAPI router bound to one Conveyor instance."""
 
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import serialization
 from ..core import MAX_DELAY_S
 from ..errors import ConveyorError, InvalidArguments, TaskStateConflict
 from ..record import TaskRecord
 from ..status import TaskStatus
+from ..task import UNSET, validation_details
 from .errors import documented, error_response
-from .routing import strict_route_class
+from .routing import raw_endpoint, strict_route_class
 
 if TYPE_CHECKING:
     from ..core import Conveyor
@@ -74,6 +77,8 @@ class TaskTypeOut(BaseModel):
 
 
 TaskId = Annotated[UUID, Path(description="The task's id (a UUID).")]
+KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
+_KEY = re.compile(KEY_PATTERN)
 
 
 def _json(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -95,7 +100,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         responses=documented(401, 503) if tenants else documented(503),
     )
 
-    def tenant(request: Request) -> str:
+    async def tenant(request: Request) -> str:
         if not tenants:
             return ""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -110,7 +115,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
     def task_json(record: TaskRecord) -> dict[str, Any]:
         return record.to_json(prefix)
 
-    def require_json(request: Request) -> None:
+    async def require_json(request: Request) -> None:
         content_type = request.headers.get("content-type", "")
         media = content_type.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
@@ -118,11 +123,25 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
                 415, f"POST /tasks takes application/json, not {content_type or 'no content type'}"
             )
 
+    submit_body = {
+        "required": True,
+        "content": {"application/json": {"schema": SubmitRequest.model_json_schema()}},
+    }
+    idempotency_header = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "The same key (per tenant) answers the same task.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": KEY_PATTERN},
+    }
+
+    # The hot route parses its body itself: strict JSON and one pydantic validation, without
+    # FastAPI's per-field body machinery (measured: that machinery halved requests/s).
     @router.post(
         "/tasks",
         status_code=202,
         summary="Submit a task",
-        dependencies=[Depends(require_json)],
+        openapi_extra={"requestBody": submit_body, "parameters": [idempotency_header]},
         responses={
             202: {"model": TaskOut, "description": "Committed; `Location` names the task."},
             200: {"model": TaskOut, "description": "The task already submitted with this key."},
@@ -130,21 +149,31 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         },
         response_class=Response,
     )
-    async def submit(
-        body: SubmitRequest,
-        owner: Tenant,
-        idempotency_key: Annotated[
-            str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
-        ] = None,
-    ) -> Response:
+    @raw_endpoint
+    async def submit(request: Request) -> Response:
+        owner = await tenant(request)
+        await require_json(request)
+        key = request.headers.get("idempotency-key")
+        if key is not None and not _KEY.fullmatch(key):
+            raise InvalidArguments(
+                "invalid Idempotency-Key",
+                details=[
+                    {
+                        "loc": ["header", "Idempotency-Key"],
+                        "msg": f"Idempotency-Key must match {KEY_PATTERN} (1 to 200 characters)",
+                        "type": "string_pattern_mismatch",
+                    }
+                ],
+            )
+        body = parse_body(await request.body(), SubmitRequest)
         record, created = await _located(yard.submit)(
             body.name,
             body.args,
             owner=owner,
             priority=body.priority,
             delay_s=body.delay_s,
-            timeout_s=body.timeout_s if body.timeout_s is not None else _unset(),
-            idempotency_key=idempotency_key,
+            timeout_s=body.timeout_s if body.timeout_s is not None else UNSET,
+            idempotency_key=key,
         )
         location = f"{prefix}/tasks/{record.id}"
         return _json(task_json(record), 202 if created else 200, {"Location": location})
@@ -303,10 +332,24 @@ def _located(submit: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
     return located
 
 
-def _unset() -> Any:
-    from ..task import UNSET
+M = TypeVar("M", bound=BaseModel)
 
-    return UNSET
+
+def parse_body(raw: bytes, model: type[M]) -> M:
+    """Strict JSON parsed and validated into ``model``; errors located under ``body``."""
+    try:
+        payload = serialization.loads(raw)
+    except serialization.JSONError as exc:
+        raise InvalidArguments(
+            "the body is not valid JSON",
+            details=[{"loc": ["body"], "msg": f"JSON decode error: {exc}", "type": "json_invalid"}],
+        ) from exc
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidArguments(
+            "invalid request body", details=validation_details(exc, ("body",))
+        ) from exc
 
 
 __all__ = ["InvalidArguments", "SubmitRequest", "TaskOut", "build_router"]

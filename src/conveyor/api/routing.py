@@ -46,12 +46,26 @@ class StrictRequest(Request):
         return self._json
 
 
+RawEndpoint = Callable[[Request], Awaitable[Response]]
+
+
+def raw_endpoint(endpoint: RawEndpoint) -> RawEndpoint:
+    """Mark an ``async def f(request) -> Response`` endpoint to be called directly, without
+    FastAPI's parameter solving (its OpenAPI entry is still generated from the decorator)."""
+    endpoint.__conveyor_raw__ = True  # type: ignore[attr-defined]
+    return endpoint
+
+
 def strict_route_class(max_body_bytes: int) -> type[APIRoute]:
     """An ``APIRoute`` class applying the body limit and mapping ``ConveyorError`` to HTTP."""
 
     class ConveyorRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-            handler = super().get_route_handler()
+            handler: RawEndpoint = (
+                self.endpoint
+                if getattr(self.endpoint, "__conveyor_raw__", False)
+                else super().get_route_handler()
+            )
 
             async def handle(request: Request) -> Response:
                 request.scope[MAX_BODY_SCOPE_KEY] = max_body_bytes

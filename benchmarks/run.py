@@ -1,0 +1,163 @@
+"""Conveyor's core benchmarks; prints a table. Run with `make bench`.
+
+- end-to-end: N `demo.echo` tasks submitted from Python and drained by the embedded engine;
+- HTTP: `POST /tasks` under wrk (64 connections, another process) vs a bare FastAPI endpoint;
+- latency: submit → result readable, one task at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from conveyor import Settings, TaskStatus
+from conveyor.service import build_yard
+
+HERE = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def end_to_end(n: int, data_dir: Path, concurrency: int) -> float:
+    yard = build_yard(Settings(data_dir=data_dir, concurrency=concurrency, max_queued=None))
+    echo = yard.task_types["demo.echo"]
+    async with yard:
+        started = time.perf_counter()
+        handles = await asyncio.gather(*(echo.submit(i) for i in range(n)))
+        for handle in handles[-1:]:
+            await handle.wait()
+        while (await yard.store.count_by_status())[TaskStatus.COMPLETED] < n:
+            await asyncio.sleep(0.005)
+        elapsed = time.perf_counter() - started
+    return n / elapsed
+
+
+async def latency(n: int, data_dir: Path) -> tuple[float, float]:
+    yard = build_yard(Settings(data_dir=data_dir))
+    echo = yard.task_types["demo.echo"]
+    samples = []
+    async with yard:
+        for i in range(n + 50):
+            started = time.perf_counter()
+            handle = await echo.submit(i)
+            record = await handle.wait()
+            elapsed = time.perf_counter() - started
+            assert record.result == i
+            if i >= 50:  # warm-up
+                samples.append(elapsed)
+    samples.sort()
+    return statistics.median(samples) * 1e3, samples[int(len(samples) * 0.99)] * 1e3
+
+
+def _serve(args: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return process
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"server on port {port} did not start")
+
+
+def _wrk(url: str, seconds: int, body: str) -> tuple[float, str]:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = '{body}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    script.unlink()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        raise RuntimeError(f"{non2xx.group(1)} non-2xx responses from {url}")
+    return rps, p99
+
+
+def http(seconds: int, data_dir: Path) -> dict[str, tuple[float, str]]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install wrk (make bench installs it)")
+    env = {**os.environ, "CONVEYOR_DATA_DIR": str(data_dir), "CONVEYOR_MAX_QUEUED": "10000000"}
+    results = {}
+    bare_port, conveyor_port = free_port(), free_port()
+    uvicorn = [sys.executable, "-m", "uvicorn", "--log-level", "warning", "--no-access-log"]
+    bare = _serve([*uvicorn, "--app-dir", str(HERE), "bare_app:app", "--port", str(bare_port)],
+                  bare_port, env)
+    try:
+        results["bare FastAPI endpoint"] = _wrk(
+            f"http://127.0.0.1:{bare_port}/bare", seconds, '{"name":"demo.echo","args":{"value":1}}'
+        )
+    finally:
+        bare.send_signal(signal.SIGTERM)
+        bare.wait()
+    server = _serve(
+        [sys.executable, "-m", "conveyor", "serve", "--port", str(conveyor_port),
+         "--log-level", "warning", "--no-workers"],
+        conveyor_port,
+        env,
+    )
+    try:
+        results["POST /tasks"] = _wrk(
+            f"http://127.0.0.1:{conveyor_port}/tasks", seconds,
+            '{"name":"demo.echo","args":{"value":1}}',
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--latency-samples", type=int, default=2000)
+    parser.add_argument("--http-seconds", type=int, default=10)
+    parser.add_argument("--skip-http", action="store_true")
+    options = parser.parse_args()
+    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rate = asyncio.run(end_to_end(options.tasks, Path(tmp) / "e2e", options.concurrency))
+        rows.append((f"end-to-end, {options.tasks} demo.echo", f"{rate:,.0f} tasks/s", "≥ 5,000"))
+        p50, p99 = asyncio.run(latency(options.latency_samples, Path(tmp) / "latency"))
+        rows.append(("submit → result, p50", f"{p50:.2f} ms", "≤ 1 ms"))
+        rows.append(("submit → result, p99", f"{p99:.2f} ms", "≤ 5 ms"))
+        if not options.skip_http:
+            results = http(options.http_seconds, Path(tmp) / "http")
+            bare_rps, bare_p99 = results["bare FastAPI endpoint"]
+            rps, p99 = results["POST /tasks"]
+            rows.append(("bare FastAPI POST, 64 conns", f"{bare_rps:,.0f} req/s", f"p99 {bare_p99}"))
+            rows.append(("POST /tasks, 64 conns", f"{rps:,.0f} req/s", f"p99 {p99}"))
+            rows.append(("POST /tasks / bare", f"{rps / bare_rps:.0%}", "≥ 50 %"))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'benchmark':<{width}}  {'measured':>16}  target")
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value:>16}  {target}")
+
+
+if __name__ == "__main__":
+    main()
