@@ -105,8 +105,9 @@ def http(seconds: int, data_dir: Path) -> dict[str, tuple[float, str]]:
     results = {}
     bare_port, conveyor_port = free_port(), free_port()
     uvicorn = [sys.executable, "-m", "uvicorn", "--log-level", "warning", "--no-access-log"]
-    bare = _serve([*uvicorn, "--app-dir", str(HERE), "bare_app:app", "--port", str(bare_port)],
-                  bare_port, env)
+    bare = _serve(
+        [*uvicorn, "--app-dir", str(HERE), "bare_app:app", "--port", str(bare_port)], bare_port, env
+    )
     try:
         results["bare FastAPI endpoint"] = _wrk(
             f"http://127.0.0.1:{bare_port}/bare", seconds, '{"name":"demo.echo","args":{"value":1}}'
@@ -115,14 +116,24 @@ def http(seconds: int, data_dir: Path) -> dict[str, tuple[float, str]]:
         bare.send_signal(signal.SIGTERM)
         bare.wait()
     server = _serve(
-        [sys.executable, "-m", "conveyor", "serve", "--port", str(conveyor_port),
-         "--log-level", "warning", "--no-workers"],
+        [
+            sys.executable,
+            "-m",
+            "conveyor",
+            "serve",
+            "--port",
+            str(conveyor_port),
+            "--log-level",
+            "warning",
+            "--no-workers",
+        ],
         conveyor_port,
         env,
     )
     try:
         results["POST /tasks"] = _wrk(
-            f"http://127.0.0.1:{conveyor_port}/tasks", seconds,
+            f"http://127.0.0.1:{conveyor_port}/tasks",
+            seconds,
             '{"name":"demo.echo","args":{"value":1}}',
         )
     finally:
@@ -150,7 +161,9 @@ def main() -> None:
             results = http(options.http_seconds, Path(tmp) / "http")
             bare_rps, bare_p99 = results["bare FastAPI endpoint"]
             rps, p99 = results["POST /tasks"]
-            rows.append(("bare FastAPI POST, 64 conns", f"{bare_rps:,.0f} req/s", f"p99 {bare_p99}"))
+            rows.append(
+                ("bare FastAPI POST, 64 conns", f"{bare_rps:,.0f} req/s", f"p99 {bare_p99}")
+            )
             rows.append(("POST /tasks, 64 conns", f"{rps:,.0f} req/s", f"p99 {p99}"))
             rows.append(("POST /tasks / bare", f"{rps / bare_rps:.0%}", "≥ 50 %"))
     width = max(len(r[0]) for r in rows)

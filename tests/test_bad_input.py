@@ -59,29 +59,51 @@ def assert_clear_4xx(response: httpx.Response, status: int, *words: str) -> None
         pytest.param("[1, 2]", 422, ["body"], id="array"),
         pytest.param('{"name": "demo.echo", "args": {"value": NaN}}', 422, ["json"], id="nan"),
         pytest.param('{"name": "demo.echo", "args": {"value": -Infinity}}', 422, [], id="inf"),
-        pytest.param('{"name": "demo.echo", "args": {"value": ' + "9" * 10_000 + "}}", 422,
-                     ["json"], id="10k-digit-integer"),
-        pytest.param('{"name": "demo.echo", "args": {"value": ' + "[" * 30_000 + "]" * 30_000
-                     + "}}", 422, ["json"], id="deep-nesting"),
+        pytest.param(
+            '{"name": "demo.echo", "args": {"value": ' + "9" * 10_000 + "}}",
+            422,
+            ["json"],
+            id="10k-digit-integer",
+        ),
+        pytest.param(
+            '{"name": "demo.echo", "args": {"value": ' + "[" * 30_000 + "]" * 30_000 + "}}",
+            422,
+            ["json"],
+            id="deep-nesting",
+        ),
         pytest.param('{"name": 5}', 422, ["name"], id="name-not-string"),
         pytest.param('{"name": ""}', 422, ["name"], id="name-empty"),
         pytest.param('{"name": "demo.echo", "args": [1]}', 422, ["args"], id="args-not-object"),
-        pytest.param('{"name": "demo.nope", "args": {}}', 422, ["unknown", "demo.nope"],
-                     id="unknown-task"),
-        pytest.param('{"name": "demo.sleep", "args": {"seconds": "abc"}}', 422, ["seconds"],
-                     id="wrong-arg-type"),
-        pytest.param('{"name": "demo.sleep", "args": {}}', 422, ["seconds", "missing"],
-                     id="missing-arg"),
-        pytest.param('{"name": "demo.sleep", "args": {"seconds": 1, "x": 2}}', 422, ["x"],
-                     id="extra-arg"),
-        pytest.param('{"name": "demo.sleep", "args": {"seconds": -1}}', 422, ["seconds"],
-                     id="negative-seconds"),
+        pytest.param(
+            '{"name": "demo.nope", "args": {}}', 422, ["unknown", "demo.nope"], id="unknown-task"
+        ),
+        pytest.param(
+            '{"name": "demo.sleep", "args": {"seconds": "abc"}}',
+            422,
+            ["seconds"],
+            id="wrong-arg-type",
+        ),
+        pytest.param(
+            '{"name": "demo.sleep", "args": {}}', 422, ["seconds", "missing"], id="missing-arg"
+        ),
+        pytest.param(
+            '{"name": "demo.sleep", "args": {"seconds": 1, "x": 2}}', 422, ["x"], id="extra-arg"
+        ),
+        pytest.param(
+            '{"name": "demo.sleep", "args": {"seconds": -1}}',
+            422,
+            ["seconds"],
+            id="negative-seconds",
+        ),
         pytest.param('{"name": "demo.cpu", "args": {"n": 1e300}}', 422, ["n"], id="huge-float"),
-        pytest.param('{"name": "demo.echo", "priority": "high"}', 422, ["priority"],
-                     id="priority-not-int"),
+        pytest.param(
+            '{"name": "demo.echo", "priority": "high"}', 422, ["priority"], id="priority-not-int"
+        ),
         pytest.param('{"name": "demo.echo", "delay_s": -5}', 422, ["delay_s"], id="negative-delay"),
         pytest.param('{"name": "demo.echo", "delay_s": 1e308}', 422, ["delay_s"], id="huge-delay"),
-        pytest.param('{"name": "demo.echo", "timeout_s": 0}', 422, ["timeout_s"], id="zero-timeout"),
+        pytest.param(
+            '{"name": "demo.echo", "timeout_s": 0}', 422, ["timeout_s"], id="zero-timeout"
+        ),
         pytest.param('{"name": "demo.echo", "bogus": 1}', 422, ["bogus"], id="unknown-field"),
         pytest.param(b'{"name": "demo.echo\xff"}', 422, ["json"], id="invalid-utf8"),
         pytest.param("\x00\x01\x02", 422, ["json"], id="binary"),
@@ -127,8 +149,11 @@ def test_oversized_body_streamed_without_length(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize(
     "key",
-    [pytest.param(b"x" * 201, id="too-long"), pytest.param(b"a b", id="space"),
-     pytest.param("é".encode(), id="non-ascii")],
+    [
+        pytest.param(b"x" * 201, id="too-long"),
+        pytest.param(b"a b", id="space"),
+        pytest.param("é".encode(), id="non-ascii"),
+    ],
 )
 def test_bad_idempotency_keys(client: httpx.Client, key: bytes) -> None:
     response = client.post("/tasks", json={"name": "demo.echo"}, headers={"Idempotency-Key": key})
@@ -137,7 +162,9 @@ def test_bad_idempotency_keys(client: httpx.Client, key: bytes) -> None:
 
 def test_control_characters_in_headers_are_refused_by_the_server(client: httpx.Client) -> None:
     # uvicorn refuses the request line itself (400) before the app sees it; the app stays up.
-    response = client.post("/tasks", json={"name": "demo.echo"}, headers={"Idempotency-Key": b"\x01"})
+    response = client.post(
+        "/tasks", json={"name": "demo.echo"}, headers={"Idempotency-Key": b"\x01"}
+    )
     assert response.status_code == 400
     assert client.get("/health").status_code == 200
 
@@ -181,9 +208,7 @@ def test_service_stays_up_after_abuse(client: httpx.Client) -> None:
     assert client.get("/health").json()["status"] == "ok"
 
 
-def test_auth_header_garbage(
-    serve: Callable[[FastAPI], LiveServer], tmp_path: Path
-) -> None:
+def test_auth_header_garbage(serve: Callable[[FastAPI], LiveServer], tmp_path: Path) -> None:
     server = serve(create_app(service_settings(tmp_path, api_keys="t:secret")))
     with server.client() as c:
         for header in ["Bearer", "Basic secret", "Bearer secret extra", "Bearer " + "x" * 5000]:

@@ -84,7 +84,12 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
 
 def start_server(spawn: Any, port: int, **env: str) -> Process:
     return spawn(
-        "serve", "--port", str(port), "--log-level", "info", ready="Application startup complete",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "info",
+        ready="Application startup complete",
         **env,
     )
 
@@ -139,8 +144,9 @@ def test_kill_9_server_mid_run(spawn: Any, tmp_path: Path) -> None:
 def test_kill_9_worker_while_server_lives(spawn: Any, tmp_path: Path) -> None:
     port = free_port()
     start_server(spawn, port, CONVEYOR_CONCURRENCY="2")
-    worker = spawn("worker", "--concurrency", "16", ready="worker running",
-                   CONVEYOR_LOG_LEVEL="info")
+    worker = spawn(
+        "worker", "--concurrency", "16", ready="worker running", CONVEYOR_LOG_LEVEL="info"
+    )
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         ids = submit_batch(client)
         follow_to_end(client, ids[60])

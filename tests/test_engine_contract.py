@@ -88,8 +88,12 @@ async def test_unserialisable_result_fails_clearly(yard: Conveyor) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param("t.gated_short", id="async"), pytest.param("t.thread_short", id="thread"),
-             pytest.param("t.cpu_short", id="process")]
+    "name",
+    [
+        pytest.param("t.gated_short", id="async"),
+        pytest.param("t.thread_short", id="thread"),
+        pytest.param("t.cpu_short", id="process"),
+    ],
 )
 async def test_timeout_fails_with_timeout_error(yard: Conveyor, name: str) -> None:
     record, _ = await yard.submit(name, {} if name == "t.cpu_short" else {"key": f"to-{name}"})

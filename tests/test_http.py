@@ -65,8 +65,22 @@ def test_submit_poll_and_result(client: httpx.Client) -> None:
     assert response.headers["location"] == f"/tasks/{task['id']}"
     assert task["status"] == "queued" and task["name"] == "demo.echo"
     assert set(task) >= {
-        "id", "name", "status", "progress", "message", "args", "result", "error", "attempts",
-        "max_attempts", "priority", "created_at", "started_at", "finished_at", "run_at", "links",
+        "id",
+        "name",
+        "status",
+        "progress",
+        "message",
+        "args",
+        "result",
+        "error",
+        "attempts",
+        "max_attempts",
+        "priority",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "run_at",
+        "links",
     }
     assert task["links"] == {
         "self": f"/tasks/{task['id']}",

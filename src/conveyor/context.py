@@ -70,7 +70,7 @@ class TaskContext:
             raise TaskCancelled(f"task {self.task_id} was cancelled")
 
     def progress(self, percent: float, message: str | None = None) -> Awaitable[None]:
-        """Record progress (0–100) with an optional message; persisted and streamed to /events.
+        """Record progress (0 to 100) with an optional message; persisted and streamed to /events.
 
         Awaiting it (in an async task) waits until it is stored; a sync task may call it without
         awaiting.

@@ -136,7 +136,7 @@ class Conveyor:
             self.task_types[task_name] = task_type
             return task_type
 
-        return register  # type: ignore[return-value]
+        return register
 
     def task_type(self, name: str) -> TaskType[Any, Any]:
         try:
@@ -284,7 +284,7 @@ class Conveyor:
         limit: int = 50,
         before_seq: int | None = None,
     ) -> list[TaskRecord]:
-        return await self.store.list(
+        return await self.store.list_tasks(
             owner=owner, status=status, name=name, limit=limit, before_seq=before_seq
         )
 

@@ -15,7 +15,7 @@ R = TypeVar("R")
 
 
 class TaskHandle(Generic[R]):
-    """A submitted task: ``await handle.wait()``, ``await handle.result()``, ``await handle.cancel()``."""
+    """A submitted task: ``await handle.wait()``, ``.result()``, ``.cancel()``, ``.status()``."""
 
     def __init__(self, task_id: str, yard: Conveyor, *, owner: str | None = None) -> None:
         self.id = task_id

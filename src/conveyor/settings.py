@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     api_keys: str = Field(
         default="",
-        description="Comma-separated `tenant:key` pairs (a bare `key` belongs to tenant `default`).",
+        description="Comma-separated `tenant:key` pairs (a bare `key` is tenant `default`).",
     )
     concurrency: int = Field(default=16, ge=1, le=10_000, description="Global limit per process.")
     process_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
@@ -48,7 +48,9 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        if value is not None and not value.startswith(
+            ("sqlite:///", "postgresql://", "postgres://")
+        ):
             raise ValueError("database_url must start with sqlite:/// or postgresql://")
         return value
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from ..errors import ConveyorError, QueueFull
@@ -54,3 +55,10 @@ def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
         503: "The store is unavailable",
     }
     return {code: {"description": texts[code], **ERROR_BODY} for code in codes}
+
+
+async def conveyor_exception_handler(request: Request, exc: Exception) -> JSONResponse:
+    """For your own routes: ``app.add_exception_handler(ConveyorError, conveyor_exception_handler)``
+    turns Conveyor's errors (``TaskNotFound``, ``InvalidArguments``, …) into their 4xx answers."""
+    assert isinstance(exc, ConveyorError)
+    return error_response(exc)

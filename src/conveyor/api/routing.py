@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import HTTPException, Request, Response
@@ -46,7 +46,7 @@ class StrictRequest(Request):
         return self._json
 
 
-RawEndpoint = Callable[[Request], Awaitable[Response]]
+RawEndpoint = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
 def raw_endpoint(endpoint: RawEndpoint) -> RawEndpoint:
@@ -60,7 +60,7 @@ def strict_route_class(max_body_bytes: int) -> type[APIRoute]:
     """An ``APIRoute`` class applying the body limit and mapping ``ConveyorError`` to HTTP."""
 
     class ConveyorRoute(APIRoute):
-        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        def get_route_handler(self) -> RawEndpoint:
             handler: RawEndpoint = (
                 self.endpoint
                 if getattr(self.endpoint, "__conveyor_raw__", False)

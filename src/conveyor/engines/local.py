@@ -155,9 +155,7 @@ class LocalEngine:
     async def _dispatch_loop(self) -> None:
         types = self.yard.task_types
         names = list(types)
-        limits = {
-            name: t.options.concurrency for name, t in types.items() if t.options.concurrency
-        }
+        limits = {name: t.options.concurrency for name, t in types.items() if t.options.concurrency}
         store = self.yard.store
         while not self._stopping:
             free = self.settings.concurrency - len(self._running)
@@ -271,7 +269,9 @@ class LocalEngine:
                 }
             else:
                 error = error_info(exc)
-            await self._retry_or_fail(run, error, retryable=isinstance(exc, task_type.options.retry_on))
+            await self._retry_or_fail(
+                run, error, retryable=isinstance(exc, task_type.options.retry_on)
+            )
         except TaskCancelled:
             await self._finish(run, TaskStatus.CANCELLED)
         except ChildTaskError as exc:
@@ -299,15 +299,17 @@ class LocalEngine:
                 task_type.qualname,
                 record.args,
                 task=(record.id, record.name, record.attempts, record.max_attempts),
-                on_progress=lambda percent, text: ctx.progress(percent, text) and None,
+                on_progress=functools.partial(self._report_progress, record),
             )
         kwargs = task_type.call_kwargs(record.args)
         fn = task_type.fn
         if executor == "async":
             value = await (fn(ctx, **kwargs) if task_type.takes_context else fn(**kwargs))
         else:
-            call = functools.partial(fn, ctx, **kwargs) if task_type.takes_context else (
-                functools.partial(fn, **kwargs)
+            call = (
+                functools.partial(fn, ctx, **kwargs)
+                if task_type.takes_context
+                else (functools.partial(fn, **kwargs))
             )
             assert self._loop is not None
             value = await self._loop.run_in_executor(self._threads, call)
@@ -387,7 +389,9 @@ class LocalEngine:
         task.add_done_callback(self._background.discard)
         return task
 
-    async def _write_progress(self, record: TaskRecord, percent: float, message: str | None) -> None:
+    async def _write_progress(
+        self, record: TaskRecord, percent: float, message: str | None
+    ) -> None:
         try:
             await self.yard.store.set_progress(
                 record.id, self.worker_id, record.attempts, percent, message

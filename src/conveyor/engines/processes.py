@@ -26,9 +26,7 @@ from ..context import TaskContext
 class ChildTaskError(Exception):
     """The task raised in the child process (or the child died)."""
 
-    def __init__(
-        self, type_name: str, message: str, tb: str | None, *, lineage: list[str]
-    ) -> None:
+    def __init__(self, type_name: str, message: str, tb: str | None, *, lineage: list[str]) -> None:
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
         self.message = message
@@ -38,6 +36,11 @@ class ChildTaskError(Exception):
     def matches(self, classes: tuple[type[BaseException], ...]) -> bool:
         """Whether the child's exception is an instance of one of ``classes``."""
         return any(name in self.lineage for name in map(_qualified, classes))
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _qualified(cls: type[BaseException]) -> str:
@@ -53,8 +56,8 @@ class _Child:
         loop = asyncio.get_running_loop()
         fd = self.conn.fileno()
         while not self.conn.poll():
-            ready = loop.create_future()
-            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _resolve, ready)
             try:
                 await ready
             finally:
@@ -95,7 +98,7 @@ class ProcessPool:
         args: dict[str, Any],
         *,
         task: tuple[str, str, int, int],
-        on_progress: Callable[[float, str | None], None],
+        on_progress: Callable[[float, str | None], object],
     ) -> str:
         """Run the task type ``module:qualname`` in a child; its result as JSON text."""
         async with self._slots:

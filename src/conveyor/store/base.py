@@ -29,7 +29,7 @@ class Store(Protocol):
 
     async def get(self, task_id: str, *, owner: str | None = None) -> TaskRecord: ...
 
-    async def list(
+    async def list_tasks(
         self,
         *,
         owner: str | None,

@@ -234,12 +234,13 @@ class SQLiteStore:
             while True:
                 try:
                     first = self._requests.get(timeout=_CHECKPOINT_S)
+                    idle = False
                 except queue.Empty:
-                    first = ...
+                    first, idle = None, True
                 if time.monotonic() - checkpointed >= _CHECKPOINT_S:
                     _checkpoint(conn)
                     checkpointed = time.monotonic()
-                if first is ...:
+                if idle:
                     continue
                 if first is None:
                     return
@@ -596,7 +597,7 @@ class SQLiteStore:
                 pass  # locked during WAL recovery: read from the pool, which may wait
         return await self._read(lambda conn: _fetch(conn, task_id, owner))
 
-    async def list(
+    async def list_tasks(
         self,
         *,
         owner: str | None,
@@ -621,7 +622,9 @@ class SQLiteStore:
 
     async def count_by_status(self) -> dict[str, int]:
         rows = await self._read(
-            lambda conn: conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall()
+            lambda conn: conn.execute(
+                "SELECT status, count(*) FROM tasks GROUP BY status"
+            ).fetchall()
         )
         return {status.value: 0 for status in TaskStatus} | dict(rows)
 

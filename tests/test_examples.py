@@ -1,0 +1,128 @@
+"""Every example app runs, served by uvicorn on loopback, and does what its docstring says."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from .conftest import LiveServer
+
+
+@pytest.fixture
+def example(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, serve: Callable[[FastAPI], LiveServer]
+) -> Callable[[str], tuple[ModuleType, httpx.Client]]:
+    clients: list[httpx.Client] = []
+    monkeypatch.setenv("CONVEYOR_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CONVEYOR_POLL_S", "0.02")
+
+    def load(name: str) -> tuple[ModuleType, httpx.Client]:
+        module = importlib.reload(importlib.import_module(f"examples.{name}"))
+        client = serve(module.app).client()
+        clients.append(client)
+        return module, client
+
+    yield load  # type: ignore[misc]
+    for client in clients:
+        client.close()
+
+
+def finished(client: httpx.Client, task_id: str) -> dict[str, Any]:
+    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
+        for _ in stream.iter_lines():
+            pass
+    task: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
+    return task
+
+
+def test_fire_and_forget(example: Any, tmp_path: Path) -> None:
+    _, client = example("fire_and_forget")
+    response = client.post("/send-notification/ada@example.com")
+    assert response.status_code == 202
+    body = response.json()
+    assert body["message"] == "Notification sent in the background"
+    assert finished(client, body["task_id"])["status"] == "completed"
+    log = (tmp_path / "notifications.log").read_text()
+    assert log == "notification for ada@example.com: some notification\n"
+
+
+def test_progress_polling(example: Any) -> None:
+    _, client = example("progress_polling")
+    response = client.post("/reports", params={"pages": 4, "seconds_per_page": 0.05})
+    assert response.status_code == 202
+    task_id = response.json()["task_id"]
+    assert response.headers["location"] == f"/reports/{task_id}"
+    seen = []
+    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: progress"):
+                seen.append(client.get(f"/reports/{task_id}").json()["progress"])
+    final = client.get(f"/reports/{task_id}").json()
+    assert final == {
+        "status": "completed",
+        "progress": 100.0,
+        "message": "page 4 of 4",
+        "result": {"pages": 4},
+    }
+    assert seen and seen == sorted(seen)
+    assert client.get("/reports/00000000-0000-4000-8000-000000000000").status_code == 404
+    assert client.post("/reports", params={"pages": 0}).status_code == 422
+
+
+def test_failing_task(example: Any, caplog: pytest.LogCaptureFixture) -> None:
+    _, client = example("failing_task")
+    with caplog.at_level(logging.INFO, logger="conveyor"):
+        task_id = client.post("/imports", json={"rows": ["1", "2", "x"]}).json()["task_id"]
+        task = finished(client, task_id)
+    assert task["status"] == "failed"
+    assert task["error"]["type"] == "ValueError"
+    assert task["error"]["message"] == "row 3 is not a number: 'x'"
+    assert "import_rows" in task["error"]["traceback"]
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "row 3 is not a number" in logged and task_id in logged
+    ok = client.post("/imports", json={"rows": ["1", "2"]}).json()["task_id"]
+    assert finished(client, ok)["result"] == 3
+
+
+def test_timeout(example: Any) -> None:
+    _, client = example("timeout_task")
+    slow = client.post("/fetch", params={"delay_s": 30}).json()["task_id"]
+    quick = client.post("/fetch", params={"delay_s": 0}).json()["task_id"]
+    assert finished(client, quick)["result"] == "fetched"
+    task = finished(client, slow)
+    assert task["status"] == "failed" and task["error"]["type"] == "TimeoutError"
+
+
+def test_limited_concurrency(example: Any) -> None:
+    module, client = example("limited_concurrency")
+    ids = [client.post("/renders").json()["task_id"] for _ in range(8)]
+    running_counts = [
+        len(client.get("/tasks", params={"status": "running"}).json()["items"]) for _ in range(5)
+    ]
+    assert [finished(client, task_id)["status"] for task_id in ids] == ["completed"] * 8
+    assert max(running_counts) <= module.MAX_RENDERS
+    assert 1 <= module.peak <= module.MAX_RENDERS
+
+
+def test_readme_first_example_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, serve: Callable[[FastAPI], LiveServer]
+) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = readme.split("## A first example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("CONVEYOR_DATA_DIR", str(tmp_path))
+    namespace: dict[str, Any] = {"__name__": "readme_example"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    with serve(namespace["app"]).client() as client:
+        response = client.post("/process", params={"data": "x"})
+        assert response.status_code == 202
+        task = finished(client, response.json()["task_id"])
+    assert task["status"] == "completed" and task["result"] == "Processed: x"
+    assert task["max_attempts"] == 4
