@@ -28,9 +28,11 @@ def uuid7() -> str:
                 _last_ms += 1
                 _counter = 0
             ms = _last_ms
+            tail = int.from_bytes(os.urandom(8), "big")
         else:
-            _last_ms, _counter = ms, int.from_bytes(os.urandom(1), "big")
+            noise = int.from_bytes(os.urandom(9), "big")
+            _last_ms, _counter, tail = ms, noise >> 64 & 0xFF, noise
         counter = _counter
-    tail = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    tail &= (1 << 62) - 1
     value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | tail
     return str(uuid.UUID(int=value))

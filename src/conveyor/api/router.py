@@ -3,7 +3,7 @@
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from uuid import UUID
 
@@ -166,15 +166,18 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
                 ],
             )
         body = parse_body(await request.body(), SubmitRequest)
-        record, created = await _located(yard.submit)(
-            body.name,
-            body.args,
-            owner=owner,
-            priority=body.priority,
-            delay_s=body.delay_s,
-            timeout_s=body.timeout_s if body.timeout_s is not None else UNSET,
-            idempotency_key=key,
-        )
+        try:
+            record, created = await yard.submit(
+                body.name,
+                body.args,
+                owner=owner,
+                priority=body.priority,
+                delay_s=body.delay_s,
+                timeout_s=body.timeout_s if body.timeout_s is not None else UNSET,
+                idempotency_key=key,
+            )
+        except ConveyorError as exc:
+            raise located_in_body(exc) from None
         location = f"{prefix}/tasks/{record.id}"
         return _json(task_json(record), 202 if created else 200, {"Location": location})
 
@@ -314,22 +317,13 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
     return router
 
 
-def _located(submit: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def located_in_body(exc: ConveyorError) -> ConveyorError:
     """Locate argument errors in the request body, as FastAPI's own validation errors are."""
-
-    async def located(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await submit(*args, **kwargs)
-        except ConveyorError as exc:
-            exc.details = [
-                {**item, "loc": ["body", *item["loc"]]}
-                if item.get("loc", ["body"])[0] != "body"
-                else item
-                for item in exc.details
-            ]
-            raise
-
-    return located
+    exc.details = [
+        item if item.get("loc", ["body"])[0] == "body" else {**item, "loc": ["body", *item["loc"]]}
+        for item in exc.details
+    ]
+    return exc
 
 
 M = TypeVar("M", bound=BaseModel)
