@@ -1,0 +1,137 @@
+"""The SQLite store under contention and durability settings; task type definitions."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+import anyio
+import pytest
+from typer.testing import CliRunner
+
+from conveyor import Conveyor, Settings, TaskContext, TaskStatus
+from conveyor.cli import app as cli
+from conveyor.cli import load_yard
+from conveyor.errors import ConfigurationError, TaskTypeError
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_writes_wait_while_another_process_holds_the_lock(
+    make_yard: Callable[..., Conveyor],
+) -> None:
+    async with make_yard() as yard:
+        other = sqlite3.connect(yard.settings.sqlite_path(), isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # as a `conveyor worker` mid-transaction would
+        submitted: list[str] = []
+
+        async def submit() -> None:
+            record, _ = await yard.submit("t.echo", {"value": "after the lock"})
+            submitted.append(record.id)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(submit)
+            await anyio.wait_all_tasks_blocked()
+            assert submitted == []  # not answered while the file is locked: nothing committed yet
+            other.execute("COMMIT")
+        other.close()
+        done = await yard.wait(submitted[0], timeout_s=10)
+        assert done.result == "after the lock"
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "OFF"])
+async def test_every_durability_mode_runs_tasks(
+    make_yard: Callable[..., Conveyor], synchronous: str
+) -> None:
+    async with make_yard(sqlite_synchronous=synchronous) as yard:
+        records = [(await yard.submit("t.echo", {"value": i}))[0] for i in range(20)]
+        results = [(await yard.wait(r.id, timeout_s=10)).result for r in records]
+    assert results == list(range(20))
+
+
+async def test_records_survive_a_restart(make_yard: Callable[..., Conveyor]) -> None:
+    async with make_yard(run_workers=False) as first:
+        queued, _ = await first.submit("t.echo", {"value": "later"})
+    async with make_yard() as second:
+        done = await second.wait(queued.id, timeout_s=10)
+    assert done.status is TaskStatus.COMPLETED and done.result == "later"
+
+
+async def test_a_started_instance_refuses_to_start_again(
+    make_yard: Callable[..., Conveyor],
+) -> None:
+    async with make_yard(run_workers=False) as yard:
+        with pytest.raises(ConfigurationError):
+            await yard.start()
+
+
+async def test_progress_outside_0_to_100_is_refused() -> None:
+    ctx = TaskContext(task_id="x", name="n", attempt=1, max_attempts=1, reporter=lambda p, m: None)
+    for bad in (-1, 100.5, float("nan"), "50"):
+        with pytest.raises(ValueError):
+            ctx.progress(bad)  # type: ignore[arg-type]
+    await ctx.progress(100, "done")
+
+
+def test_task_definitions_that_cannot_work_are_refused(tmp_path: object) -> None:
+    yard = Conveyor(Settings())
+
+    async def ok(ctx: TaskContext, x: int) -> int:
+        return x
+
+    yard.task(name="a")(ok)
+    with pytest.raises(TaskTypeError, match="already registered"):
+        yard.task(name="a")(ok)
+
+    def star(ctx: TaskContext, *values: int) -> None: ...
+
+    with pytest.raises(TaskTypeError, match="named parameter"):
+        yard.task(name="b")(star)
+
+    def local_sync(x: int) -> int:
+        return x
+
+    with pytest.raises(TaskTypeError, match="module-level"):
+        yard.task(name="c", executor="process")(local_sync)
+    with pytest.raises(TaskTypeError, match="async def"):
+        yard.task(name="d", executor="async")(local_sync)
+    with pytest.raises(TaskTypeError):
+        yard.task(retries=-1)
+    with pytest.raises(TaskTypeError):
+        yard.task(concurrency=0)
+
+
+def test_task_without_context_and_default_names() -> None:
+    yard = Conveyor(Settings())
+
+    def add(a: int, b: int = 2) -> int:
+        return a + b
+
+    task = yard.task()(add)
+    assert task.name.endswith("add") and not task.takes_context
+    assert task.options.executor == "thread"
+    assert task.bind(1) == {"a": 1, "b": 2}
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        pytest.param("nomodule", "module:attribute", id="no-colon"),
+        pytest.param("no_such_module_xyz:yard", "cannot import", id="missing-module"),
+        pytest.param("conveyor:nothing", "no attribute", id="missing-attribute"),
+        pytest.param("conveyor:Settings", "not a Conveyor", id="wrong-type"),
+    ],
+)
+def test_worker_app_import_errors(target: str, message: str) -> None:
+    import typer
+
+    with pytest.raises(typer.BadParameter, match=message):
+        load_yard(target)
+    result = CliRunner().invoke(cli, ["worker", "--app", target])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_worker_app_import_string() -> None:
+    from examples import limited_concurrency
+
+    assert load_yard("examples.limited_concurrency:yard") is limited_concurrency.yard
