@@ -232,7 +232,7 @@ def test_cli_submit_wait_status_list_cancel(server: LiveServer) -> None:
     assert result.exit_code == 0, result.output
     assert '"status": "completed"' in result.output
     task_id = json.loads(result.stdout[result.stdout.index("{") :])["id"]
-    status = runner.invoke(cli, ["status", task_id, *url])
+    status = runner.invoke(cli, ["status", task_id], env={"CONVEYOR_URL": server.url})
     assert status.exit_code == 0 and task_id in status.output
     failed = runner.invoke(cli, ["submit", "demo.fail", "message=oops", "--wait", *url])
     assert failed.exit_code == 1 and "oops" in failed.output

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import anyio
 import pytest
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from conveyor import Conveyor, Settings, TaskContext, TaskStatus
@@ -15,6 +16,11 @@ from conveyor.cli import load_yard
 from conveyor.errors import ConfigurationError, TaskTypeError
 
 pytestmark = pytest.mark.anyio
+
+
+class Node(BaseModel):
+    value: int
+    children: list[Node] = []
 
 
 async def test_writes_wait_while_another_process_holds_the_lock(
@@ -135,3 +141,27 @@ def test_worker_app_import_string() -> None:
     from examples import limited_concurrency
 
     assert load_yard("examples.limited_concurrency:yard") is limited_concurrency.yard
+
+
+def test_submit_schema_lists_each_task_type_with_inlined_arguments(
+    make_yard: Callable[..., Conveyor],
+) -> None:
+    from fastapi import FastAPI
+
+    yard = make_yard()
+
+    async def tree(ctx: TaskContext, root: Node) -> int:
+        return root.value
+
+    yard.task(name="t.tree")(tree)
+    app = FastAPI()
+    app.include_router(yard.router())
+    body = app.openapi()["paths"]["/tasks"]["post"]["requestBody"]
+    variants = {v["title"]: v for v in body["content"]["application/json"]["schema"]["oneOf"]}
+    assert set(variants) == set(yard.task_types)
+    assert variants["t.sync_add"]["required"] == ["name", "args"]
+    assert variants["t.echo"]["properties"]["name"] == {"const": "t.echo"}
+    point = variants["t.model"]["properties"]["args"]["properties"]["point"]
+    assert point["properties"]["x"]["type"] == "integer" and "$ref" not in str(point)
+    root = variants["t.tree"]["properties"]["args"]["properties"]["root"]
+    assert root["properties"]["children"]["items"] == {}  # the cycle is cut, not followed

@@ -196,10 +196,19 @@ def submit(
     args: Annotated[
         list[str] | None, typer.Argument(help="key=value arguments; values parsed as JSON.")
     ] = None,
-    wait: Annotated[bool, typer.Option(help="Follow progress until the task ends.")] = False,
-    priority: Annotated[int | None, typer.Option()] = None,
-    delay_s: Annotated[float | None, typer.Option()] = None,
-    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    wait: Annotated[
+        bool, typer.Option(envvar="CONVEYOR_WAIT", help="Follow progress until the task ends.")
+    ] = False,
+    priority: Annotated[
+        int | None, typer.Option(envvar="CONVEYOR_PRIORITY", help="Higher runs first.")
+    ] = None,
+    delay_s: Annotated[
+        float | None, typer.Option(envvar="CONVEYOR_DELAY_S", help="Start no sooner than this.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(envvar="CONVEYOR_IDEMPOTENCY_KEY", help="The same key answers the same task."),
+    ] = None,
     url: Url = "http://127.0.0.1:8000",
     api_key: ApiKey = None,
 ) -> None:
@@ -265,9 +274,14 @@ def status(
 
 @app.command("list")
 def list_tasks(
-    status: Annotated[str | None, typer.Option(help="queued, running, completed, …")] = None,
-    name: Annotated[str | None, typer.Option()] = None,
-    limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CONVEYOR_STATUS", help="queued, running, completed, failed, cancelled"
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option(envvar="CONVEYOR_NAME", help="A task type.")] = None,
+    limit: Annotated[int, typer.Option(envvar="CONVEYOR_LIMIT", min=1, max=500)] = 20,
     url: Url = "http://127.0.0.1:8000",
     api_key: ApiKey = None,
 ) -> None:

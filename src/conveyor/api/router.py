@@ -125,7 +125,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
 
     submit_body = {
         "required": True,
-        "content": {"application/json": {"schema": SubmitRequest.model_json_schema()}},
+        "content": {"application/json": {"schema": submit_schema(yard)}},
     }
     idempotency_header = {
         "name": "Idempotency-Key",
@@ -327,6 +327,47 @@ def located_in_body(exc: ConveyorError) -> ConveyorError:
 
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def submit_schema(yard: "Conveyor") -> dict[str, Any]:
+    """The body of ``POST /tasks`` as JSON Schema: one variant per task type registered so far,
+    each with its own ``args`` schema, so clients (and schema-driven tests) see what is valid."""
+    base = SubmitRequest.model_json_schema()
+    options = {key: base["properties"][key] for key in ("priority", "delay_s", "timeout_s")}
+    variants = []
+    for task_type in yard.task_types.values():
+        args = inline_refs(task_type.argument_schema())
+        variants.append(
+            {
+                "title": task_type.name,
+                "type": "object",
+                "properties": {"name": {"const": task_type.name}, "args": args, **options},
+                "required": ["name", "args"] if args.get("required") else ["name"],
+                "additionalProperties": False,
+            }
+        )
+    return {"title": "SubmitRequest", "oneOf": variants} if variants else base
+
+
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic schema with its local ``$defs`` references inlined (a cycle becomes ``{}``)."""
+    definitions: dict[str, Any] = schema.get("$defs", {})
+
+    def resolve(node: Any, seen: frozenset[str]) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                name = ref.removeprefix("#/$defs/")
+                if name in seen or name not in definitions:
+                    return {}
+                return resolve(definitions[name], seen | {name})
+            return {key: resolve(value, seen) for key, value in node.items() if key != "$defs"}
+        if isinstance(node, list):
+            return [resolve(item, seen) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema, frozenset())
+    return resolved
 
 
 def parse_body(raw: bytes, model: type[M]) -> M:
