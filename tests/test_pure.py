@@ -77,6 +77,11 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert settings.tenants_by_key() == {"k1": "alpha", "k2": "default"}
 
 
+def test_none_disables_a_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_MAX_QUEUED", "none")
+    assert Settings().max_queued is None
+
+
 @pytest.mark.parametrize("bad", ["alpha:", ":key"])
 def test_malformed_api_keys(bad: str) -> None:
     with pytest.raises(ConfigurationError):

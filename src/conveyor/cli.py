@@ -110,6 +110,9 @@ def serve(
         bool, typer.Option(envvar="CONVEYOR_WORKERS", help="Run task workers in the server.")
     ] = True,
     log_level: Annotated[str, typer.Option(envvar="CONVEYOR_LOG_LEVEL")] = "info",
+    access_log: Annotated[
+        bool, typer.Option(envvar="CONVEYOR_ACCESS_LOG", help="Log each request.")
+    ] = True,
 ) -> None:
     """Serve the HTTP API (and run task workers) with the embedded engine."""
     import uvicorn
@@ -130,6 +133,7 @@ def serve(
         port=port,
         log_level=log_level.lower(),
         log_config=None,
+        access_log=access_log,
     )
 
 

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
+from . import serialization
 from .context import TaskContext
 from .errors import ConfigurationError, InvalidArguments, NotStarted, TaskTypeError, UnknownTaskType
 from .errors import WaitTimeout as WaitTimeout
@@ -267,7 +268,13 @@ class Conveyor:
             run_at=now + (delay_s or 0.0),
             idempotency_key=idempotency_key,
         )
-        stored, created = await self.store.insert(record, max_queued=self.settings.max_queued)
+        try:
+            args_json = serialization.dumps(args)
+        except serialization.JSONError as exc:
+            raise InvalidArguments(f"arguments of task {task_type.name!r} are {exc}") from exc
+        stored, created = await self.store.insert(
+            record, args_json=args_json, max_queued=self.settings.max_queued
+        )
         if created and self._engine is not None:
             self._engine.wake()
         return stored, created

@@ -19,7 +19,9 @@ class Settings(BaseSettings):
         ``Settings(database_url="sqlite:///./var/app.db", concurrency=32)``
     """
 
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="CONVEYOR_", extra="ignore", env_parse_none_str="none"
+    )
 
     engine: Literal["local", "celery"] = "local"
     database_url: str | None = Field(

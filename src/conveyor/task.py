@@ -194,7 +194,7 @@ def _argument_model(fn: Callable[..., Any], name: str) -> tuple[bool, type[BaseM
         default = ... if param.default is param.empty else param.default
         fields[param.name] = (hints.get(param.name, Any), default)
     model_name = "".join(part.title() for part in name.replace("-", "_").split(".")) + "Args"
-    config = ConfigDict(extra="forbid", title=f"{name} arguments")
+    config = ConfigDict(extra="forbid", allow_inf_nan=False, title=f"{name} arguments")
     try:
         model = create_model(model_name, __config__=config, **fields)
     except Exception as exc:

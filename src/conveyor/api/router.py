@@ -1,12 +1,12 @@
 """The ``/tasks`` API of DESIGN.md as a FastAPI router bound to one Conveyor instance."""
 
-import json
 import re
 import secrets
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from uuid import UUID
 
+import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -83,7 +83,7 @@ _KEY = re.compile(KEY_PATTERN)
 
 def _json(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
-        json.dumps(body, separators=(",", ":")),
+        orjson.dumps(body),
         status_code=status_code,
         media_type="application/json",
         headers=headers,

@@ -324,7 +324,7 @@ class LocalEngine:
         error: dict[str, Any] | None = None,
     ) -> None:
         record = run.record
-        stored = await self.yard.store.finish(
+        recorded = await self.yard.store.finish(
             record.id,
             self.worker_id,
             record.attempts,
@@ -332,7 +332,7 @@ class LocalEngine:
             result_json=result_json,
             error=error,
         )
-        if stored is None:
+        if not recorded:
             logger.warning("task %s was taken from this worker; its outcome is dropped", record.id)
         elif status is TaskStatus.FAILED:
             logger.error(

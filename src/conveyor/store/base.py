@@ -22,9 +22,10 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def insert(
-        self, record: TaskRecord, *, max_queued: int | None
+        self, record: TaskRecord, *, args_json: str, max_queued: int | None
     ) -> tuple[TaskRecord, bool]:
-        """Commit a new task; with an idempotency key already used, the existing task and False."""
+        """Commit a new task (``args_json``: its arguments as strict JSON); with an idempotency
+        key already used, the existing task and False."""
         ...
 
     async def get(self, task_id: str, *, owner: str | None = None) -> TaskRecord: ...
@@ -65,8 +66,8 @@ class Store(Protocol):
         status: TaskStatus,
         result_json: str | None = None,
         error: dict[str, Any] | None = None,
-    ) -> TaskRecord | None:
-        """Record the outcome of an attempt; None when the claim is no longer this worker's."""
+    ) -> bool:
+        """Record the outcome of an attempt; False when the claim is no longer this worker's."""
         ...
 
     async def requeue(

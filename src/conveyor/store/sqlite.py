@@ -318,7 +318,7 @@ class SQLiteStore:
     # writes ------------------------------------------------------------------------------------
 
     async def insert(
-        self, record: TaskRecord, *, max_queued: int | None
+        self, record: TaskRecord, *, args_json: str, max_queued: int | None
     ) -> tuple[TaskRecord, bool]:
         def op(conn: sqlite3.Connection) -> tuple[TaskRecord, bool]:
             if record.idempotency_key is not None:
@@ -340,7 +340,7 @@ class SQLiteStore:
                     record.owner,
                     record.status.value,
                     record.priority,
-                    json.dumps(record.args, separators=(",", ":")),
+                    args_json,
                     record.max_attempts,
                     record.timeout_s,
                     record.created_at,
@@ -441,16 +441,15 @@ class SQLiteStore:
         status: TaskStatus,
         result_json: str | None = None,
         error: dict[str, Any] | None = None,
-    ) -> TaskRecord | None:
+    ) -> bool:
         error_json = _dump(error)
 
-        def op(conn: sqlite3.Connection) -> TaskRecord | None:
-            row = conn.execute(
+        def op(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
                 "UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, "
                 "lease_expires_at = NULL, "
                 "progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END "
-                "WHERE id = ? AND status = 'running' AND worker_id = ? AND attempts = ? "
-                f"RETURNING {_COLUMNS}",
+                "WHERE id = ? AND status = 'running' AND worker_id = ? AND attempts = ?",
                 (
                     status.value,
                     result_json,
@@ -461,8 +460,8 @@ class SQLiteStore:
                     worker_id,
                     attempt,
                 ),
-            ).fetchone()
-            return None if row is None else _record(row)
+            )
+            return cursor.rowcount == 1
 
         return await self._write(op)
 
