@@ -137,7 +137,7 @@ def http(seconds: int, rounds: int, data_dir: Path) -> dict[str, tuple[float, st
             for label, (_, path) in targets.items():
                 port = servers[label][1]
                 runs[label].append(_wrk(f"http://127.0.0.1:{port}{path}", seconds, body))
-                if path == "/tasks":
+                if label == "API + workers":
                     _drained(port)
     finally:
         for process, _ in servers.values():

@@ -194,6 +194,7 @@ def test_task_routes_with_bad_ids(
         pytest.param({"limit": "many"}, "limit", id="limit-text"),
         pytest.param({"cursor": "abc"}, "cursor", id="cursor-text"),
         pytest.param({"cursor": "9" * 100}, "cursor", id="cursor-huge"),
+        pytest.param({"cursor": "9" * 20}, "cursor", id="cursor-past-64-bits"),
         pytest.param({"status": "done"}, "status", id="status-unknown"),
         pytest.param({"name": "x" * 1000}, "name", id="name-huge"),
     ],

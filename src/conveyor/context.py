@@ -6,8 +6,10 @@ import logging
 import math
 import threading
 from collections.abc import Awaitable, Callable, Generator
+from pathlib import Path
 from typing import Any
 
+from .blobs import BlobStore
 from .errors import TaskCancelled
 
 _logger = logging.getLogger("conveyor.task")
@@ -48,6 +50,7 @@ class TaskContext:
         max_attempts: int,
         reporter: ProgressReporter,
         cancel_event: threading.Event | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.task_id = task_id
         self.name = name
@@ -55,6 +58,7 @@ class TaskContext:
         self.max_attempts = max_attempts
         self._reporter = reporter
         self._cancel_event = cancel_event or threading.Event()
+        self._blobs = blobs
         self.log = logging.LoggerAdapter(
             _logger, {"task_id": task_id, "task_name": name, "attempt": attempt}
         )
@@ -81,6 +85,21 @@ class TaskContext:
             message = str(message)[:1000]
         pending = self._reporter(float(percent), message)
         return _DONE if pending is None else pending
+
+    def blob_path(self, blob_id: str) -> Path:
+        """The file of a blob this task reads (an upload) or writes."""
+        return self._require_blobs().path(blob_id)
+
+    def new_blob(self, name: str) -> tuple[str, Path]:
+        """A new blob in this task's folder: ``(blob_id, path)``; write the file at ``path``."""
+        blobs = self._require_blobs()
+        blob_id = blobs.blob_id(self.task_id, name)
+        return blob_id, blobs.path(blob_id)
+
+    def _require_blobs(self) -> BlobStore:
+        if self._blobs is None:
+            raise RuntimeError("this context has no blob store")
+        return self._blobs
 
     def request_cancel(self) -> None:
         self._cancel_event.set()

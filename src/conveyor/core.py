@@ -8,10 +8,12 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from . import serialization
+from .blobs import BlobStore
 from .context import TaskContext
 from .errors import ConfigurationError, InvalidArguments, NotStarted, TaskTypeError, UnknownTaskType
 from .errors import WaitTimeout as WaitTimeout
@@ -81,6 +83,7 @@ class Conveyor:
         self._store: Store | None = None
         self._engine: Engine | None = None
         self._changed: dict[str, asyncio.Event] = {}
+        self.blobs = BlobStore(Path(self.settings.data_dir) / "blobs")
         self._started = False
 
     # registry ----------------------------------------------------------------------------------
@@ -224,8 +227,13 @@ class Conveyor:
         delay_s: float | None = None,
         timeout_s: float | None = UNSET,
         idempotency_key: str | None = None,
+        task_id: str | None = None,
     ) -> tuple[TaskRecord, bool]:
-        """Submit by name with JSON arguments; ``(record, created)``."""
+        """Submit by name with JSON arguments; ``(record, created)``.
+
+        ``task_id`` (from :func:`conveyor.ids.uuid7`) lets a caller place a task's input blobs
+        before the task exists.
+        """
         task_type = self.task_type(name)
         return await self.submit_validated(
             task_type,
@@ -235,6 +243,7 @@ class Conveyor:
             delay_s=delay_s,
             timeout_s=timeout_s,
             idempotency_key=idempotency_key,
+            task_id=task_id,
         )
 
     async def submit_validated(
@@ -247,6 +256,7 @@ class Conveyor:
         delay_s: float | None,
         timeout_s: float | None,
         idempotency_key: str | None,
+        task_id: str | None = None,
     ) -> tuple[TaskRecord, bool]:
         if delay_s is not None and not (0 <= delay_s <= MAX_DELAY_S and math.isfinite(delay_s)):
             raise InvalidArguments(f"delay_s must be between 0 and {MAX_DELAY_S:.0f}")
@@ -256,7 +266,7 @@ class Conveyor:
             raise InvalidArguments("timeout_s must be a positive number")
         now = time.time()
         record = TaskRecord(
-            id=uuid7(),
+            id=task_id or uuid7(),
             name=task_type.name,
             status=TaskStatus.QUEUED,
             args=args,
@@ -318,7 +328,9 @@ class Conveyor:
         return record
 
     async def delete(self, task_id: str, *, owner: str | None = None) -> None:
+        """Forget a terminal task and remove its blobs."""
         await self.store.delete(task_id, owner=owner)
+        await asyncio.to_thread(self.blobs.delete_task, task_id)
         self.notify(task_id)
 
     # change notification -----------------------------------------------------------------------

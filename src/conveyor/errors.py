@@ -9,6 +9,8 @@
     ├── TaskStateConflict         the task's state forbids the operation         → 409
     ├── QueueFull                 back-pressure: too many queued tasks           → 429
     ├── StoreUnavailable          the store cannot be reached or written         → 503
+    ├── PayloadTooLarge           an upload or image past a configured limit     → 413
+    ├── UnsupportedMediaType      content Conveyor refuses to read               → 415
     ├── NotStarted                the Conveyor instance is not started
     ├── TaskCancelled             raised inside a task when cancellation was requested
     ├── TaskFailed                raised by ``TaskHandle.result()`` for a failed task
@@ -80,6 +82,18 @@ class StoreUnavailable(ConveyorError):
     """The store could not be reached or written."""
 
     status_code = 503
+
+
+class PayloadTooLarge(ConveyorError):
+    """An upload, or an image's pixel count, is past a configured limit."""
+
+    status_code = 413
+
+
+class UnsupportedMediaType(ConveyorError):
+    """Content of a kind Conveyor refuses to read (sniffed from the bytes, not the name)."""
+
+    status_code = 415
 
 
 class NotStarted(ConveyorError):

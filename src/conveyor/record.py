@@ -41,6 +41,7 @@ class TaskRecord:
     cancel_requested: bool = False
     worker_id: str | None = None
     lease_expires_at: float | None = None
+    result_blob: dict[str, str] | None = None
     seq: int = 0
 
     @property

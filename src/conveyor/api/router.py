@@ -8,10 +8,12 @@ from uuid import UUID
 
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import serialization
+from ..blobs import safe_filename
 from ..core import MAX_DELAY_S
 from ..errors import ConveyorError, InvalidArguments, TaskStateConflict
 from ..record import TaskRecord
@@ -193,7 +195,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         status: TaskStatus | None = None,
         name: Annotated[str | None, Query(max_length=200)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        cursor: Annotated[str | None, Query(max_length=20, pattern=r"^[0-9]+$")] = None,
+        cursor: Annotated[str | None, Query(max_length=18, pattern=r"^[0-9]+$")] = None,
     ) -> Response:
         before = int(cursor) if cursor is not None else None
         records = await yard.list(
@@ -237,7 +239,10 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         "/tasks/{task_id}/result",
         summary="The task's result",
         responses={
-            200: {"description": "The result, as JSON", "content": {"application/json": {}}},
+            200: {
+                "description": "The result: JSON, or the file a task produced",
+                "content": {"application/json": {}, "application/octet-stream": {}},
+            },
             **documented(404, 409, 422),
         },
         response_class=Response,
@@ -249,6 +254,13 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
             if record.error:
                 reason += f": {record.error.get('type')}: {record.error.get('message')}"
             raise TaskStateConflict(reason + "; it has no result")
+        if record.result_blob is not None:
+            blob = record.result_blob
+            return FileResponse(
+                yard.blobs.path(blob["id"]),
+                media_type=blob["content_type"],
+                filename=safe_filename(blob["filename"]),
+            )
         return _json(record.result)
 
     @router.delete(

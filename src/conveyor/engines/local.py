@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import serialization
 from ..backoff import retry_delay_s
+from ..blobs import encode_result
 from ..context import TaskContext
 from ..errors import ConveyorError, TaskCancelled
 from ..record import TaskRecord
@@ -250,11 +251,12 @@ class LocalEngine:
             max_attempts=record.max_attempts,
             reporter=functools.partial(self._report_progress, record),
             cancel_event=run.cancel_event,
+            blobs=self.yard.blobs,
         )
         timeout = asyncio.timeout(record.timeout_s)
         try:
             async with timeout:
-                result_json = await self._call(run, ctx)
+                result_json, blob_json = await self._call(run, ctx)
         except asyncio.CancelledError:
             if self._draining or not run.cancel_requested:
                 raise
@@ -288,9 +290,11 @@ class LocalEngine:
         else:
             if self._draining:
                 return
-            await self._finish(run, TaskStatus.COMPLETED, result_json=result_json)
+            await self._finish(
+                run, TaskStatus.COMPLETED, result_json=result_json, blob_json=blob_json
+            )
 
-    async def _call(self, run: _Running, ctx: TaskContext) -> str:
+    async def _call(self, run: _Running, ctx: TaskContext) -> tuple[str, str | None]:
         task_type, record = run.task_type, run.record
         executor = task_type.options.executor
         if executor == "process":
@@ -299,6 +303,7 @@ class LocalEngine:
                 task_type.qualname,
                 record.args,
                 task=(record.id, record.name, record.attempts, record.max_attempts),
+                blob_root=str(self.yard.blobs.root),
                 on_progress=functools.partial(self._report_progress, record),
             )
         kwargs = task_type.call_kwargs(record.args)
@@ -313,7 +318,7 @@ class LocalEngine:
             )
             assert self._loop is not None
             value = await self._loop.run_in_executor(self._threads, call)
-        return serialization.dumps(value)
+        return encode_result(value)
 
     async def _finish(
         self,
@@ -321,6 +326,7 @@ class LocalEngine:
         status: TaskStatus,
         *,
         result_json: str | None = None,
+        blob_json: str | None = None,
         error: dict[str, Any] | None = None,
     ) -> None:
         record = run.record
@@ -330,6 +336,7 @@ class LocalEngine:
             record.attempts,
             status=status,
             result_json=result_json,
+            blob_json=blob_json,
             error=error,
         )
         if not recorded:

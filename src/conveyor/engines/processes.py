@@ -17,9 +17,11 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 from .. import serialization
+from ..blobs import BlobStore, encode_result
 from ..context import TaskContext
 
 
@@ -98,15 +100,16 @@ class ProcessPool:
         args: dict[str, Any],
         *,
         task: tuple[str, str, int, int],
+        blob_root: str,
         on_progress: Callable[[float, str | None], object],
-    ) -> str:
-        """Run the task type ``module:qualname`` in a child; its result as JSON text."""
+    ) -> tuple[str, str | None]:
+        """Run the task type ``module:qualname`` in a child; ``(result JSON, blob JSON)``."""
         async with self._slots:
             child = self._idle.pop() if self._idle else await self._spawn()
             self._busy.add(child)
             reusable = False
             try:
-                child.conn.send(("run", module, qualname, args, *task))
+                child.conn.send(("run", module, qualname, args, blob_root, *task))
                 while True:
                     message = await child.receive()
                     if message[0] == "progress":
@@ -114,7 +117,7 @@ class ProcessPool:
                         continue
                     reusable = True
                     if message[0] == "ok":
-                        return str(message[1])
+                        return message[1], message[2]
                     _, type_name, text, tb, lineage = message
                     raise ChildTaskError(type_name, text, tb, lineage=lineage)
             finally:
@@ -150,8 +153,8 @@ def _child_main(conn: Connection) -> None:
             return
         if message[0] != "run":
             return
-        _, module, qualname, args, task_id, name, attempt, max_attempts = message
-        conn.send(_run_in_child(conn, module, qualname, args, task_id, name, attempt, max_attempts))
+        _, module, qualname, args, blob_root, *task = message
+        conn.send(_run_in_child(conn, module, qualname, args, Path(blob_root), *task))
 
 
 _targets: dict[tuple[str, str], tuple[Callable[..., Any], bool, Any]] = {}
@@ -178,6 +181,7 @@ def _run_in_child(
     module: str,
     qualname: str,
     args: dict[str, Any],
+    blob_root: Path,
     task_id: str,
     name: str,
     attempt: int,
@@ -193,12 +197,13 @@ def _run_in_child(
             attempt=attempt,
             max_attempts=max_attempts,
             reporter=lambda percent, text: conn.send(("progress", percent, text)),
+            blobs=BlobStore(blob_root),
         )
         value = fn(ctx, **kwargs) if takes_context else fn(**kwargs)
         if inspect.isawaitable(value):
             value = asyncio.run(_await(value))
         try:
-            return ("ok", serialization.dumps(value))
+            return ("ok", *encode_result(value))
         except serialization.JSONError as exc:
             return ("error", "TypeError", f"the result is {exc}", None, [])
     except Exception as exc:

@@ -65,6 +65,7 @@ class Store(Protocol):
         *,
         status: TaskStatus,
         result_json: str | None = None,
+        blob_json: str | None = None,
         error: dict[str, Any] | None = None,
     ) -> bool:
         """Record the outcome of an attempt; False when the claim is no longer this worker's."""

@@ -38,7 +38,7 @@ from ..status import RETRYABLE, TERMINAL, TaskStatus
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     idempotency_key TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     worker_id TEXT,
-    lease_expires_at REAL
+    lease_expires_at REAL,
+    result_blob TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks(priority DESC, run_at, seq)
     WHERE status = 'queued';
@@ -77,8 +78,10 @@ CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
 _COLUMNS = (
     "seq, id, name, owner, status, priority, args, result, error, progress, message, attempts, "
     "max_attempts, timeout_s, created_at, started_at, finished_at, run_at, idempotency_key, "
-    "cancel_requested, worker_id, lease_expires_at"
+    "cancel_requested, worker_id, lease_expires_at, result_blob"
 )
+# Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
+_MIGRATIONS: dict[int, str] = {2: "ALTER TABLE tasks ADD COLUMN result_blob TEXT"}
 _MAX_BATCH = 512
 _QUEUED_RECOUNT_S = 0.25
 _CHECKPOINT_S = 1.0
@@ -117,6 +120,7 @@ def _record(row: tuple[Any, ...]) -> TaskRecord:
         cancel_requested=bool(row[19]),
         worker_id=row[20],
         lease_expires_at=row[21],
+        result_blob=None if row[22] is None else json.loads(row[22]),
     )
 
 
@@ -169,8 +173,7 @@ class SQLiteStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = _connect(self.path, self._synchronous)
-            conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            _migrate(conn)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
         self._writer = threading.Thread(
@@ -440,19 +443,21 @@ class SQLiteStore:
         *,
         status: TaskStatus,
         result_json: str | None = None,
+        blob_json: str | None = None,
         error: dict[str, Any] | None = None,
     ) -> bool:
         error_json = _dump(error)
 
         def op(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
-                "UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?, "
-                "lease_expires_at = NULL, "
+                "UPDATE tasks SET status = ?, result = ?, result_blob = ?, error = ?, "
+                "finished_at = ?, lease_expires_at = NULL, "
                 "progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END "
                 "WHERE id = ? AND status = 'running' AND worker_id = ? AND attempts = ?",
                 (
                     status.value,
                     result_json,
+                    blob_json,
                     error_json,
                     time.time(),
                     status.value,
@@ -565,7 +570,8 @@ class SQLiteStore:
                 )
             row = conn.execute(
                 "UPDATE tasks SET status = 'queued', max_attempts = attempts + ?, run_at = ?, "
-                "result = NULL, error = NULL, progress = 0, message = NULL, started_at = NULL, "
+                "result = NULL, result_blob = NULL, error = NULL, progress = 0, message = NULL, "
+                "started_at = NULL, "
                 "finished_at = NULL, cancel_requested = 0, worker_id = NULL "
                 f"WHERE id = ? RETURNING {_COLUMNS}",
                 (attempts, time.time(), task_id),
@@ -643,6 +649,27 @@ def _translate(exc: Exception) -> Exception:
         failure.__cause__ = exc
         return failure
     return exc
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tasks'"
+        ).fetchone()
+        if not exists:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        else:
+            for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                conn.execute(_MIGRATIONS[target])
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
