@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from conveyor.service import create_app
 
@@ -38,6 +39,9 @@ def test_documented_behaviour(api_schema: schemathesis.BaseSchema) -> None:
             database=None,
         )
         def explore(case: schemathesis.Case) -> None:
-            case.call_and_validate()  # every default check: no 5xx, documented codes and bodies
+            # every default check: no 5xx, documented codes and bodies. An upload's bytes cannot
+            # be described by a schema, so random "valid" files are rightly refused (415).
+            excluded = [positive_data_acceptance] if case.path == "/images" else []
+            case.call_and_validate(excluded_checks=excluded)
 
         explore()

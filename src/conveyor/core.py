@@ -100,6 +100,7 @@ class Conveyor:
         priority: int = 0,
         executor: Executor | None = None,
         idempotent: bool = False,
+        public: bool = True,
     ) -> _TaskDecorator:
         """Register a function as a task type.
 
@@ -113,6 +114,8 @@ class Conveyor:
             executor: ``async`` (coroutines), ``thread`` (sync functions), or ``process``
                 (CPU-bound, run in a child process); inferred from the function by default.
             idempotent: the function is safe to run twice (documented; recovery always re-runs).
+            public: submittable through ``POST /tasks``; ready services register internal
+                types (``public=False``) that only their own routes submit.
         """
         if retries < 0 or (timeout_s is not None and timeout_s <= 0):
             raise TaskTypeError("retries must be ≥ 0 and timeout_s > 0")
@@ -135,6 +138,7 @@ class Conveyor:
                 priority=priority,
                 executor=chosen,
                 idempotent=idempotent,
+                public=public,
             )
             task_type: TaskType[Any, Any] = TaskType(fn, name=task_name, options=options, yard=self)
             self.task_types[task_name] = task_type
@@ -142,9 +146,13 @@ class Conveyor:
 
         return register
 
-    def task_type(self, name: str) -> TaskType[Any, Any]:
+    def task_type(self, name: str, *, public_only: bool = False) -> TaskType[Any, Any]:
+        """The task type named ``name``; ``public_only`` hides internal ones (``public=False``)."""
         try:
-            return self.task_types[name]
+            task_type = self.task_types[name]
+            if public_only and not task_type.options.public:
+                raise KeyError(name)
+            return task_type
         except KeyError:
             raise UnknownTaskType(
                 f"no task type named {name!r}",
@@ -228,13 +236,14 @@ class Conveyor:
         timeout_s: float | None = UNSET,
         idempotency_key: str | None = None,
         task_id: str | None = None,
+        public_only: bool = False,
     ) -> tuple[TaskRecord, bool]:
         """Submit by name with JSON arguments; ``(record, created)``.
 
         ``task_id`` (from :func:`conveyor.ids.uuid7`) lets a caller place a task's input blobs
-        before the task exists.
+        before the task exists; ``public_only`` refuses internal task types (the HTTP API).
         """
-        task_type = self.task_type(name)
+        task_type = self.task_type(name, public_only=public_only)
         return await self.submit_validated(
             task_type,
             task_type.validate(args or {}),

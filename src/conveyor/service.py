@@ -19,7 +19,22 @@ def build_yard(settings: Settings, *, run_workers: bool = True) -> Conveyor:
     """A Conveyor instance with every built-in task type registered."""
     yard = Conveyor(settings, run_workers=run_workers)
     register_demo_tasks(yard)
+    if _images_available():
+        from .jobs.images_api import register_image_tasks
+
+        register_image_tasks(yard)
     return yard
+
+
+def _images_available() -> bool:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        logger.warning(
+            "Pillow is not installed: the image service is off (pip install conveyor[images])"
+        )
+        return False
+    return True
 
 
 def create_app(
@@ -36,6 +51,10 @@ def create_app(
     )
     app.state.yard = yard
     app.include_router(yard.router())
+    if "images.transform" in yard.task_types:
+        from .jobs.images_api import build_image_router
+
+        app.include_router(build_image_router(yard))
 
     @app.get("/", include_in_schema=False)
     async def root() -> Response:

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     poll_s: float = Field(default=0.1, gt=0, le=10, description="Idle poll of the store.")
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_upload_bytes: int = Field(
+        default=50 * 1_048_576, ge=1024, description="Cap of one multipart upload request."
+    )
+    max_image_pixels: int = Field(
+        default=50_000_000, ge=1, le=89_478_485, description="Refused before decoding beyond."
+    )
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
         default="NORMAL",
         description="NORMAL survives a process crash (kill -9); FULL also survives power loss.",

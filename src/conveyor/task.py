@@ -43,6 +43,7 @@ class TaskOptions:
     priority: int = 0
     executor: Executor = "async"
     idempotent: bool = False
+    public: bool = True
 
     @property
     def max_attempts(self) -> int:
@@ -57,6 +58,7 @@ class TaskOptions:
             "priority": self.priority,
             "executor": self.executor,
             "idempotent": self.idempotent,
+            "public": self.public,
         }
 
 

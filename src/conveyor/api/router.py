@@ -1,7 +1,6 @@
 """The ``/tasks`` API of DESIGN.md as a FastAPI router bound to one Conveyor instance."""
 
 import re
-import secrets
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from uuid import UUID
@@ -19,6 +18,7 @@ from ..errors import ConveyorError, InvalidArguments, TaskStateConflict
 from ..record import TaskRecord
 from ..status import TaskStatus
 from ..task import UNSET, validation_details
+from .auth import tenant_resolver
 from .errors import documented, error_response
 from .routing import raw_endpoint, strict_route_class
 
@@ -83,7 +83,9 @@ KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
 _KEY = re.compile(KEY_PATTERN)
 
 
-def _json(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(
+    body: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     return Response(
         orjson.dumps(body),
         status_code=status_code,
@@ -102,22 +104,13 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         responses=documented(401, 503) if tenants else documented(503),
     )
 
-    async def tenant(request: Request) -> str:
-        if not tenants:
-            return ""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            for key, name in tenants.items():
-                if secrets.compare_digest(key.encode(), token.encode()):
-                    return name
-        raise HTTPException(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
-
+    tenant = tenant_resolver(settings)
     Tenant = Annotated[str, Depends(tenant)]
 
-    def task_json(record: TaskRecord) -> dict[str, Any]:
+    def taskjson_response(record: TaskRecord) -> dict[str, Any]:
         return record.to_json(prefix)
 
-    async def require_json(request: Request) -> None:
+    async def requirejson_response(request: Request) -> None:
         content_type = request.headers.get("content-type", "")
         media = content_type.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
@@ -154,7 +147,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
     @raw_endpoint
     async def submit(request: Request) -> Response:
         owner = await tenant(request)
-        await require_json(request)
+        await requirejson_response(request)
         key = request.headers.get("idempotency-key")
         if key is not None and not _KEY.fullmatch(key):
             raise InvalidArguments(
@@ -177,11 +170,14 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
                 delay_s=body.delay_s,
                 timeout_s=body.timeout_s if body.timeout_s is not None else UNSET,
                 idempotency_key=key,
+                public_only=True,
             )
         except ConveyorError as exc:
             raise located_in_body(exc) from None
         location = f"{prefix}/tasks/{record.id}"
-        return _json(task_json(record), 202 if created else 200, {"Location": location})
+        return json_response(
+            taskjson_response(record), 202 if created else 200, {"Location": location}
+        )
 
     @router.get(
         "/tasks",
@@ -203,7 +199,9 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         )
         page = records[:limit]
         next_cursor = str(page[-1].seq) if len(records) > limit else None
-        return _json({"items": [task_json(r) for r in page], "next_cursor": next_cursor})
+        return json_response(
+            {"items": [taskjson_response(r) for r in page], "next_cursor": next_cursor}
+        )
 
     @router.get(
         "/tasks/{task_id}",
@@ -213,7 +211,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         response_class=Response,
     )
     async def get_task(task_id: TaskId, owner: Tenant) -> Response:
-        return _json(task_json(await yard.get(str(task_id), owner=owner)))
+        return json_response(taskjson_response(await yard.get(str(task_id), owner=owner)))
 
     @router.post(
         "/tasks/{task_id}/cancel",
@@ -223,7 +221,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         response_class=Response,
     )
     async def cancel_task(task_id: TaskId, owner: Tenant) -> Response:
-        return _json(task_json(await yard.cancel(str(task_id), owner=owner)))
+        return json_response(taskjson_response(await yard.cancel(str(task_id), owner=owner)))
 
     @router.post(
         "/tasks/{task_id}/retry",
@@ -233,7 +231,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         response_class=Response,
     )
     async def retry_task(task_id: TaskId, owner: Tenant) -> Response:
-        return _json(task_json(await yard.retry(str(task_id), owner=owner)), 202)
+        return json_response(taskjson_response(await yard.retry(str(task_id), owner=owner)), 202)
 
     @router.get(
         "/tasks/{task_id}/result",
@@ -261,7 +259,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
                 media_type=blob["content_type"],
                 filename=safe_filename(blob["filename"]),
             )
-        return _json(record.result)
+        return json_response(record.result)
 
     @router.delete(
         "/tasks/{task_id}",
@@ -292,7 +290,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
             async for current in yard.watch(record.id, owner=owner):
                 if current.status is not last_status:
                     last_status = current.status
-                    yield ServerSentEvent(event="status", data=task_json(current))
+                    yield ServerSentEvent(event="status", data=taskjson_response(current))
                 progress = (current.progress, current.message)
                 if progress != last_progress and not current.terminal:
                     last_progress = progress
@@ -324,7 +322,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
             counts = await yard.store.count_by_status()
         except ConveyorError as exc:
             return error_response(exc)
-        return _json({"status": "ok", "engine": settings.engine, "tasks": counts})
+        return json_response({"status": "ok", "engine": settings.engine, "tasks": counts})
 
     return router
 
@@ -348,6 +346,8 @@ def submit_schema(yard: "Conveyor") -> dict[str, Any]:
     options = {key: base["properties"][key] for key in ("priority", "delay_s", "timeout_s")}
     variants = []
     for task_type in yard.task_types.values():
+        if not task_type.options.public:
+            continue
         args = inline_refs(task_type.argument_schema())
         variants.append(
             {
