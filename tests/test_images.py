@@ -291,6 +291,7 @@ def test_progress_is_reported_per_operation() -> None:
         pytest.param(encode(quadrants(), "BMP"), UnsupportedMediaType, id="bmp"),
         pytest.param(encode(quadrants(), "TIFF"), UnsupportedMediaType, id="tiff"),
         pytest.param(png_header_only(30_000, 30_000), PayloadTooLarge, id="30000x30000"),
+        pytest.param(png_header_only(8_000, 8_000), PayloadTooLarge, id="past-our-limit-only"),
     ],
 )
 def test_refused_before_decoding(data: bytes, error: type[Exception]) -> None:
@@ -301,7 +302,7 @@ def test_refused_before_decoding(data: bytes, error: type[Exception]) -> None:
 
 
 def test_pixel_limit_is_configurable() -> None:
-    with pytest.raises(PayloadTooLarge, match="800 pixels"):
+    with pytest.raises(PayloadTooLarge, match="800 pixels, past the 799-pixel limit"):
         transform(PNG, Pipeline(), max_pixels=799)
 
 

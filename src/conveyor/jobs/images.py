@@ -246,12 +246,13 @@ def inspect_image(source: Path | bytes, *, max_pixels: int) -> ImageHeader:
         with _open(source, (kind,)) as image:
             width, height = image.size
     except Image.DecompressionBombError as exc:
-        raise PayloadTooLarge(f"image is too large to decode: {exc}") from exc
+        raise PayloadTooLarge(f"image is past the {max_pixels:,}-pixel limit ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise UnsupportedMediaType(f"unreadable {kind} header: {exc}") from exc
     if width * height > max_pixels:
         raise PayloadTooLarge(
-            f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+            f"image is {width}x{height} = {width * height:,} pixels, past the "
+            f"{max_pixels:,}-pixel limit"
         )
     return ImageHeader(kind, width, height)
 
