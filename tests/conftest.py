@@ -40,6 +40,7 @@ def make_settings(tmp_path: Path, engine: str) -> Callable[..., Settings]:
             "poll_s": 0.02,
             "shutdown_grace_s": 0.5,
             "process_workers": 2,
+            "process_warmup": False,
         }
         values.update(overrides)
         return Settings(**values)

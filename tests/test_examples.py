@@ -126,3 +126,34 @@ def test_readme_first_example_runs(
         task = finished(client, response.json()["task_id"])
     assert task["status"] == "completed" and task["result"] == "Processed: x"
     assert task["max_attempts"] == 4
+
+
+def test_resize_image_tutorial(example: Any) -> None:
+    import base64
+
+    from .images import RED, close, encode, open_bytes, quadrants
+
+    _, client = example("resize_image")
+    photo = encode(quadrants(400, 300), "JPEG", quality=95)
+    response = client.post("/resize-image/", files={"file": ("photo.jpg", photo, "image/jpeg")})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "Processing" and set(body) == {"task_id", "status"}
+    assert client.get(f"/resize-status/{body['task_id']}").json()["status"] in {
+        "Processing",
+        "Completed",
+    }
+    finished(client, body["task_id"])
+    done = client.get(f"/resize-status/{body['task_id']}").json()
+    assert set(done) == {"task_id", "status", "thumbnail"} and done["status"] == "Completed"
+    thumbnail = open_bytes(base64.b64decode(done["thumbnail"]))
+    assert thumbnail.format == "JPEG" and thumbnail.size == (100, 75)
+    assert close(thumbnail.convert("RGB").getpixel((2, 2)), RED, 60)
+    refused = client.post("/resize-image/", files={"file": ("a.txt", b"hello", "text/plain")})
+    assert refused.status_code == 415
+    cut = client.post("/resize-image/", files={"file": ("c.jpg", photo[:3000], "image/jpeg")})
+    failed_id = cut.json()["task_id"]
+    finished(client, failed_id)
+    failed = client.get(f"/resize-status/{failed_id}").json()
+    assert failed["status"] == "Failed" and "truncated" in failed["error"]
+    assert client.get("/resize-status/00000000-0000-4000-8000-000000000000").status_code == 404

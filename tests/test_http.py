@@ -28,6 +28,7 @@ def service_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "poll_s": 0.02,
         "shutdown_grace_s": 0.5,
         "process_workers": 1,
+        "process_warmup": False,
     }
     return Settings(**(values | overrides))
 

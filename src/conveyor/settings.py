@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     )
     concurrency: int = Field(default=16, ge=1, le=10_000, description="Global limit per process.")
     process_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    process_warmup: bool = Field(
+        default=True, description="Start the worker processes with the engine, not on first use."
+    )
     max_queued: int | None = Field(default=100_000, ge=1)
     lease_s: float = Field(default=30.0, gt=0.5, description="Lease of a claimed task.")
     poll_s: float = Field(default=0.1, gt=0, le=10, description="Idle poll of the store.")

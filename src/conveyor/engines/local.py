@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from ..record import TaskRecord
 from ..status import TaskStatus
 from ..task import TaskType
 from .processes import ChildTaskError, ProcessPool
+from .progress import ProgressWriter
 
 if TYPE_CHECKING:
     from ..core import Conveyor
@@ -68,6 +70,7 @@ class _Running:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     cancel_requested: bool = False
     task: asyncio.Task[None] | None = None
+    progress: ProgressWriter | None = None
 
 
 class LocalEngine:
@@ -96,6 +99,10 @@ class LocalEngine:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         await self._recover()
+        if self.settings.process_warmup and any(
+            t.options.executor == "process" for t in self.yard.task_types.values()
+        ):
+            await self._processes.warm()  # before claiming: no task waits for a spawn
         self._loops = [
             asyncio.create_task(self._dispatch_loop(), name="conveyor-dispatch"),
             asyncio.create_task(self._heartbeat_loop(), name="conveyor-heartbeat"),
@@ -135,6 +142,8 @@ class LocalEngine:
         await asyncio.gather(*self._loops[1:], return_exceptions=True)
         if self._background:
             await asyncio.wait(self._background, timeout=1.0)
+            for leftover in list(self._background):
+                leftover.cancel()
         self._threads.shutdown(wait=False, cancel_futures=True)
         await self._processes.close()
 
@@ -224,6 +233,9 @@ class LocalEngine:
 
     def _launch(self, record: TaskRecord) -> None:
         run = _Running(record, self.yard.task_types[record.name])
+        run.progress = ProgressWriter(
+            functools.partial(self._write_progress, record), self._spawn_background
+        )
         self._running[record.id] = run
         run.task = asyncio.create_task(self._execute(run), name=f"conveyor:{record.id}")
         self.yard.notify(record.id)
@@ -238,6 +250,8 @@ class LocalEngine:
         except Exception:  # the store failed while recording: the lease will expire and recover
             logger.exception("could not record the outcome of task %s", record.id)
         finally:
+            if run.progress is not None:
+                run.progress.close()
             self._running.pop(record.id, None)
             self._wake.set()
             self.yard.notify(record.id)
@@ -249,7 +263,7 @@ class LocalEngine:
             name=record.name,
             attempt=record.attempts,
             max_attempts=record.max_attempts,
-            reporter=functools.partial(self._report_progress, record),
+            reporter=functools.partial(self._report_progress, run),
             cancel_event=run.cancel_event,
             blobs=self.yard.blobs,
         )
@@ -304,7 +318,7 @@ class LocalEngine:
                 record.args,
                 task=(record.id, record.name, record.attempts, record.max_attempts),
                 blob_root=str(self.yard.blobs.root),
-                on_progress=functools.partial(self._report_progress, record),
+                on_progress=functools.partial(self._report_progress, run),
             )
         kwargs = task_type.call_kwargs(record.args)
         fn = task_type.fn
@@ -380,21 +394,18 @@ class LocalEngine:
         await self._finish(run, TaskStatus.FAILED, error=error)
 
     def _report_progress(
-        self, record: TaskRecord, percent: float, message: str | None
+        self, run: _Running, percent: float, message: str | None
     ) -> asyncio.Future[None] | None:
-        assert self._loop is not None
+        assert self._loop is not None and run.progress is not None
         if threading.get_ident() == self._loop_thread:
-            return self._spawn_progress(record, percent, message)
-        self._loop.call_soon_threadsafe(self._spawn_progress, record, percent, message)
+            return run.progress.report(percent, message)
+        self._loop.call_soon_threadsafe(run.progress.report, percent, message)
         return None
 
-    def _spawn_progress(
-        self, record: TaskRecord, percent: float, message: str | None
-    ) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(self._write_progress(record, percent, message))
+    def _spawn_background(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        return task
 
     async def _write_progress(
         self, record: TaskRecord, percent: float, message: str | None

@@ -91,6 +91,7 @@ class ProcessPool:
         self._slots = asyncio.Semaphore(size)
         self._idle: list[_Child] = []
         self._busy: set[_Child] = set()
+        self._spawning = 0
         self._context = multiprocessing.get_context("spawn")
 
     async def run(
@@ -127,12 +128,21 @@ class ProcessPool:
                 else:  # cancelled, timed out or died mid-task: never reuse
                     await asyncio.to_thread(child.kill)
 
+    async def warm(self) -> None:
+        """Start the children now, so the first tasks do not wait for a spawn."""
+        while len(self._idle) + len(self._busy) + self._spawning < self._size:
+            self._idle.append(await self._spawn())
+
     async def _spawn(self) -> _Child:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_child_main, args=(child_conn,), name="conveyor-task-process", daemon=True
         )
-        await asyncio.to_thread(process.start)
+        self._spawning += 1
+        try:
+            await asyncio.to_thread(process.start)
+        finally:
+            self._spawning -= 1
         child_conn.close()
         return _Child(process, parent_conn)
 

@@ -8,20 +8,20 @@ and every operation run in the process pool.
 from __future__ import annotations
 
 import asyncio
-import shutil
+import os
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, ValidationError
-from starlette.datastructures import UploadFile
 
 from .. import serialization
 from ..api.auth import tenant_resolver
 from ..api.errors import documented
 from ..api.router import TaskOut, json_response, located_in_body
 from ..api.routing import raw_endpoint, strict_route_class
+from ..api.uploads import UploadedFile, read_multipart
 from ..blobs import BlobResult, safe_filename
 from ..context import TaskContext
 from ..errors import ConveyorError, InvalidArguments, PayloadTooLarge, UnsupportedMediaType
@@ -108,30 +108,10 @@ class ImagesOut(BaseModel):
     items: list[TaskOut]
 
 
-def _counting_receive(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"upload exceeds {limit} bytes")
-    received = 0
-    receive = request.receive
-
-    async def counted() -> Any:
-        nonlocal received
-        message = await receive()
-        received += len(message.get("body", b""))
-        if received > limit:
-            raise HTTPException(413, f"upload exceeds {limit} bytes")
-        return message
-
-    return counted
-
-
-def _pipeline(form: Any) -> Pipeline:
+def _pipeline(fields: dict[str, str]) -> Pipeline:
     raw: dict[str, Any] = {}
-    text = form.get("operations")
+    text = fields.get("operations")
     if text is not None:
-        if not isinstance(text, str):
-            raise InvalidArguments("operations must be a form field, not a file")
         try:
             raw["operations"] = serialization.loads(text)
         except serialization.JSONError as exc:
@@ -140,8 +120,8 @@ def _pipeline(form: Any) -> Pipeline:
                 details=[{"loc": ["body", "operations"], "msg": str(exc), "type": "json_invalid"}],
             ) from exc
     for field in ("format", "quality", "auto_orient"):
-        value = form.get(field)
-        if isinstance(value, str) and value != "":
+        value = fields.get(field)
+        if value:
             raw[field] = value.upper() if field == "format" else value
     try:
         return Pipeline.model_validate(raw)
@@ -149,12 +129,6 @@ def _pipeline(form: Any) -> Pipeline:
         raise InvalidArguments(
             "invalid image options", details=validation_details(exc, ("body",))
         ) from exc
-
-
-def _store_upload(upload: UploadFile, path: Path) -> None:
-    upload.file.seek(0)
-    with path.open("wb") as target:
-        shutil.copyfileobj(upload.file, target, 1 << 20)
 
 
 def build_image_router(yard: Conveyor) -> APIRouter:
@@ -203,12 +177,14 @@ def build_image_router(yard: Conveyor) -> APIRouter:
     @raw_endpoint
     async def submit_images(request: Request) -> Response:
         owner = await tenant(request)
-        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media != "multipart/form-data":
-            raise HTTPException(415, "POST /images takes multipart/form-data with a file field")
-        counted = Request(request.scope, _counting_receive(request, settings.max_upload_bytes))
-        async with counted.form(max_files=MAX_FILES, max_fields=20) as form:
-            uploads = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
+        form = await read_multipart(
+            request,
+            staging_root=yard.blobs.root / ".uploads",
+            max_bytes=settings.max_upload_bytes,
+            max_files=MAX_FILES,
+        )
+        try:
+            uploads = [upload for upload in form.files if upload.field == "file"]
             if not uploads:
                 raise InvalidArguments(
                     "no image uploaded",
@@ -216,8 +192,8 @@ def build_image_router(yard: Conveyor) -> APIRouter:
                         {"loc": ["body", "file"], "msg": "a file is required", "type": "missing"}
                     ],
                 )
-            pipeline = _pipeline(form)
-            bundle = form.get("bundle")
+            pipeline = _pipeline(form.fields)
+            bundle = form.fields.get("bundle")
             if bundle not in (None, "", "zip"):
                 raise InvalidArguments(
                     "bundle must be zip",
@@ -231,6 +207,8 @@ def build_image_router(yard: Conveyor) -> APIRouter:
                 await _forget_blobs(yard, ids)
                 raise
             records = await _submit(yard, owner, uploads, pipeline, ids, sources, zipped=zipped)
+        finally:
+            form.discard()
         if len(records) == 1:
             record = records[0]
             return json_response(record.to_json(), 202, {"Location": f"/tasks/{record.id}"})
@@ -245,7 +223,7 @@ async def _forget_blobs(yard: Conveyor, ids: list[str]) -> None:
 
 
 async def _store_uploads(
-    yard: Conveyor, uploads: list[UploadFile], ids: list[str], *, zipped: bool
+    yard: Conveyor, uploads: list[UploadedFile], ids: list[str], *, zipped: bool
 ) -> list[str]:
     """Each upload as a blob of its task; 413/415 unless an allowed, small-enough image."""
     max_pixels = yard.settings.max_image_pixels
@@ -254,7 +232,7 @@ async def _store_uploads(
         task_id = ids[0] if zipped else ids[index]
         blob_id = yard.blobs.blob_id(task_id, f"{SOURCE}-{index}" if zipped else SOURCE)
         path = yard.blobs.path(blob_id)
-        await asyncio.to_thread(_store_upload, upload, path)
+        os.replace(upload.path, path)  # same file system: a rename, not a copy
         try:
             await asyncio.to_thread(inspect_image, path, max_pixels=max_pixels)
         except (UnsupportedMediaType, PayloadTooLarge) as exc:
@@ -269,7 +247,7 @@ async def _store_uploads(
 async def _submit(
     yard: Conveyor,
     owner: str,
-    uploads: list[UploadFile],
+    uploads: list[UploadedFile],
     pipeline: Pipeline,
     ids: list[str],
     sources: list[str],
