@@ -32,6 +32,7 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/images.py
 
 clean:
 	rm -rf $(VENV) var
