@@ -236,6 +236,13 @@ def inspect_image(source: Path | bytes, *, max_pixels: int) -> ImageHeader:
     Raises ``UnsupportedMediaType`` (not an allowed format) or ``PayloadTooLarge`` (more than
     ``max_pixels``), before any pixel is decoded.
     """
+    with _checked_open(source, max_pixels) as image:
+        assert image.format is not None
+        return ImageHeader(image.format, image.width, image.height)
+
+
+def _checked_open(source: Path | bytes, max_pixels: int) -> Image.Image:
+    """The image opened (header only) once its format and pixel count are allowed."""
     head = source[:32] if isinstance(source, bytes) else _read_head(source)
     kind = sniff_format(head)
     if kind is None or kind not in INPUT_FORMATS:
@@ -243,18 +250,19 @@ def inspect_image(source: Path | bytes, *, max_pixels: int) -> ImageHeader:
             f"not an accepted image: the bytes are not {', '.join(INPUT_FORMATS)}"
         )
     try:
-        with _open(source, (kind,)) as image:
-            width, height = image.size
+        image = _open(source, (kind,))
     except Image.DecompressionBombError as exc:
         raise PayloadTooLarge(f"image is past the {max_pixels:,}-pixel limit ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise UnsupportedMediaType(f"unreadable {kind} header: {exc}") from exc
+    width, height = image.size
     if width * height > max_pixels:
+        image.close()
         raise PayloadTooLarge(
             f"image is {width}x{height} = {width * height:,} pixels, past the "
             f"{max_pixels:,}-pixel limit"
         )
-    return ImageHeader(kind, width, height)
+    return image
 
 
 def _read_head(path: Path) -> bytes:
@@ -277,14 +285,15 @@ def transform(
     Raises ``UnsupportedMediaType``/``PayloadTooLarge`` for refused input and ``ImageError`` for
     a corrupt or truncated image or an operation that cannot apply.
     """
-    header = inspect_image(source, max_pixels=max_pixels)
-    output_format = pipeline.format or (header.format if header.format in OUTPUT_FORMATS else "PNG")
+    image = _checked_open(source, max_pixels)
+    input_format = image.format or "PNG"
+    output_format = pipeline.format or (input_format if input_format in OUTPUT_FORMATS else "PNG")
     steps = list(pipeline.operations)
     if pipeline.auto_orient and not any(isinstance(step, AutoOrient) for step in steps):
         steps.insert(0, AutoOrient())
     strip = any(isinstance(step, StripMetadata) for step in steps)
     try:
-        with _open(source, (header.format,)) as image:
+        with image:
             _draft(image, steps)
             frames = _frames(image, output_format, max_pixels)
             exif = image.getexif()
@@ -299,7 +308,7 @@ def transform(
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         if isinstance(exc, ConveyorError):
             raise
-        raise ImageError(f"the {header.format} image is truncated or corrupt: {exc}") from exc
+        raise ImageError(f"the {input_format} image is truncated or corrupt: {exc}") from exc
     output = _save(frames, output_format, pipeline.quality, exif, icc, strip, durations, loop)
     first = frames[0]
     info = {
@@ -339,7 +348,7 @@ def _frames(image: Image.Image, output_format: str, max_pixels: int) -> list[Ima
             raise PayloadTooLarge(f"animation of {count} frames is past the limits")
         return [frame.copy() for frame in ImageSequence.Iterator(image)]
     image.load()
-    return [image.copy()]
+    return [image]
 
 
 def _workable(image: Image.Image) -> Image.Image:
@@ -360,9 +369,10 @@ def _workable(image: Image.Image) -> Image.Image:
 
 def _apply(step: Any, image: Image.Image, exif: Image.Exif, max_pixels: int) -> Image.Image:
     if isinstance(step, AutoOrient):
+        if exif.get(0x0112, 1) == 1:
+            return image  # nothing to turn: no copy
         oriented = ImageOps.exif_transpose(image)
-        if 0x0112 in exif:
-            exif[0x0112] = 1
+        exif[0x0112] = 1
         return oriented if oriented is not None else image
     if isinstance(step, StripMetadata):
         return image
@@ -370,9 +380,11 @@ def _apply(step: Any, image: Image.Image, exif: Image.Exif, max_pixels: int) -> 
     if isinstance(step, Resize):
         return _resize(step, image, max_pixels)
     if isinstance(step, Thumbnail):
-        copy = image.copy()
-        copy.thumbnail((step.width, step.height), Image.Resampling.LANCZOS)
-        return copy
+        scale = min(step.width / image.width, step.height / image.height)
+        if scale >= 1:
+            return image  # a thumbnail never enlarges
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
     if isinstance(step, Crop):
         return image.crop(_crop_box(step, image))
     if isinstance(step, Rotate):
