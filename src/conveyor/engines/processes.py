@@ -3,7 +3,7 @@
 ``concurrent.futures.ProcessPoolExecutor`` cannot stop one running call, so cancellation and
 timeouts of ``executor="process"`` tasks kill that child; the next task spawns a fresh one.
 Children are started with ``spawn`` (never ``fork`` from a threaded parent) and import the task's
-module by name; arguments and results cross the pipe as JSON text, never pickled objects.
+module by name; every message (arguments, progress, results, errors) crosses the pipe as JSON.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import json
 import multiprocessing
 import signal
 import traceback
@@ -40,6 +41,16 @@ class ChildTaskError(Exception):
         return any(name in self.lineage for name in map(_qualified, classes))
 
 
+def send(conn: Connection, message: list[Any]) -> None:
+    """Messages cross the pipe as JSON (``Connection.send`` would pickle them)."""
+    conn.send_bytes(json.dumps(message, separators=(",", ":")).encode())
+
+
+def receive(conn: Connection) -> list[Any]:
+    message: list[Any] = json.loads(conn.recv_bytes())
+    return message
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -54,7 +65,7 @@ class _Child:
         self.process = process
         self.conn = conn
 
-    async def receive(self) -> tuple[Any, ...]:
+    async def receive(self) -> list[Any]:
         loop = asyncio.get_running_loop()
         fd = self.conn.fileno()
         while not self.conn.poll():
@@ -65,7 +76,7 @@ class _Child:
             finally:
                 loop.remove_reader(fd)
         try:
-            message: tuple[Any, ...] = self.conn.recv()
+            message = receive(self.conn)
         except (EOFError, OSError) as exc:
             await asyncio.to_thread(self.process.join, 5)
             raise ChildTaskError(
@@ -110,7 +121,7 @@ class ProcessPool:
             self._busy.add(child)
             reusable = False
             try:
-                child.conn.send(("run", module, qualname, args, blob_root, *task))
+                send(child.conn, ["run", module, qualname, args, blob_root, *task])
                 while True:
                     message = await child.receive()
                     if message[0] == "progress":
@@ -158,13 +169,13 @@ def _child_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
     while True:
         try:
-            message = conn.recv()
+            message = receive(conn)
         except (EOFError, OSError, KeyboardInterrupt):
             return
         if message[0] != "run":
             return
         _, module, qualname, args, blob_root, *task = message
-        conn.send(_run_in_child(conn, module, qualname, args, Path(blob_root), *task))
+        send(conn, _run_in_child(conn, module, qualname, args, Path(blob_root), *task))
 
 
 _targets: dict[tuple[str, str], tuple[Callable[..., Any], bool, Any]] = {}
@@ -196,7 +207,7 @@ def _run_in_child(
     name: str,
     attempt: int,
     max_attempts: int,
-) -> tuple[Any, ...]:
+) -> list[Any]:
     try:
         fn, takes_context, model = _load_target(module, qualname, name)
         validated = model.model_validate(args)
@@ -206,19 +217,19 @@ def _run_in_child(
             name=name,
             attempt=attempt,
             max_attempts=max_attempts,
-            reporter=lambda percent, text: conn.send(("progress", percent, text)),
+            reporter=lambda percent, text: send(conn, ["progress", percent, text]),
             blobs=BlobStore(blob_root),
         )
         value = fn(ctx, **kwargs) if takes_context else fn(**kwargs)
         if inspect.isawaitable(value):
             value = asyncio.run(_await(value))
         try:
-            return ("ok", *encode_result(value))
+            return ["ok", *encode_result(value)]
         except serialization.JSONError as exc:
-            return ("error", "TypeError", f"the result is {exc}", None, [])
+            return ["error", "TypeError", f"the result is {exc}", None, []]
     except Exception as exc:
         tb = "".join(traceback.format_exception(exc))
-        return ("error", type(exc).__name__, str(exc), tb, exception_names(type(exc)))
+        return ["error", type(exc).__name__, str(exc), tb, exception_names(type(exc))]
 
 
 def exception_names(cls: type[BaseException]) -> list[str]:
