@@ -89,7 +89,7 @@ def start_server(spawn: Any, port: int, **env: str) -> Process:
         str(port),
         "--log-level",
         "info",
-        ready="Application startup complete",
+        ready="Uvicorn running on",  # logged once the socket is bound
         **env,
     )
 
