@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 from fastapi import FastAPI, Request
@@ -19,20 +20,22 @@ def build_yard(settings: Settings, *, run_workers: bool = True) -> Conveyor:
     """A Conveyor instance with every built-in task type registered."""
     yard = Conveyor(settings, run_workers=run_workers)
     register_demo_tasks(yard)
-    if _images_available():
+    if _available("PIL", "conveyor[images]", "the image service"):
         from .jobs.images_api import register_image_tasks
 
         register_image_tasks(yard)
+    if _available("duckdb", "conveyor[csv]", "the CSV statistics service"):
+        from .jobs.csvstats_api import register_csv_tasks
+
+        register_csv_tasks(yard)
     return yard
 
 
-def _images_available() -> bool:
+def _available(module: str, extra: str, service: str) -> bool:
     try:
-        import PIL  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
-        logger.warning(
-            "Pillow is not installed: the image service is off (pip install conveyor[images])"
-        )
+        logger.warning("%s is off: pip install '%s'", service, extra)
         return False
     return True
 
@@ -55,6 +58,10 @@ def create_app(
         from .jobs.images_api import build_image_router
 
         app.include_router(build_image_router(yard))
+    if "csv.stats" in yard.task_types:
+        from .jobs.csvstats_api import build_csv_router
+
+        app.include_router(build_csv_router(yard))
 
     @app.get("/", include_in_schema=False)
     async def root() -> Response:

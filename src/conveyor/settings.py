@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=50 * 1_048_576, ge=1024, description="Cap of one multipart upload request."
     )
+    csv_memory_limit: str = Field(
+        default="256MB", pattern=r"^[0-9]+(KB|MB|GB)$", description="DuckDB's limit per CSV task."
+    )
     max_image_pixels: int = Field(
         default=50_000_000, ge=1, le=89_478_485, description="Refused before decoding beyond."
     )

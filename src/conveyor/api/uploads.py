@@ -157,3 +157,29 @@ class _PartState:
         if self.open_file is not None:
             self.open_file.close()
             self.open_file = None
+
+
+async def read_body_to_file(
+    request: Request, *, staging_root: Path, max_bytes: int, name: str = "body"
+) -> Form:
+    """A raw request body (``text/csv``, gzip…) streamed to one staged file under a cap."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"upload exceeds {max_bytes} bytes")
+    form = Form(staging=staging_root / f"upload-{uuid7()}")
+    assert form.staging is not None
+    form.staging.mkdir(parents=True, exist_ok=True)
+    path = form.staging / "0"
+    size = 0
+    try:
+        with path.open("wb") as file:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise HTTPException(413, f"upload exceeds {max_bytes} bytes")
+                file.write(chunk)
+    except BaseException:
+        form.discard()
+        raise
+    form.files.append(UploadedFile("file", name, path, size))
+    return form

@@ -1,0 +1,165 @@
+"""The CSV statistics service: the internal ``csv.stats`` task type and ``POST /csv-stats``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import Field, ValidationError
+
+from ..api.auth import tenant_resolver
+from ..api.errors import documented
+from ..api.router import TaskOut, json_response, located_in_body
+from ..api.routing import raw_endpoint, strict_route_class
+from ..api.uploads import read_body_to_file, read_multipart
+from ..context import TaskContext
+from ..errors import ConveyorError, InvalidArguments, UnsupportedMediaType
+from ..ids import uuid7
+from ..task import validation_details
+from .csvstats import CsvOptions, check_readable, csv_statistics
+
+if TYPE_CHECKING:
+    from ..core import Conveyor
+
+RAW_TYPES = (
+    "text/csv",
+    "text/plain",
+    "application/gzip",
+    "application/x-gzip",
+    "application/octet-stream",
+)
+
+
+def csv_stats_task(
+    ctx: TaskContext,
+    source: str,
+    options: CsvOptions,
+    memory_limit: Annotated[str, Field(pattern=r"^[0-9]+(KB|MB|GB)$")] = "256MB",
+) -> dict[str, Any]:
+    """Statistics of the uploaded CSV blob ``source`` (progress follows the bytes read)."""
+    if not source.startswith(f"{ctx.task_id}/"):
+        raise InvalidArguments(f"blob {source!r} does not belong to task {ctx.task_id}")
+    return csv_statistics(
+        ctx.blob_path(source), options, memory_limit=memory_limit, on_progress=ctx.progress
+    )
+
+
+def register_csv_tasks(yard: Conveyor) -> None:
+    """Register ``csv.stats`` (internal: submitted by ``POST /csv-stats``)."""
+    yard.task(name="csv.stats", executor="process", timeout_s=3600, public=False)(csv_stats_task)
+
+
+def _options(values: dict[str, str]) -> CsvOptions:
+    raw: dict[str, Any] = {}
+    for key in ("delimiter", "encoding"):
+        if values.get(key):
+            raw[key] = values[key] if key == "delimiter" else values[key].lower()
+    if values.get("header"):
+        raw["header"] = values["header"]
+    if values.get("columns"):
+        raw["columns"] = [name.strip() for name in values["columns"].split(",") if name.strip()]
+    try:
+        return CsvOptions.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidArguments(
+            "invalid CSV options", details=validation_details(exc, ("query",))
+        ) from exc
+
+
+def build_csv_router(yard: Conveyor) -> APIRouter:
+    """``POST /csv-stats``: a CSV file (multipart ``file``, or the raw body; gzip accepted)."""
+    settings = yard.settings
+    router = APIRouter(route_class=strict_route_class(settings.max_body_bytes), tags=["csv"])
+    tenant = tenant_resolver(settings)
+    parameters = [
+        {"name": "delimiter", "in": "query", "schema": {"type": "string", "maxLength": 1}},
+        {"name": "header", "in": "query", "schema": {"type": "boolean", "default": True}},
+        {
+            "name": "encoding",
+            "in": "query",
+            "schema": {"type": "string", "enum": ["utf-8", "utf-16", "latin-1"]},
+        },
+        {
+            "name": "columns",
+            "in": "query",
+            "schema": {"type": "string"},
+            "description": "Comma-separated column names (default: all).",
+        },
+    ]
+    body = {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+            "text/csv": {"schema": {"type": "string"}},
+            "application/gzip": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+
+    @router.post(
+        "/csv-stats",
+        status_code=202,
+        summary="Per-column statistics of a CSV file",
+        openapi_extra={"requestBody": body, "parameters": parameters},
+        responses={202: {"model": TaskOut}, **documented(413, 415, 422, 429)},
+        response_class=Response,
+    )
+    @raw_endpoint
+    async def submit_csv(request: Request) -> Response:
+        owner = await tenant(request)
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        staging = yard.blobs.root / ".uploads"
+        if media == "multipart/form-data":
+            form = await read_multipart(
+                request, staging_root=staging, max_bytes=settings.max_upload_bytes, max_files=1
+            )
+        elif media in RAW_TYPES:
+            form = await read_body_to_file(
+                request, staging_root=staging, max_bytes=settings.max_upload_bytes, name="data.csv"
+            )
+        else:
+            raise UnsupportedMediaType(
+                f"POST /csv-stats takes multipart/form-data or text/csv, not {media or 'nothing'}"
+            )
+        task_id = uuid7()
+        try:
+            uploads = [upload for upload in form.files if upload.field == "file"]
+            if not uploads:
+                raise InvalidArguments(
+                    "no file uploaded",
+                    details=[
+                        {"loc": ["body", "file"], "msg": "a file is required", "type": "missing"}
+                    ],
+                )
+            options = _options({**dict(request.query_params), **form.fields})
+            blob_id = yard.blobs.blob_id(task_id, "source.csv")
+            path = yard.blobs.path(blob_id)
+            os.replace(uploads[0].path, path)
+            await asyncio.to_thread(check_readable, path)
+            record, _ = await yard.submit(
+                "csv.stats",
+                {
+                    "source": blob_id,
+                    "options": options.model_dump(mode="json"),
+                    "memory_limit": settings.csv_memory_limit,
+                },
+                owner=owner,
+                task_id=task_id,
+            )
+        except BaseException as exc:
+            await asyncio.to_thread(yard.blobs.delete_task, task_id)
+            if isinstance(exc, ConveyorError):
+                raise located_in_body(exc) from None
+            raise
+        finally:
+            form.discard()
+        return json_response(record.to_json(), 202, {"Location": f"/tasks/{record.id}"})
+
+    return router
