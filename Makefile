@@ -33,6 +33,7 @@ bench: $(STAMP)
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/images.py
+	$(PY) benchmarks/csvstats.py
 
 clean:
 	rm -rf $(VENV) var
