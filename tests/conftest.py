@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -82,6 +83,24 @@ async def wait_for_status(
             if record.status is status:
                 return
     raise AssertionError(f"task {task_id} ended without reaching {status}")
+
+
+def follow(
+    client: httpx.Client, task_id: str
+) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    """Read the task's event stream to its end (the task is then terminal): the final task JSON
+    and every ``(event, data)`` the stream sent."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
+        assert stream.status_code == 200
+        kind = ""
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line.partition(":")[2].strip()
+            elif line.startswith("data:"):
+                events.append((kind, json.loads(line.partition(":")[2])))
+    task: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
+    return task, events
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import free_port
+from .conftest import follow, free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -95,12 +95,7 @@ def start_server(spawn: Any, port: int, **env: str) -> Process:
 
 
 def follow_to_end(client: httpx.Client, task_id: str) -> dict[str, Any]:
-    """Block on the task's event stream (it ends when the task is terminal)."""
-    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
-        for _ in stream.iter_lines():
-            pass
-    task: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
-    return task
+    return follow(client, task_id)[0]
 
 
 def submit_batch(client: httpx.Client) -> list[str]:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from conveyor.service import create_app
 
-from .conftest import LiveServer
+from .conftest import LiveServer, follow
 from .test_http import service_settings
 
 CSV = b"city,temp,rain\nOslo,3.5,true\nRome,17.25,false\nOslo,4.0,\nLima,,true\n"
@@ -28,16 +28,8 @@ def client(serve: Callable[[FastAPI], LiveServer], tmp_path: Path) -> Any:
 
 
 def finished(client: httpx.Client, task_id: str) -> tuple[dict[str, Any], list[float]]:
-    progress = []
-    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
-        kind = ""
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line.partition(":")[2].strip()
-            elif line.startswith("data:") and kind == "progress":
-                progress.append(json.loads(line.partition(":")[2])["progress"])
-    task: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
-    return task, progress
+    task, events = follow(client, task_id)
+    return task, [data["progress"] for kind, data in events if kind == "progress"]
 
 
 def test_multipart_upload(client: httpx.Client, tmp_path: Path) -> None:

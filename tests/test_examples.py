@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from .conftest import LiveServer
+from .conftest import LiveServer, follow
 
 
 @pytest.fixture
@@ -36,11 +36,7 @@ def example(
 
 
 def finished(client: httpx.Client, task_id: str) -> dict[str, Any]:
-    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
-        for _ in stream.iter_lines():
-            pass
-    task: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
-    return task
+    return follow(client, task_id)[0]
 
 
 def test_fire_and_forget(example: Any, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from conveyor import Settings
 from conveyor.cli import app as cli
 from conveyor.service import create_app
 
-from .conftest import LiveServer
+from .conftest import LiveServer, follow
 
 JSON = {"content-type": "application/json"}
 
@@ -50,13 +50,7 @@ def submit(client: httpx.Client, name: str, args: dict[str, Any], **extra: Any) 
 
 
 def wait_done(client: httpx.Client, task_id: str) -> dict[str, Any]:
-    """Follow the task's event stream until it ends; the final task JSON."""
-    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
-        assert stream.status_code == 200
-        for _ in stream.iter_lines():
-            pass
-    task: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
-    return task
+    return follow(client, task_id)[0]
 
 
 def test_submit_poll_and_result(client: httpx.Client) -> None:

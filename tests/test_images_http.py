@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from conveyor.service import create_app
 
-from .conftest import LiveServer
+from .conftest import LiveServer, follow
 from .images import RED, animated_gif, close, encode, open_bytes, png_header_only, quadrants
 from .test_http import service_settings
 
@@ -46,17 +46,11 @@ def upload(
     return client.post("/images", files=parts, data=data)
 
 
-def follow(client: httpx.Client, task_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    progress = []
-    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
-        kind = ""
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line.partition(":")[2].strip()
-            elif line.startswith("data:") and kind == "progress":
-                progress.append(json.loads(line.partition(":")[2]))
-    task: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
-    return task, progress
+def follow_progress(
+    client: httpx.Client, task_id: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    task, events = follow(client, task_id)
+    return task, [data for kind, data in events if kind == "progress"]
 
 
 def test_thumbnail_end_to_end(client: httpx.Client, tmp_path: Path) -> None:
@@ -69,7 +63,7 @@ def test_thumbnail_end_to_end(client: httpx.Client, tmp_path: Path) -> None:
     assert response.status_code == 202, response.text
     task = response.json()
     assert task["name"] == "images.transform" and response.headers["location"].endswith(task["id"])
-    done, progress = follow(client, task["id"])
+    done, progress = follow_progress(client, task["id"])
     assert done["status"] == "completed", done["error"]
     assert done["result"] == {
         "width": 100,
@@ -96,7 +90,7 @@ def test_thumbnail_end_to_end(client: httpx.Client, tmp_path: Path) -> None:
 
 def test_default_format_is_the_input_format(client: httpx.Client) -> None:
     task = upload(client, [("a.gif", animated_gif(3))], [{"op": "resize", "width": 15}]).json()
-    done, _ = follow(client, task["id"])
+    done, _ = follow_progress(client, task["id"])
     assert done["result"]["format"] == "GIF" and done["result"]["frames"] == 3
     image = open_bytes(client.get(f"/tasks/{task['id']}/result").content)
     assert getattr(image, "n_frames", 1) == 3
@@ -108,7 +102,7 @@ def test_batch_makes_one_task_per_file(client: httpx.Client) -> None:
     assert response.status_code == 202
     items = response.json()["items"]
     assert len(items) == 3 and len({t["id"] for t in items}) == 3
-    widths = [follow(client, t["id"])[0]["result"]["width"] for t in items]
+    widths = [follow_progress(client, t["id"])[0]["result"]["width"] for t in items]
     assert widths == [20, 25, 30]
 
 
@@ -124,7 +118,7 @@ def test_batch_as_one_zip(client: httpx.Client) -> None:
     assert response.status_code == 202
     task = response.json()
     assert task["name"] == "images.transform_zip"
-    done, _ = follow(client, task["id"])
+    done, _ = follow_progress(client, task["id"])
     assert done["status"] == "completed", done["error"]
     result = client.get(f"/tasks/{task['id']}/result")
     assert result.headers["content-type"] == "application/zip"
@@ -139,7 +133,7 @@ def test_batch_as_one_zip(client: httpx.Client) -> None:
 def test_truncated_upload_fails_the_task_clearly(client: httpx.Client) -> None:
     photo = encode(quadrants(400, 400), "JPEG", quality=95)
     task = upload(client, [("cut.jpg", photo[: len(photo) // 3])]).json()
-    done, _ = follow(client, task["id"])
+    done, _ = follow_progress(client, task["id"])
     assert done["status"] == "failed"
     assert done["error"]["type"] == "ImageError"
     assert "truncated or corrupt" in done["error"]["message"]
@@ -148,7 +142,7 @@ def test_truncated_upload_fails_the_task_clearly(client: httpx.Client) -> None:
 
 def test_wrong_extension_is_sniffed(client: httpx.Client) -> None:
     task = upload(client, [("really-a-png.jpg", encode(quadrants(), "PNG"))]).json()
-    done, _ = follow(client, task["id"])
+    done, _ = follow_progress(client, task["id"])
     assert done["result"]["format"] == "PNG"
     assert close(
         open_bytes(client.get(f"/tasks/{task['id']}/result").content)
