@@ -63,7 +63,7 @@ def test_thumbnail_end_to_end(client: httpx.Client, tmp_path: Path) -> None:
     assert response.status_code == 202, response.text
     task = response.json()
     assert task["name"] == "images.transform" and response.headers["location"].endswith(task["id"])
-    done, progress = follow_progress(client, task["id"])
+    done, _ = follow_progress(client, task["id"])
     assert done["status"] == "completed", done["error"]
     assert done["result"] == {
         "width": 100,

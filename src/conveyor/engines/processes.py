@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import multiprocessing
+import os
 import signal
 import traceback
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from typing import Any
 from .. import serialization
 from ..blobs import BlobStore, encode_result
 from ..context import TaskContext
+
+CHILD_NICENESS = 5
 
 
 class ChildTaskError(Exception):
@@ -167,6 +170,9 @@ class ProcessPool:
 
 def _child_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when children stop
+    # CPU-bound children yield to the parent: the event loop that hands them their next task
+    # (and serves the API) must not wait behind them for a time slice
+    os.nice(CHILD_NICENESS)
     while True:
         try:
             message = receive(conn)
