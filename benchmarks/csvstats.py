@@ -50,6 +50,7 @@ COPY (
 
 def generate(path: Path, rows: int) -> None:
     with duckdb.connect() as con:
+        con.execute("SET enable_progress_bar = false")
         con.execute(GENERATE.format(rows=rows, path=path))
 
 
@@ -97,12 +98,27 @@ def service(path: Path, folder: Path) -> tuple[float, float, int]:
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
             started = time.perf_counter()
-            with path.open("rb") as body:
-                response = client.post(
-                    "/csv-stats", content=body, headers={"content-type": "text/csv"}
-                )
-            response.raise_for_status()
-            task_id = response.json()["id"]
+            # curl streams the file (httpx's streaming upload costs more CPU than the server)
+            upload = subprocess.run(
+                [
+                    "curl",
+                    "-sS",
+                    "--fail",
+                    "-X",
+                    "POST",
+                    "-T",
+                    str(path),
+                    "-H",
+                    "content-type: text/csv",
+                    f"http://127.0.0.1:{port}/csv-stats",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            import json
+
+            task_id = json.loads(upload.stdout)["id"]
             with client.stream("GET", f"/tasks/{task_id}/events") as stream:
                 for _ in stream.iter_lines():
                     pass

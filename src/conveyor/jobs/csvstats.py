@@ -196,6 +196,9 @@ def csv_statistics(
                 "preserve_insertion_order": False,
             }
         )
+        # progress is tracked (for query_progress) but never drawn on the terminal
+        con.execute("SET enable_progress_bar = true")
+        con.execute("SET enable_progress_bar_print = false")
         try:
             return _analyse(
                 con, path, options, encoding, warnings, exact_distinct_limit, on_progress
