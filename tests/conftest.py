@@ -92,6 +92,7 @@ def follow(
     events: list[tuple[str, dict[str, Any]]] = []
     with client.stream("GET", f"/tasks/{task_id}/events") as stream:
         assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
         kind = ""
         for line in stream.iter_lines():
             if line.startswith("event:"):

@@ -91,15 +91,7 @@ def test_submit_poll_and_result(client: httpx.Client) -> None:
 
 def test_events_stream_status_and_progress(client: httpx.Client) -> None:
     task = submit(client, "demo.sleep", {"seconds": 0.3, "steps": 3}).json()
-    events: list[tuple[str, dict[str, Any]]] = []
-    with client.stream("GET", f"/tasks/{task['id']}/events") as stream:
-        assert stream.headers["content-type"].startswith("text/event-stream")
-        kind = ""
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line.partition(":")[2].strip()
-            elif line.startswith("data:"):
-                events.append((kind, json.loads(line.partition(":")[2])))
+    _, events = follow(client, task["id"])
     kinds = [kind for kind, _ in events]
     assert kinds[0] == "status" and kinds[-1] == "status"
     assert events[-1][1]["status"] == "completed"

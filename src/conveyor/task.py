@@ -70,6 +70,17 @@ def validation_details(exc: ValidationError, prefix: tuple[str | int, ...]) -> l
     ]
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], payload: Any, *, location: tuple[str | int, ...], message: str) -> M:
+    """``payload`` validated into ``model``, or ``InvalidArguments`` locating each error."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidArguments(message, details=validation_details(exc, location)) from exc
+
+
 class TaskType(Generic[P, R]):
     """A registered task function. Submit runs of it with ``await task.submit(...)``."""
 
@@ -95,13 +106,12 @@ class TaskType(Generic[P, R]):
 
     def validate(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """Validate keyword arguments; their JSON form, or :class:`InvalidArguments`."""
-        try:
-            model = self.args_model.model_validate(args)
-        except ValidationError as exc:
-            raise InvalidArguments(
-                f"invalid arguments for task {self.name!r}",
-                details=validation_details(exc, ("args",)),
-            ) from exc
+        model = validated(
+            self.args_model,
+            args,
+            location=("args",),
+            message=f"invalid arguments for {self.name!r}",
+        )
         return model.model_dump(mode="json")
 
     def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import serialization
 from ..blobs import safe_filename
@@ -17,7 +17,7 @@ from ..core import MAX_DELAY_S
 from ..errors import ConveyorError, InvalidArguments, TaskStateConflict
 from ..record import TaskRecord
 from ..status import TaskStatus
-from ..task import UNSET, validation_details
+from ..task import UNSET, validated
 from .auth import tenant_resolver
 from .errors import documented, error_response
 from .routing import raw_endpoint, strict_route_class
@@ -391,12 +391,7 @@ def parse_body(raw: bytes, model: type[M]) -> M:
             "the body is not valid JSON",
             details=[{"loc": ["body"], "msg": f"JSON decode error: {exc}", "type": "json_invalid"}],
         ) from exc
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        raise InvalidArguments(
-            "invalid request body", details=validation_details(exc, ("body",))
-        ) from exc
+    return validated(model, payload, location=("body",), message="invalid request body")
 
 
 __all__ = ["InvalidArguments", "SubmitRequest", "TaskOut", "build_router"]

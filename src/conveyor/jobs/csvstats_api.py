@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from ..api.auth import tenant_resolver
 from ..api.errors import documented
@@ -17,7 +17,7 @@ from ..api.uploads import read_body_to_file, read_multipart
 from ..context import TaskContext
 from ..errors import ConveyorError, InvalidArguments, UnsupportedMediaType
 from ..ids import uuid7
-from ..task import validation_details
+from ..task import validated
 from .csvstats import CsvOptions, check_readable, csv_statistics
 
 if TYPE_CHECKING:
@@ -60,12 +60,7 @@ def _options(values: dict[str, str]) -> CsvOptions:
         raw["header"] = values["header"]
     if values.get("columns"):
         raw["columns"] = [name.strip() for name in values["columns"].split(",") if name.strip()]
-    try:
-        return CsvOptions.model_validate(raw)
-    except ValidationError as exc:
-        raise InvalidArguments(
-            "invalid CSV options", details=validation_details(exc, ("query",))
-        ) from exc
+    return validated(CsvOptions, raw, location=("query",), message="invalid CSV options")
 
 
 def build_csv_router(yard: Conveyor) -> APIRouter:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from .. import serialization
 from ..api.auth import tenant_resolver
@@ -26,7 +26,7 @@ from ..blobs import BlobResult, safe_filename
 from ..context import TaskContext
 from ..errors import ConveyorError, InvalidArguments, PayloadTooLarge, UnsupportedMediaType
 from ..ids import uuid7
-from ..task import validation_details
+from ..task import validated
 from .images import EXTENSIONS, Pipeline, inspect_image, transform
 
 if TYPE_CHECKING:
@@ -123,12 +123,7 @@ def _pipeline(fields: dict[str, str]) -> Pipeline:
         value = fields.get(field)
         if value:
             raw[field] = value.upper() if field == "format" else value
-    try:
-        return Pipeline.model_validate(raw)
-    except ValidationError as exc:
-        raise InvalidArguments(
-            "invalid image options", details=validation_details(exc, ("body",))
-        ) from exc
+    return validated(Pipeline, raw, location=("body",), message="invalid image options")
 
 
 def build_image_router(yard: Conveyor) -> APIRouter:
