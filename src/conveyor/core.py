@@ -15,8 +15,14 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 from . import serialization
 from .blobs import BlobStore
 from .context import TaskContext
-from .errors import ConfigurationError, InvalidArguments, NotStarted, TaskTypeError, UnknownTaskType
-from .errors import WaitTimeout as WaitTimeout
+from .errors import (
+    ConfigurationError,
+    InvalidArguments,
+    NotStarted,
+    TaskTypeError,
+    UnknownTaskType,
+    WaitTimeout,
+)
 from .ids import uuid7
 from .record import TaskRecord
 from .settings import Settings

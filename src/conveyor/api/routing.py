@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -10,7 +9,6 @@ from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
-from .. import serialization
 from ..errors import ConveyorError
 from .errors import error_response
 
@@ -18,7 +16,7 @@ MAX_BODY_SCOPE_KEY = "conveyor.max_body_bytes"
 
 
 class StrictRequest(Request):
-    """A request whose body is capped (413) and whose JSON is strict (no NaN, bounded depth)."""
+    """A request whose body is capped while it streams in (413)."""
 
     async def body(self) -> bytes:
         if not hasattr(self, "_body"):
@@ -41,16 +39,6 @@ class StrictRequest(Request):
                     break
             self._body = b"".join(chunks)
         return self._body
-
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            body = await self.body()
-            try:
-                self._json = serialization.loads(body)
-            except serialization.JSONError as exc:
-                # FastAPI turns JSONDecodeError into a 422 naming the problem and its position.
-                raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from exc
-        return self._json
 
 
 RawEndpoint = Callable[[Request], Coroutine[Any, Any, Response]]

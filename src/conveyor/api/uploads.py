@@ -39,6 +39,16 @@ class Form:
     files: list[UploadedFile] = field(default_factory=list)
     staging: Path | None = None
 
+    def require_files(self, field: str, *, what: str = "file") -> list[UploadedFile]:
+        """The files sent as ``field``; ``InvalidArguments`` when there are none."""
+        files = [upload for upload in self.files if upload.field == field]
+        if not files:
+            raise InvalidArguments(
+                f"no {what} uploaded",
+                details=[{"loc": ["body", field], "msg": "a file is required", "type": "missing"}],
+            )
+        return files
+
     def discard(self) -> None:
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)

@@ -125,14 +125,7 @@ def build_csv_router(yard: Conveyor) -> APIRouter:
             )
         task_id = uuid7()
         try:
-            uploads = [upload for upload in form.files if upload.field == "file"]
-            if not uploads:
-                raise InvalidArguments(
-                    "no file uploaded",
-                    details=[
-                        {"loc": ["body", "file"], "msg": "a file is required", "type": "missing"}
-                    ],
-                )
+            uploads = form.require_files("file")
             options = _options({**dict(request.query_params), **form.fields})
             blob_id = yard.blobs.blob_id(task_id, "source.csv")
             path = yard.blobs.path(blob_id)

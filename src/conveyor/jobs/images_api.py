@@ -179,14 +179,7 @@ def build_image_router(yard: Conveyor) -> APIRouter:
             max_files=MAX_FILES,
         )
         try:
-            uploads = [upload for upload in form.files if upload.field == "file"]
-            if not uploads:
-                raise InvalidArguments(
-                    "no image uploaded",
-                    details=[
-                        {"loc": ["body", "file"], "msg": "a file is required", "type": "missing"}
-                    ],
-                )
+            uploads = form.require_files("file", what="image")
             pipeline = _pipeline(form.fields)
             bundle = form.fields.get("bundle")
             if bundle not in (None, "", "zip"):
