@@ -1,76 +1,44 @@
 """The embedded engine: workers inside the app process, the SQLite store as queue and state.
 
 One dispatcher claims due tasks (best priority first, within the global and per-type limits) and
-runs each as an asyncio task: coroutines on the loop, sync functions in a thread pool, CPU-bound
-ones in a child process. A heartbeat renews the leases of what this worker runs and picks up
-cancellations requested from other processes; a recovery loop re-queues (or fails with
-``WorkerLost``) tasks whose lease expired because their worker died. A task whose worker died is
-therefore recovered within ``lease_s + recovery interval`` (see ``recovery_interval_s``).
+hands each to the :class:`~conveyor.engines.runner.Runner`, which runs it and records its outcome.
+A heartbeat renews the leases of what this worker runs and picks up cancellations requested from
+other processes; a recovery loop re-queues (or fails with ``WorkerLost``) tasks whose lease
+expired because their worker died. A task whose worker died is therefore recovered within
+``lease_s + recovery interval`` (see ``recovery_interval_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import os
-import socket
-import threading
-import time
-import traceback
-import uuid
-from collections.abc import Awaitable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .. import serialization
-from ..backoff import retry_delay_s
-from ..blobs import encode_result
-from ..context import TaskContext
-from ..errors import ConveyorError, TaskCancelled
-from ..record import TaskRecord
-from ..status import TaskStatus
-from ..task import TaskType
-from .processes import ChildTaskError, ProcessPool
-from .progress import ProgressWriter
+from ..errors import ConveyorError
+from .runner import Runner, new_worker_id, recovery_interval_s
 
 if TYPE_CHECKING:
     from ..core import Conveyor
 
 logger = logging.getLogger("conveyor.engine")
 
-_MAX_TRACEBACK = 64_000
 
-
-def recovery_interval_s(lease_s: float) -> float:
-    """How often expired leases are looked for; a dead worker's task waits at most
-    ``lease_s + recovery_interval_s(lease_s)`` before it is re-queued or failed."""
-    return min(max(lease_s / 4, 0.25), 5.0)
-
-
-def heartbeat_interval_s(lease_s: float) -> float:
-    return min(lease_s / 3, 1.0)
-
-
-def error_info(exc: BaseException, *, type_name: str | None = None) -> dict[str, Any]:
-    """``{type, message, traceback}`` for a task's ``error``."""
-    tb = "".join(traceback.format_exception(exc))
-    return {
-        "type": type_name or type(exc).__name__,
-        "message": str(exc),
-        "traceback": tb[-_MAX_TRACEBACK:],
-    }
-
-
-@dataclass(slots=True)
-class _Running:
-    record: TaskRecord
-    task_type: TaskType[Any, Any]
-    cancel_event: threading.Event = field(default_factory=threading.Event)
-    cancel_requested: bool = False
-    task: asyncio.Task[None] | None = None
-    progress: ProgressWriter | None = None
+async def recover(yard: Conveyor) -> bool:
+    """Recover the tasks whose lease expired; whether any was put back in the queue."""
+    try:
+        recovered = await yard.store.recover_expired()
+    except ConveyorError as exc:
+        logger.error("recovery failed: %s", exc)
+        return False
+    for record in recovered:
+        logger.warning(
+            "recovered task %s (%s) from a lost worker: now %s",
+            record.id,
+            record.name,
+            record.status.value,
+        )
+        yard.notify(record.id)
+    return bool(recovered)
 
 
 class LocalEngine:
@@ -79,33 +47,27 @@ class LocalEngine:
     def __init__(self, yard: Conveyor) -> None:
         self.yard = yard
         self.settings = yard.settings
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._running: dict[str, _Running] = {}
+        self.worker_id = new_worker_id()
         self._wake = asyncio.Event()
         self._stopping = False
-        self._draining = False
         self._loops: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[Any]] = set()
-        self._threads = ThreadPoolExecutor(
-            self.settings.concurrency, thread_name_prefix="conveyor-task"
+        self.runner = Runner(
+            yard,
+            worker_id=self.worker_id,
+            threads=self.settings.concurrency,
+            process_workers=self.settings.process_workers,
+            on_settled=self._wake.set,
         )
-        self._processes = ProcessPool(self.settings.process_workers)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
 
     # lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        await self._recover()
-        if self.settings.process_warmup and any(
-            t.options.executor == "process" for t in self.yard.task_types.values()
-        ):
-            await self._processes.warm()  # before claiming: no task waits for a spawn
+        self.runner.bind()
+        await recover(self.yard)
+        await self.runner.warm()  # before claiming: no task waits for a spawn
         self._loops = [
             asyncio.create_task(self._dispatch_loop(), name="conveyor-dispatch"),
-            asyncio.create_task(self._heartbeat_loop(), name="conveyor-heartbeat"),
+            asyncio.create_task(self.runner.heartbeat_loop(), name="conveyor-heartbeat"),
             asyncio.create_task(self._recovery_loop(), name="conveyor-recovery"),
         ]
         logger.info("local engine %s started", self.worker_id)
@@ -113,52 +75,19 @@ class LocalEngine:
     async def stop(self, grace_s: float) -> None:
         self._stopping = True
         self._wake.set()
-        dispatcher = self._loops[0] if self._loops else None
-        if dispatcher is not None:
-            await dispatcher
-        tasks = [run.task for run in self._running.values() if run.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace_s)
-        left = list(self._running.values())
-        if left:
-            self._draining = True
-            logger.warning("re-queueing %d task(s) still running at shutdown", len(left))
-            for run in left:
-                await self.yard.store.requeue(
-                    run.record.id,
-                    self.worker_id,
-                    run.record.attempts,
-                    run_at=time.time(),
-                    error=run.record.error,
-                    refund_attempt=True,
-                )
-                run.cancel_event.set()
-                if run.task is not None:
-                    run.task.cancel()  # a thread keeps running; its late outcome is dropped
-            pending = [run.task for run in left if run.task is not None]
-            await asyncio.wait(pending, timeout=1.0)
+        if self._loops:
+            await self._loops[0]  # the dispatcher claims nothing more
+        await self.runner.drain(grace_s)
         for loop_task in self._loops[1:]:
             loop_task.cancel()
         await asyncio.gather(*self._loops[1:], return_exceptions=True)
-        if self._background:
-            await asyncio.wait(self._background, timeout=1.0)
-            for leftover in list(self._background):
-                leftover.cancel()
-        self._threads.shutdown(wait=False, cancel_futures=True)
-        await self._processes.close()
+        await self.runner.close()
 
     def wake(self) -> None:
         self._wake.set()
 
     def cancel_local(self, task_id: str) -> bool:
-        run = self._running.get(task_id)
-        if run is None or run.cancel_requested:
-            return run is not None
-        run.cancel_requested = True
-        run.cancel_event.set()
-        if run.task is not None and run.task_type.options.executor != "thread":
-            run.task.cancel()  # threads stop cooperatively through ctx.cancelled
-        return True
+        return self.runner.cancel_local(task_id)
 
     # loops -------------------------------------------------------------------------------------
 
@@ -167,8 +96,9 @@ class LocalEngine:
         names = list(types)
         limits = {name: t.options.concurrency for name, t in types.items() if t.options.concurrency}
         store = self.yard.store
+        running = self.runner.running
         while not self._stopping:
-            free = self.settings.concurrency - len(self._running)
+            free = self.settings.concurrency - len(running)
             if free > 0:
                 self._wake.clear()
                 try:
@@ -184,7 +114,7 @@ class LocalEngine:
                     claimed = []
                     await asyncio.sleep(self.settings.poll_s)
                 for record in claimed:
-                    self._launch(record)
+                    self.runner.launch(record)
                 if claimed and len(claimed) == free:
                     continue
             try:
@@ -192,229 +122,9 @@ class LocalEngine:
             except TimeoutError:
                 pass
 
-    async def _heartbeat_loop(self) -> None:
-        interval = heartbeat_interval_s(self.settings.lease_s)
-        while True:
-            await asyncio.sleep(interval)
-            if not self._running:
-                continue
-            try:
-                for task_id in await self.yard.store.heartbeat(
-                    self.worker_id, self.settings.lease_s
-                ):
-                    self.cancel_local(task_id)
-            except ConveyorError as exc:
-                logger.error("heartbeat failed: %s", exc)
-
     async def _recovery_loop(self) -> None:
         interval = recovery_interval_s(self.settings.lease_s)
         while True:
             await asyncio.sleep(interval)
-            await self._recover()
-
-    async def _recover(self) -> None:
-        try:
-            recovered = await self.yard.store.recover_expired()
-        except ConveyorError as exc:
-            logger.error("recovery failed: %s", exc)
-            return
-        for record in recovered:
-            logger.warning(
-                "recovered task %s (%s) from a lost worker: now %s",
-                record.id,
-                record.name,
-                record.status.value,
-            )
-            self.yard.notify(record.id)
-        if recovered:
-            self._wake.set()
-
-    # running one task --------------------------------------------------------------------------
-
-    def _launch(self, record: TaskRecord) -> None:
-        run = _Running(record, self.yard.task_types[record.name])
-        run.progress = ProgressWriter(
-            functools.partial(self._write_progress, record), self._spawn_background
-        )
-        self._running[record.id] = run
-        run.task = asyncio.create_task(self._execute(run), name=f"conveyor:{record.id}")
-        self.yard.notify(record.id)
-
-    async def _execute(self, run: _Running) -> None:
-        record = run.record
-        try:
-            await self._attempt(run)
-        except asyncio.CancelledError:
-            if not self._draining:
-                raise
-        except Exception:  # the store failed while recording: the lease will expire and recover
-            logger.exception("could not record the outcome of task %s", record.id)
-        finally:
-            if run.progress is not None:
-                run.progress.close()
-            self._running.pop(record.id, None)
-            self._wake.set()
-            self.yard.notify(record.id)
-
-    async def _attempt(self, run: _Running) -> None:
-        record, task_type = run.record, run.task_type
-        ctx = TaskContext(
-            task_id=record.id,
-            name=record.name,
-            attempt=record.attempts,
-            max_attempts=record.max_attempts,
-            reporter=functools.partial(self._report_progress, run),
-            cancel_event=run.cancel_event,
-            blobs=self.yard.blobs,
-        )
-        timeout = asyncio.timeout(record.timeout_s)
-        try:
-            async with timeout:
-                result_json, blob_json = await self._call(run, ctx)
-        except asyncio.CancelledError:
-            if self._draining or not run.cancel_requested:
-                raise
-            await self._finish(run, TaskStatus.CANCELLED)
-        except TimeoutError as exc:
-            run.cancel_event.set()  # lets a sync task notice it should stop
-            if timeout.expired():
-                error = {
-                    "type": "TimeoutError",
-                    "message": f"task timed out after {record.timeout_s:g} s",
-                    "traceback": None,
-                }
-            else:
-                error = error_info(exc)
-            await self._retry_or_fail(
-                run, error, retryable=isinstance(exc, task_type.options.retry_on)
-            )
-        except TaskCancelled:
-            await self._finish(run, TaskStatus.CANCELLED)
-        except ChildTaskError as exc:
-            error = {"type": exc.type_name, "message": exc.message, "traceback": exc.traceback}
-            await self._retry_or_fail(run, error, retryable=exc.matches(task_type.options.retry_on))
-        except serialization.JSONError as exc:
-            error = {"type": "TypeError", "message": f"the result is {exc}", "traceback": None}
-            await self._finish(run, TaskStatus.FAILED, error=error)
-        except Exception as exc:
-            if self._draining:
-                return
-            retryable = isinstance(exc, task_type.options.retry_on)
-            await self._retry_or_fail(run, error_info(exc), retryable=retryable)
-        else:
-            if self._draining:
-                return
-            await self._finish(
-                run, TaskStatus.COMPLETED, result_json=result_json, blob_json=blob_json
-            )
-
-    async def _call(self, run: _Running, ctx: TaskContext) -> tuple[str, str | None]:
-        task_type, record = run.task_type, run.record
-        executor = task_type.options.executor
-        if executor == "process":
-            return await self._processes.run(
-                task_type.module,
-                task_type.qualname,
-                record.args,
-                task=(record.id, record.name, record.attempts, record.max_attempts),
-                blob_root=str(self.yard.blobs.root),
-                on_progress=functools.partial(self._report_progress, run),
-            )
-        kwargs = task_type.call_kwargs(record.args)
-        fn = task_type.fn
-        if executor == "async":
-            value = await (fn(ctx, **kwargs) if task_type.takes_context else fn(**kwargs))
-        else:
-            call = (
-                functools.partial(fn, ctx, **kwargs)
-                if task_type.takes_context
-                else (functools.partial(fn, **kwargs))
-            )
-            assert self._loop is not None
-            value = await self._loop.run_in_executor(self._threads, call)
-        return encode_result(value)
-
-    async def _finish(
-        self,
-        run: _Running,
-        status: TaskStatus,
-        *,
-        result_json: str | None = None,
-        blob_json: str | None = None,
-        error: dict[str, Any] | None = None,
-    ) -> None:
-        record = run.record
-        recorded = await self.yard.store.finish(
-            record.id,
-            self.worker_id,
-            record.attempts,
-            status=status,
-            result_json=result_json,
-            blob_json=blob_json,
-            error=error,
-        )
-        if not recorded:
-            logger.warning("task %s was taken from this worker; its outcome is dropped", record.id)
-        elif status is TaskStatus.FAILED:
-            logger.error(
-                "task %s (%s) failed: %s: %s",
-                record.id,
-                record.name,
-                (error or {}).get("type"),
-                (error or {}).get("message"),
-            )
-
-    async def _retry_or_fail(
-        self, run: _Running, error: dict[str, Any], *, retryable: bool
-    ) -> None:
-        record, options = run.record, run.task_type.options
-        if retryable and record.attempts < record.max_attempts and not run.cancel_requested:
-            base_s = (
-                options.backoff_base_s
-                if options.backoff_base_s is not None
-                else self.settings.retry_base_s
-            )
-            delay = retry_delay_s(record.attempts, base_s=base_s, max_s=self.settings.retry_max_s)
-            logger.info(
-                "task %s attempt %d failed (%s); retrying in %.2f s",
-                record.id,
-                record.attempts,
-                error["type"],
-                delay,
-            )
-            await self.yard.store.requeue(
-                record.id,
-                self.worker_id,
-                record.attempts,
-                run_at=time.time() + delay,
-                error=error,
-                refund_attempt=False,
-            )
-            return
-        await self._finish(run, TaskStatus.FAILED, error=error)
-
-    def _report_progress(
-        self, run: _Running, percent: float, message: str | None
-    ) -> asyncio.Future[None] | None:
-        assert self._loop is not None and run.progress is not None
-        if threading.get_ident() == self._loop_thread:
-            return run.progress.report(percent, message)
-        self._loop.call_soon_threadsafe(run.progress.report, percent, message)
-        return None
-
-    def _spawn_background(self, work: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _write_progress(
-        self, record: TaskRecord, percent: float, message: str | None
-    ) -> None:
-        try:
-            await self.yard.store.set_progress(
-                record.id, self.worker_id, record.attempts, percent, message
-            )
-        except ConveyorError as exc:
-            logger.warning("progress of task %s not stored: %s", record.id, exc)
-            return
-        self.yard.notify(record.id)
+            if await recover(self.yard):
+                self._wake.set()
