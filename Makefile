@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint typecheck bench install clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint typecheck bench install services clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +21,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/conveyor serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# The tests start their own PostgreSQL and Redis servers (free loopback ports, temporary
+# folders) from Debian's packages, installed here when missing.
+services:
+	@command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
+	|| $(SUDO) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	   apt-get install -y -qq --no-install-recommends redis-server postgresql'
+
+test: $(STAMP) services
 	$(PY) -m pytest
 
 lint: $(STAMP)

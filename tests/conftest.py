@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,18 @@ from conveyor import Conveyor, Settings
 from conveyor.status import TaskStatus
 
 from . import tasks
+from .services import PostgresServer, RedisServer
 
-ENGINES = ["local"]
+ENGINES = ["local", "celery"]
+# Modules whose tests run on every engine; the others run on the embedded one.
+EVERY_ENGINE = {"test_engine_contract", "test_celery"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "engine" in metafunc.fixturenames:
+        module = metafunc.module.__name__.rpartition(".")[2]
+        engines = ENGINES if module in EVERY_ENGINE else ["local"]
+        metafunc.parametrize("engine", engines, indirect=True)
 
 
 @pytest.fixture
@@ -25,13 +36,46 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=ENGINES)
+@pytest.fixture
 def engine(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+    server.remove()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path, engine: str) -> Callable[..., Settings]:
+def engine_settings(engine: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """What the engine needs beyond the defaults: for Celery, a new database and queue."""
+    if engine != "celery":
+        return {}
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    return {
+        "database_url": postgres.create_database(),
+        "broker_url": redis.url(),
+        "celery_queue": f"q-{uuid.uuid4().hex[:10]}",
+        "sweep_s": 0.05,
+        "republish_after_s": 3.0,
+    }
+
+
+@pytest.fixture
+def make_settings(
+    tmp_path: Path, engine: str, engine_settings: dict[str, Any]
+) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "engine": engine,
@@ -41,6 +85,7 @@ def make_settings(tmp_path: Path, engine: str) -> Callable[..., Settings]:
             "shutdown_grace_s": 0.5,
             "process_workers": 2,
             "process_warmup": False,
+            **engine_settings,
         }
         values.update(overrides)
         return Settings(**values)
@@ -61,6 +106,7 @@ def make_yard(make_settings: Callable[..., Settings]) -> Callable[..., Conveyor]
 @pytest.fixture
 async def yard(make_yard: Callable[..., Conveyor]) -> AsyncIterator[Conveyor]:
     tasks.ACTIVE.update(now=0, max=0)
+    tasks.FAILURES.clear()
     async with make_yard() as started:
         yield started
     for gate in tasks.ASYNC_GATES.values():

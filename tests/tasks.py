@@ -29,10 +29,10 @@ async def echo(ctx: TaskContext, value: Any) -> Any:
 
 
 async def gated(ctx: TaskContext, key: str) -> str:
-    await ctx.progress(50, "waiting at the gate")
-    ACTIVE["now"] += 1
+    ACTIVE["now"] += 1  # counted from the first step: a task is running once it starts
     ACTIVE["max"] = max(ACTIVE["max"], ACTIVE["now"])
     try:
+        await ctx.progress(50, "waiting at the gate")
         await ASYNC_GATES[key].wait()
     finally:
         ACTIVE["now"] -= 1

@@ -31,6 +31,7 @@ from .store import Store, open_store
 from .task import UNSET, Executor, TaskOptions, TaskType
 
 if TYPE_CHECKING:
+    from celery import Celery
     from fastapi import APIRouter
 
     from .engines.base import Engine
@@ -91,6 +92,7 @@ class Conveyor:
         self._changed: dict[str, asyncio.Event] = {}
         self.blobs = BlobStore(Path(self.settings.data_dir) / "blobs")
         self._started = False
+        self._celery: Celery | None = None
 
     # registry ----------------------------------------------------------------------------------
 
@@ -179,17 +181,53 @@ class Conveyor:
         """Open the store and start the engine's workers (if ``run_workers``)."""
         if self._started:
             raise ConfigurationError("this Conveyor instance is already started")
-        self._started = True
-        if self.settings.engine != "local":
-            raise ConfigurationError(f"engine {self.settings.engine!r} is not available yet")
-        store = open_store(self.settings)
-        await store.open()
-        self._store = store
-        if self.run_workers:
-            from .engines.local import LocalEngine
+        await self._start(consume=True)
 
-            self._engine = LocalEngine(self)
-            await self._engine.start()
+    async def start_for_celery_worker(self) -> None:
+        """Start inside a Celery worker process, which delivers the messages itself."""
+        if self._started:
+            raise ConfigurationError("this Conveyor instance is already started")
+        self.run_workers = True
+        await self._start(consume=False)
+
+    async def _start(self, *, consume: bool) -> None:
+        self._started = True
+        try:
+            store = open_store(self.settings)
+            await store.open()
+            self._store = store
+            store.subscribe(self._store_changed)
+            if self.settings.engine == "celery":
+                from .engines.celery import CeleryEngine
+
+                self._engine = CeleryEngine(self, execute=self.run_workers, consume=consume)
+                await self._engine.start()
+            elif self.run_workers:
+                from .engines.local import LocalEngine
+
+                self._engine = LocalEngine(self)
+                await self._engine.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    @property
+    def engine(self) -> Engine | None:
+        """The running engine (None before start, and with the local engine without workers)."""
+        return self._engine
+
+    def celery_app(self) -> Celery:
+        """The Celery app running this instance's task types (``CONVEYOR_ENGINE=celery``).
+
+        Expose it from your module for Celery's own tools: ``celery_app = yard.celery_app()``,
+        then ``celery -A yourmodule:celery_app worker`` (or ``inspect``, or Flower).
+        """
+        if self._celery is None:
+            from .engines.celery import build_celery_app, install_worker_hooks
+
+            self._celery = build_celery_app(self)
+            install_worker_hooks(self)
+        return self._celery
 
     async def stop(self) -> None:
         """Stop claiming, drain running tasks up to the grace period, re-queue the rest."""
@@ -301,7 +339,7 @@ class Conveyor:
             record, args_json=args_json, max_queued=self.settings.max_queued
         )
         if created and self._engine is not None:
-            self._engine.wake()
+            self._engine.submitted(stored)
         return stored, created
 
     async def get(self, task_id: str, *, owner: str | None = None) -> TaskRecord:
@@ -338,7 +376,7 @@ class Conveyor:
         )
         record = await self.store.retry(task_id, owner=owner, attempts=attempts)
         if self._engine is not None:
-            self._engine.wake()
+            self._engine.submitted(record, retried=True)
         self.notify(record.id)
         return record
 
@@ -354,6 +392,15 @@ class Conveyor:
         """Wake whoever waits on this task (in this process; others poll the store)."""
         event = self._changed.pop(task_id, None)
         if event is not None:
+            event.set()
+
+    def _store_changed(self, task_id: str) -> None:
+        """Another process changed a task (``""``: changes may have been missed)."""
+        if task_id:
+            self.notify(task_id)
+            return
+        changed, self._changed = self._changed, {}
+        for event in changed.values():
             event.set()
 
     def _change_event(self, task_id: str) -> asyncio.Event:

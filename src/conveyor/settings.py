@@ -56,6 +56,22 @@ class Settings(BaseSettings):
         default="NORMAL",
         description="NORMAL survives a process crash (kill -9); FULL also survives power loss.",
     )
+    database_pool_size: int = Field(
+        default=10, ge=1, le=1000, description="PostgreSQL connections per process."
+    )
+    celery_queue: str = Field(
+        default="conveyor",
+        pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
+        description="The broker queue Conveyor's Celery messages go through.",
+    )
+    sweep_s: float = Field(
+        default=0.25, gt=0, le=60, description="Celery engine: how often due tasks are sent."
+    )
+    republish_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Celery engine: a queued task's message is sent again after this long.",
+    )
     retry_base_s: float = Field(default=1.0, ge=0)
     retry_max_s: float = Field(default=300.0, ge=0)
 
@@ -72,6 +88,20 @@ class Settings(BaseSettings):
     def _default_database(self) -> Settings:
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'conveyor.db'}"
+        if self.engine == "celery":
+            if self.database_url.startswith("sqlite:"):
+                raise ValueError(
+                    "the celery engine needs a PostgreSQL store that every worker can reach: "
+                    "set CONVEYOR_DATABASE_URL=postgresql://user:password@host:5432/db "
+                    "(SQLite is a file on one machine)"
+                )
+            if not self.broker_url or not self.broker_url.startswith(
+                ("redis://", "rediss://", "amqp://", "amqps://")
+            ):
+                raise ValueError(
+                    "the celery engine needs a broker: set CONVEYOR_BROKER_URL=redis://host:6379/0 "
+                    "or amqp://user:password@host:5672//"
+                )
         return self
 
     @property

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from ..record import TaskRecord
+
 
 class Engine(Protocol):
     """Claims tasks from the store and runs them.
 
-    ``wake`` is a hint that work is waiting (a submission in this process); ``cancel_local`` asks
+    ``wake`` is a hint that work is waiting; ``submitted`` tells of a task committed in this
+    process (the Celery engine publishes its message); ``cancel_local`` asks
     the engine to stop a running task it holds. Everything else goes through the store, so several
     engines in several processes may share one store.
     """
@@ -20,5 +23,9 @@ class Engine(Protocol):
         ...
 
     def wake(self) -> None: ...
+
+    def submitted(self, record: TaskRecord, *, retried: bool = False) -> None:
+        """A task was committed in this process (or re-queued by an explicit retry)."""
+        ...
 
     def cancel_local(self, task_id: str) -> bool: ...

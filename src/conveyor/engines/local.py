@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..errors import ConveyorError
+from ..record import TaskRecord
 from .runner import Runner, new_worker_id, recovery_interval_s
 
 if TYPE_CHECKING:
@@ -84,6 +85,9 @@ class LocalEngine:
         await self.runner.close()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def submitted(self, record: TaskRecord, *, retried: bool = False) -> None:
         self._wake.set()
 
     def cancel_local(self, task_id: str) -> bool:

@@ -13,8 +13,12 @@ def open_store(settings: Settings) -> Store:
         from .sqlite import SQLiteStore
 
         return SQLiteStore(settings.sqlite_path(), synchronous=settings.sqlite_synchronous)
+    if settings.store_url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore(settings.store_url, pool_size=settings.database_pool_size)
     raise ConfigurationError(
-        f"no store for {settings.store_url!r} in this version; use sqlite:///path"
+        f"no store for {settings.store_url!r}; use sqlite:///path or postgresql://…"
     )
 
 

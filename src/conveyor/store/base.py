@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from ..record import TaskRecord
@@ -20,6 +20,11 @@ class Store(Protocol):
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def subscribe(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(task_id)`` when another process changes a task (``""``: changes may
+        have been missed). Stores without change notifications never call it; waiters poll."""
+        ...
 
     async def insert(
         self, record: TaskRecord, *, args_json: str, max_queued: int | None

@@ -16,7 +16,6 @@ transaction is ``BEGIN IMMEDIATE``, so a claim is atomic across processes.
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
 import sqlite3
 import threading
@@ -35,6 +34,7 @@ from ..errors import (
 )
 from ..record import TaskRecord
 from ..status import RETRYABLE, TERMINAL, TaskStatus
+from .rows import COLUMNS, WORKER_LOST, dump, list_query, record_from_row
 
 T = TypeVar("T")
 
@@ -75,11 +75,6 @@ CREATE INDEX IF NOT EXISTS tasks_owner_seq ON tasks(owner, seq);
 CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
 """
 
-_COLUMNS = (
-    "seq, id, name, owner, status, priority, args, result, error, progress, message, attempts, "
-    "max_attempts, timeout_s, created_at, started_at, finished_at, run_at, idempotency_key, "
-    "cancel_requested, worker_id, lease_expires_at, result_blob"
-)
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
 _MIGRATIONS: dict[int, str] = {2: "ALTER TABLE tasks ADD COLUMN result_blob TEXT"}
 _MAX_BATCH = 512
@@ -94,38 +89,6 @@ class _Busy(Exception):
         super().__init__("database is locked")
         self.done = done
         self.rest = rest
-
-
-def _record(row: tuple[Any, ...]) -> TaskRecord:
-    return TaskRecord(
-        seq=row[0],
-        id=row[1],
-        name=row[2],
-        owner=row[3],
-        status=TaskStatus(row[4]),
-        priority=row[5],
-        args=json.loads(row[6]),
-        result=None if row[7] is None else json.loads(row[7]),
-        error=None if row[8] is None else json.loads(row[8]),
-        progress=row[9],
-        message=row[10],
-        attempts=row[11],
-        max_attempts=row[12],
-        timeout_s=row[13],
-        created_at=row[14],
-        started_at=row[15],
-        finished_at=row[16],
-        run_at=row[17],
-        idempotency_key=row[18],
-        cancel_requested=bool(row[19]),
-        worker_id=row[20],
-        lease_expires_at=row[21],
-        result_blob=None if row[22] is None else json.loads(row[22]),
-    )
-
-
-def _dump(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
 def _placeholders(n: int) -> str:
@@ -205,6 +168,9 @@ class SQLiteStore:
                 conn.close()
             self._read_conns.clear()
         self._local = threading.local()
+
+    def subscribe(self, callback: Callable[[str], None]) -> None:
+        """SQLite has no cross-process notifications: waiters in other processes poll."""
 
     # plumbing ----------------------------------------------------------------------------------
 
@@ -326,11 +292,11 @@ class SQLiteStore:
         def op(conn: sqlite3.Connection) -> tuple[TaskRecord, bool]:
             if record.idempotency_key is not None:
                 row = conn.execute(
-                    f"SELECT {_COLUMNS} FROM tasks WHERE owner = ? AND idempotency_key = ?",
+                    f"SELECT {COLUMNS} FROM tasks WHERE owner = ? AND idempotency_key = ?",
                     (record.owner, record.idempotency_key),
                 ).fetchone()
                 if row is not None:
-                    return _record(row), False
+                    return record_from_row(row), False
             if max_queued is not None and self._queued(conn) >= max_queued:
                 raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
             cur = conn.execute(
@@ -413,12 +379,12 @@ class SQLiteStore:
             claimed = conn.execute(
                 "UPDATE tasks SET status = 'running', attempts = attempts + 1, worker_id = ?, "
                 "lease_expires_at = ?, started_at = ?, progress = 0, message = NULL "
-                f"WHERE id IN ({_placeholders(len(chosen))}) RETURNING {_COLUMNS}",
+                f"WHERE id IN ({_placeholders(len(chosen))}) RETURNING {COLUMNS}",
                 (worker_id, now + lease_s, now, *chosen),
             ).fetchall()
             self._queued_count -= len(claimed)
             order = {task_id: i for i, task_id in enumerate(chosen)}
-            return sorted((_record(row) for row in claimed), key=lambda r: order[r.id])
+            return sorted((record_from_row(row) for row in claimed), key=lambda r: order[r.id])
 
         return await self._write(op)
 
@@ -446,7 +412,7 @@ class SQLiteStore:
         blob_json: str | None = None,
         error: dict[str, Any] | None = None,
     ) -> bool:
-        error_json = _dump(error)
+        error_json = dump(error)
 
         def op(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
@@ -480,20 +446,20 @@ class SQLiteStore:
         error: dict[str, Any] | None,
         refund_attempt: bool,
     ) -> TaskRecord | None:
-        error_json = _dump(error)
+        error_json = dump(error)
 
         def op(conn: sqlite3.Connection) -> TaskRecord | None:
             row = conn.execute(
                 "UPDATE tasks SET status = 'queued', run_at = ?, error = ?, worker_id = NULL, "
                 "lease_expires_at = NULL, attempts = attempts - ? "
                 "WHERE id = ? AND status = 'running' AND worker_id = ? AND attempts = ? "
-                f"RETURNING {_COLUMNS}",
+                f"RETURNING {COLUMNS}",
                 (run_at, error_json, int(refund_attempt), task_id, worker_id, attempt),
             ).fetchone()
             if row is None:
                 return None
             self._queued_count += 1
-            return _record(row)
+            return record_from_row(row)
 
         return await self._write(op)
 
@@ -509,34 +475,28 @@ class SQLiteStore:
         return await self._write(op)
 
     async def recover_expired(self) -> list[TaskRecord]:
-        lost = _dump(
-            {
-                "type": "WorkerLost",
-                "message": "the worker running this task stopped renewing its lease",
-                "traceback": None,
-            }
-        )
+        lost = dump(WORKER_LOST)
 
         def op(conn: sqlite3.Connection) -> list[TaskRecord]:
             now = time.time()
             expired = "status = 'running' AND lease_expires_at < ?"
             rows = conn.execute(
                 "UPDATE tasks SET status = 'cancelled', finished_at = ?, lease_expires_at = NULL "
-                f"WHERE {expired} AND cancel_requested = 1 RETURNING {_COLUMNS}",
+                f"WHERE {expired} AND cancel_requested = 1 RETURNING {COLUMNS}",
                 (now, now),
             ).fetchall()
             rows += conn.execute(
                 "UPDATE tasks SET status = 'queued', run_at = ?, error = ?, worker_id = NULL, "
                 f"lease_expires_at = NULL WHERE {expired} AND attempts < max_attempts "
-                f"RETURNING {_COLUMNS}",
+                f"RETURNING {COLUMNS}",
                 (now, lost, now),
             ).fetchall()
             rows += conn.execute(
                 "UPDATE tasks SET status = 'failed', error = ?, finished_at = ?, "
-                f"lease_expires_at = NULL WHERE {expired} RETURNING {_COLUMNS}",
+                f"lease_expires_at = NULL WHERE {expired} RETURNING {COLUMNS}",
                 (lost, now, now),
             ).fetchall()
-            return [_record(row) for row in rows]
+            return [record_from_row(row) for row in rows]
 
         return await self._write(op)
 
@@ -554,9 +514,9 @@ class SQLiteStore:
                     f"task {task_id} is already {current.status.value}; it cannot be cancelled"
                 )
             row = conn.execute(
-                f"UPDATE tasks SET {sql} WHERE id = ? RETURNING {_COLUMNS}", (*params, task_id)
+                f"UPDATE tasks SET {sql} WHERE id = ? RETURNING {COLUMNS}", (*params, task_id)
             ).fetchone()
-            return _record(row)
+            return record_from_row(row)
 
         return await self._write(op)
 
@@ -573,11 +533,11 @@ class SQLiteStore:
                 "result = NULL, result_blob = NULL, error = NULL, progress = 0, message = NULL, "
                 "started_at = NULL, "
                 "finished_at = NULL, cancel_requested = 0, worker_id = NULL "
-                f"WHERE id = ? RETURNING {_COLUMNS}",
+                f"WHERE id = ? RETURNING {COLUMNS}",
                 (attempts, time.time(), task_id),
             ).fetchone()
             self._queued_count += 1
-            return _record(row)
+            return record_from_row(row)
 
         return await self._write(op)
 
@@ -611,19 +571,17 @@ class SQLiteStore:
         limit: int = 50,
         before_seq: int | None = None,
     ) -> list[TaskRecord]:
-        where: list[str] = []
-        params: list[Any] = []
-        for column, value in (("owner", owner), ("status", status), ("name", name)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if before_seq is not None:
-            where.append("seq < ?")
-            params.append(before_seq)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"SELECT {_COLUMNS} FROM tasks {clause} ORDER BY seq DESC LIMIT ?"
-        rows = await self._read(lambda conn: conn.execute(sql, (*params, limit)).fetchall())
-        return [_record(row) for row in rows]
+        sql, params = list_query(
+            "tasks",
+            lambda _: "?",
+            owner=owner,
+            status=status,
+            name=name,
+            limit=limit,
+            before_seq=before_seq,
+        )
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+        return [record_from_row(row) for row in rows]
 
     async def count_by_status(self) -> dict[str, int]:
         rows = await self._read(
@@ -635,10 +593,10 @@ class SQLiteStore:
 
 
 def _fetch(conn: sqlite3.Connection, task_id: str, owner: str | None) -> TaskRecord:
-    row = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    row = conn.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
     if row is None or (owner is not None and row[3] != owner):
         raise TaskNotFound(f"no task with id {task_id}")
-    return _record(row)
+    return record_from_row(row)
 
 
 def _translate(exc: Exception) -> Exception:

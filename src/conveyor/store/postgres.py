@@ -1,0 +1,605 @@
+"""The PostgreSQL store: task records shared by an API and workers on any number of machines.
+
+asyncpg with a connection pool. Times that decide leases and due dates come from the database's
+clock (``clock_timestamp()``), so workers on hosts with skewed clocks agree. Claims take rows with
+``FOR UPDATE SKIP LOCKED``; a per-type concurrency limit is checked under a transaction-scoped
+advisory lock on the type's name, so the limit holds across every worker. A trigger sends
+``NOTIFY conveyor_tasks, '<id>'`` when a task's state, progress or cancel request changes; the
+store listens and tells its subscribers, so event streams do not poll.
+
+``published_at`` serves the Celery engine: when the task's broker message was last sent. The
+sweeper (:meth:`PostgresStore.due_for_publish`) re-sends messages for queued tasks that are due
+and were never published since they became due, or whose message looks lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from ..errors import QueueFull, StoreUnavailable, TaskNotFound, TaskStateConflict
+from ..record import TaskRecord
+from ..status import RETRYABLE, TERMINAL, TaskStatus
+from .rows import COLUMNS, WORKER_LOST, dump, list_query, record_from_row
+
+logger = logging.getLogger("conveyor.store")
+
+SCHEMA_VERSION = 1
+CHANNEL = "conveyor_tasks"
+_NOW = "extract(epoch from clock_timestamp())::float8"
+_LOCK_MIGRATE = 7_436_021  # advisory lock held while the schema is created or migrated
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS conveyor_schema (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS conveyor_tasks (
+    seq BIGSERIAL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    owner TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    args TEXT NOT NULL,
+    result TEXT,
+    error TEXT,
+    progress DOUBLE PRECISION NOT NULL DEFAULT 0,
+    message TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL DEFAULT 1,
+    timeout_s DOUBLE PRECISION,
+    created_at DOUBLE PRECISION NOT NULL,
+    started_at DOUBLE PRECISION,
+    finished_at DOUBLE PRECISION,
+    run_at DOUBLE PRECISION NOT NULL,
+    idempotency_key TEXT,
+    cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
+    worker_id TEXT,
+    lease_expires_at DOUBLE PRECISION,
+    result_blob TEXT,
+    published_at DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS conveyor_tasks_ready ON conveyor_tasks (priority DESC, run_at, seq)
+    WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS conveyor_tasks_ready_by_name
+    ON conveyor_tasks (name, priority DESC, run_at, seq) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS conveyor_tasks_running
+    ON conveyor_tasks (worker_id, lease_expires_at) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS conveyor_tasks_running_name ON conveyor_tasks (name)
+    WHERE status = 'running';
+CREATE UNIQUE INDEX IF NOT EXISTS conveyor_tasks_idempotency
+    ON conveyor_tasks (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS conveyor_tasks_owner_seq ON conveyor_tasks (owner, seq);
+CREATE INDEX IF NOT EXISTS conveyor_tasks_status_seq ON conveyor_tasks (status, seq);
+CREATE OR REPLACE FUNCTION conveyor_notify() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify('{CHANNEL}', COALESCE(NEW.id, OLD.id));
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS conveyor_tasks_changed ON conveyor_tasks;
+CREATE TRIGGER conveyor_tasks_changed
+    AFTER INSERT OR DELETE OR UPDATE OF status, progress, message, cancel_requested
+    ON conveyor_tasks FOR EACH ROW EXECUTE FUNCTION conveyor_notify();
+"""
+# Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
+_MIGRATIONS: dict[int, str] = {}
+
+_QUEUED_RECOUNT_S = 0.25
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    TimeoutError,
+)
+
+
+class PostgresStore:
+    """Task records in PostgreSQL, shared by every process of a deployment."""
+
+    def __init__(self, dsn: str, *, pool_size: int = 10, connect_timeout_s: float = 5.0) -> None:
+        self.dsn = dsn
+        self._pool_size = pool_size
+        self._connect_timeout_s = connect_timeout_s
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._subscribers: list[Callable[[str], None]] = []
+        self._queued_count = 0
+        self._queued_counted_at = 0.0
+
+    # lifecycle ---------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._connect_timeout_s,
+                command_timeout=60,
+            )
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"cannot open the PostgreSQL store: {exc}") from exc
+        try:
+            async with pool.acquire() as conn:
+                await _migrate(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+        self._listen_task = asyncio.create_task(self._listen_loop(), name="conveyor-pg-listen")
+
+    async def close(self) -> None:
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            await asyncio.gather(self._listen_task, return_exceptions=True)
+            self._listen_task = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    def subscribe(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(task_id)`` when any process changes a task's state or progress."""
+        self._subscribers.append(callback)
+
+    async def _listen_loop(self) -> None:
+        """Hold a LISTEN connection; reconnect after the database restarts."""
+        delay = 0.1
+        while True:
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=self._connect_timeout_s)
+            except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                logger.debug("LISTEN connection failed: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.1
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+            try:
+                await conn.add_listener(CHANNEL, self._on_notify)
+                while not lost.is_set():  # a dead socket is noticed on the next query
+                    try:
+                        await asyncio.wait_for(lost.wait(), 1.0)
+                    except TimeoutError:
+                        await conn.execute("SELECT 1")
+            except (*_CONNECTION_ERRORS, asyncpg.PostgresError):
+                pass
+            finally:
+                if not conn.is_closed():
+                    conn.terminate()
+            for callback in self._subscribers:  # changes may have been missed: re-read
+                callback("")
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        task_id = str(payload)
+        for callback in self._subscribers:
+            callback(task_id)
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        try:
+            async with self._pool.acquire(timeout=self._connect_timeout_s) as conn:
+                yield conn
+        except _CONNECTION_ERRORS as exc:
+            raise StoreUnavailable(f"PostgreSQL is unreachable: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreUnavailable(f"PostgreSQL failed: {exc}") from exc
+
+    # writes ------------------------------------------------------------------------------------
+
+    async def insert(
+        self, record: TaskRecord, *, args_json: str, max_queued: int | None
+    ) -> tuple[TaskRecord, bool]:
+        async with self._conn() as conn:
+            if record.idempotency_key is not None:
+                row = await conn.fetchrow(
+                    f"SELECT {COLUMNS} FROM conveyor_tasks WHERE owner = $1 "
+                    "AND idempotency_key = $2",
+                    record.owner,
+                    record.idempotency_key,
+                )
+                if row is not None:
+                    return record_from_row(row), False
+            if max_queued is not None and await self._queued(conn) >= max_queued:
+                raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
+            seq = await conn.fetchval(
+                "INSERT INTO conveyor_tasks (id, name, owner, status, priority, args, attempts, "
+                "max_attempts, timeout_s, created_at, run_at, idempotency_key, published_at) "
+                "VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $10, $11, "
+                "CASE WHEN $10::float8 <= $9::float8 THEN $9::float8 END) "
+                "ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL "
+                "DO NOTHING RETURNING seq",
+                record.id,
+                record.name,
+                record.owner,
+                record.status.value,
+                record.priority,
+                args_json,
+                record.max_attempts,
+                record.timeout_s,
+                record.created_at,
+                record.run_at,
+                record.idempotency_key,
+            )
+            if seq is None:  # a concurrent submission with the same key won
+                row = await conn.fetchrow(
+                    f"SELECT {COLUMNS} FROM conveyor_tasks WHERE owner = $1 "
+                    "AND idempotency_key = $2",
+                    record.owner,
+                    record.idempotency_key,
+                )
+                return record_from_row(row), False
+        record.seq = seq
+        self._queued_count += 1
+        return record, True
+
+    async def _queued(self, conn: asyncpg.Connection) -> int:
+        # Counted at most every _QUEUED_RECOUNT_S: the bound is approximate by that much.
+        now = time.monotonic()
+        if now - self._queued_counted_at > _QUEUED_RECOUNT_S:
+            self._queued_count = await conn.fetchval(
+                "SELECT count(*) FROM conveyor_tasks WHERE status = 'queued'"
+            )
+            self._queued_counted_at = now
+        return self._queued_count
+
+    async def claim(
+        self,
+        *,
+        worker_id: str,
+        names: Collection[str],
+        limits: Mapping[str, int],
+        n: int,
+        lease_s: float,
+    ) -> list[TaskRecord]:
+        async with self._conn() as conn, conn.transaction():
+            remaining = await _remaining(conn, limits)
+            eligible = [name for name in names if remaining.get(name, 1) > 0]
+            if not eligible:
+                return []
+            rows = await conn.fetch(
+                f"SELECT id, name FROM conveyor_tasks WHERE status = 'queued' AND run_at <= {_NOW} "
+                "AND name = ANY($1::text[]) ORDER BY priority DESC, run_at, seq LIMIT $2 "
+                "FOR UPDATE SKIP LOCKED",
+                eligible,
+                n * 4 if remaining else n,
+            )
+            chosen: list[str] = []
+            for task_id, name in rows:
+                if name in remaining:
+                    if remaining[name] <= 0:
+                        continue
+                    remaining[name] -= 1
+                chosen.append(task_id)
+                if len(chosen) == n:
+                    break
+            if not chosen:
+                return []
+            claimed = await conn.fetch(
+                f"UPDATE conveyor_tasks SET status = 'running', attempts = attempts + 1, "
+                f"worker_id = $1, lease_expires_at = {_NOW} + $2, started_at = {_NOW}, "
+                f"progress = 0, message = NULL WHERE id = ANY($3::text[]) RETURNING {COLUMNS}",
+                worker_id,
+                lease_s,
+                chosen,
+            )
+        self._queued_count -= len(claimed)
+        order = {task_id: i for i, task_id in enumerate(chosen)}
+        return sorted((record_from_row(row) for row in claimed), key=lambda r: order[r.id])
+
+    async def claim_one(
+        self, task_id: str, *, name: str, worker_id: str, limit: int | None, lease_s: float
+    ) -> TaskRecord | None:
+        """Claim for the task a message names; None when the message is to be dropped.
+
+        The message is dropped when its task is finished, cancelled, running elsewhere, or not
+        yet due (a retry waiting for its backoff). Otherwise it stands for its type: the best
+        queued task of that type is claimed (priority, then due date, then submission order),
+        usually the named one, so the store's order holds whatever order concurrent consumers
+        receive messages in. A type with a concurrency ``limit`` is claimed under the type's
+        lock, within the limit, across every worker. When the named task stays queued (no room,
+        or another task was taken instead), its ``published_at`` is cleared and the sweeper
+        sends it again.
+        """
+        async with self._conn() as conn, conn.transaction():
+            best = None
+            if limit is None or (await _remaining(conn, {name: limit}))[name] > 0:
+                best = await conn.fetchval(
+                    "SELECT id FROM conveyor_tasks WHERE status = 'queued' AND name = $2 "
+                    f"AND run_at <= {_NOW} AND EXISTS (SELECT 1 FROM conveyor_tasks "
+                    f"WHERE id = $1 AND status = 'queued' AND run_at <= {_NOW}) "
+                    "ORDER BY priority DESC, run_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED",
+                    task_id,
+                    name,
+                )
+            row = None
+            if best is not None:
+                row = await conn.fetchrow(
+                    f"UPDATE conveyor_tasks SET status = 'running', attempts = attempts + 1, "
+                    f"worker_id = $2, lease_expires_at = {_NOW} + $3, started_at = {_NOW}, "
+                    f"progress = 0, message = NULL WHERE id = $1 RETURNING {COLUMNS}",
+                    best,
+                    worker_id,
+                    lease_s,
+                )
+        if best != task_id:  # after the commit: waiting for its row lock holds none of ours
+            await self.mark_unpublished(task_id)
+        if row is None:
+            return None
+        self._queued_count -= 1
+        return record_from_row(row)
+
+    async def due_for_publish(
+        self, *, stale_s: float, limits: Mapping[str, int], n: int = 1000
+    ) -> list[tuple[str, str, int]]:
+        """``(id, name, priority)`` of queued, due tasks whose broker message must be sent:
+        never sent since they became due, or sent more than ``stale_s`` ago; types at their
+        concurrency limit wait. Marks them sent."""
+        async with self._conn() as conn, conn.transaction():
+            remaining = await _remaining(conn, limits)
+            saturated = [name for name, left in remaining.items() if left <= 0]
+            rows = await conn.fetch(
+                f"UPDATE conveyor_tasks t SET published_at = {_NOW} FROM ("
+                "SELECT id FROM conveyor_tasks WHERE status = 'queued' "
+                f"AND run_at <= {_NOW} AND (published_at IS NULL OR published_at < run_at "
+                f"OR published_at < {_NOW} - $1) AND NOT (name = ANY($2::text[])) "
+                "ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED) due "
+                "WHERE t.id = due.id RETURNING t.id, t.name, t.priority",
+                stale_s,
+                saturated,
+                n,
+            )
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    async def mark_unpublished(self, task_id: str) -> None:
+        """Its message could not be sent: the next sweep sends it."""
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE conveyor_tasks SET published_at = NULL WHERE id = $1 AND status = 'queued'",
+                task_id,
+            )
+
+    async def set_progress(
+        self, task_id: str, worker_id: str, attempt: int, progress: float, message: str | None
+    ) -> bool:
+        async with self._conn() as conn:
+            status = await conn.execute(
+                "UPDATE conveyor_tasks SET progress = $1, message = $2 WHERE id = $3 "
+                "AND status = 'running' AND worker_id = $4 AND attempts = $5",
+                progress,
+                message,
+                task_id,
+                worker_id,
+                attempt,
+            )
+        return bool(status == "UPDATE 1")
+
+    async def finish(
+        self,
+        task_id: str,
+        worker_id: str,
+        attempt: int,
+        *,
+        status: TaskStatus,
+        result_json: str | None = None,
+        blob_json: str | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> bool:
+        async with self._conn() as conn:
+            outcome = await conn.execute(
+                "UPDATE conveyor_tasks SET status = $1, result = $2, result_blob = $3, "
+                f"error = $4, finished_at = {_NOW}, lease_expires_at = NULL, "
+                "progress = CASE WHEN $1 = 'completed' THEN 100 ELSE progress END "
+                "WHERE id = $5 AND status = 'running' AND worker_id = $6 AND attempts = $7",
+                status.value,
+                result_json,
+                blob_json,
+                dump(error),
+                task_id,
+                worker_id,
+                attempt,
+            )
+        return bool(outcome == "UPDATE 1")
+
+    async def requeue(
+        self,
+        task_id: str,
+        worker_id: str,
+        attempt: int,
+        *,
+        run_at: float,
+        error: dict[str, Any] | None,
+        refund_attempt: bool,
+    ) -> TaskRecord | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                "UPDATE conveyor_tasks SET status = 'queued', run_at = $1, error = $2, "
+                "worker_id = NULL, lease_expires_at = NULL, attempts = attempts - $3 "
+                "WHERE id = $4 AND status = 'running' AND worker_id = $5 AND attempts = $6 "
+                f"RETURNING {COLUMNS}",
+                run_at,
+                dump(error),
+                int(refund_attempt),
+                task_id,
+                worker_id,
+                attempt,
+            )
+        if row is None:
+            return None
+        self._queued_count += 1
+        return record_from_row(row)
+
+    async def heartbeat(self, worker_id: str, lease_s: float) -> list[str]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"UPDATE conveyor_tasks SET lease_expires_at = {_NOW} + $1 "
+                "WHERE status = 'running' AND worker_id = $2 RETURNING id, cancel_requested",
+                lease_s,
+                worker_id,
+            )
+        return [row[0] for row in rows if row[1]]
+
+    async def recover_expired(self) -> list[TaskRecord]:
+        lost = dump(WORKER_LOST)
+        expired = f"status = 'running' AND lease_expires_at < {_NOW}"
+        async with self._conn() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"UPDATE conveyor_tasks SET status = 'cancelled', finished_at = {_NOW}, "
+                f"lease_expires_at = NULL WHERE {expired} AND cancel_requested "
+                f"RETURNING {COLUMNS}"
+            )
+            rows += await conn.fetch(
+                f"UPDATE conveyor_tasks SET status = 'queued', run_at = {_NOW}, error = $1, "
+                "worker_id = NULL, lease_expires_at = NULL "
+                f"WHERE {expired} AND attempts < max_attempts RETURNING {COLUMNS}",
+                lost,
+            )
+            rows += await conn.fetch(
+                f"UPDATE conveyor_tasks SET status = 'failed', error = $1, finished_at = {_NOW}, "
+                f"lease_expires_at = NULL WHERE {expired} RETURNING {COLUMNS}",
+                lost,
+            )
+        return [record_from_row(row) for row in rows]
+
+    async def cancel(self, task_id: str, *, owner: str | None) -> TaskRecord:
+        async with self._conn() as conn, conn.transaction():
+            current = await _fetch(conn, task_id, owner, lock=True)
+            if current.status is TaskStatus.QUEUED:
+                sql = f"status = 'cancelled', finished_at = {_NOW}"
+                self._queued_count -= 1
+            elif current.status is TaskStatus.RUNNING:
+                sql = "cancel_requested = TRUE"
+            else:
+                raise TaskStateConflict(
+                    f"task {task_id} is already {current.status.value}; it cannot be cancelled"
+                )
+            row = await conn.fetchrow(
+                f"UPDATE conveyor_tasks SET {sql} WHERE id = $1 RETURNING {COLUMNS}", task_id
+            )
+        return record_from_row(row)
+
+    async def retry(self, task_id: str, *, owner: str | None, attempts: int) -> TaskRecord:
+        async with self._conn() as conn, conn.transaction():
+            current = await _fetch(conn, task_id, owner, lock=True)
+            if current.status not in RETRYABLE:
+                raise TaskStateConflict(
+                    f"task {task_id} is {current.status.value}; only failed or cancelled tasks "
+                    "can be retried"
+                )
+            row = await conn.fetchrow(
+                "UPDATE conveyor_tasks SET status = 'queued', max_attempts = attempts + $1, "
+                f"run_at = {_NOW}, result = NULL, result_blob = NULL, error = NULL, "
+                "progress = 0, message = NULL, started_at = NULL, finished_at = NULL, "
+                f"cancel_requested = FALSE, worker_id = NULL, published_at = {_NOW} "
+                f"WHERE id = $2 RETURNING {COLUMNS}",
+                attempts,
+                task_id,
+            )
+        self._queued_count += 1
+        return record_from_row(row)
+
+    async def delete(self, task_id: str, *, owner: str | None) -> None:
+        async with self._conn() as conn, conn.transaction():
+            current = await _fetch(conn, task_id, owner, lock=True)
+            if current.status not in TERMINAL:
+                raise TaskStateConflict(
+                    f"task {task_id} is {current.status.value}; cancel it or wait until it ends"
+                )
+            await conn.execute("DELETE FROM conveyor_tasks WHERE id = $1", task_id)
+
+    # reads -------------------------------------------------------------------------------------
+
+    async def get(self, task_id: str, *, owner: str | None = None) -> TaskRecord:
+        async with self._conn() as conn:
+            return await _fetch(conn, task_id, owner)
+
+    async def list_tasks(
+        self,
+        *,
+        owner: str | None,
+        status: TaskStatus | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        before_seq: int | None = None,
+    ) -> list[TaskRecord]:
+        sql, params = list_query(
+            "conveyor_tasks",
+            lambda n: f"${n}",
+            owner=owner,
+            status=status,
+            name=name,
+            limit=limit,
+            before_seq=before_seq,
+        )
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql, *params)
+        return [record_from_row(row) for row in rows]
+
+    async def count_by_status(self) -> dict[str, int]:
+        async with self._conn() as conn:
+            rows = await conn.fetch("SELECT status, count(*) FROM conveyor_tasks GROUP BY status")
+        return {status.value: 0 for status in TaskStatus} | {row[0]: row[1] for row in rows}
+
+
+async def _remaining(conn: asyncpg.Connection, limits: Mapping[str, int]) -> dict[str, int]:
+    """Room left under each per-type limit; locks those types until the transaction ends."""
+    if not limits:
+        return {}
+    names = sorted(limits)
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('conveyor:' || n)) FROM unnest($1::text[]) n",
+        names,
+    )
+    running = {
+        row[0]: row[1]
+        for row in await conn.fetch(
+            "SELECT name, count(*) FROM conveyor_tasks WHERE status = 'running' "
+            "AND name = ANY($1::text[]) GROUP BY name",
+            names,
+        )
+    }
+    return {name: limit - running.get(name, 0) for name, limit in limits.items()}
+
+
+async def _fetch(
+    conn: asyncpg.Connection, task_id: str, owner: str | None, *, lock: bool = False
+) -> TaskRecord:
+    row = await conn.fetchrow(
+        f"SELECT {COLUMNS} FROM conveyor_tasks WHERE id = $1{' FOR UPDATE' if lock else ''}",
+        task_id,
+    )
+    if row is None or (owner is not None and row[3] != owner):
+        raise TaskNotFound(f"no task with id {task_id}")
+    return record_from_row(row)
+
+
+async def _migrate(conn: asyncpg.Connection) -> None:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_MIGRATE)
+        exists = await conn.fetchval("SELECT to_regclass('conveyor_tasks') IS NOT NULL")
+        if not exists:
+            await conn.execute(_SCHEMA)
+            await conn.execute("INSERT INTO conveyor_schema (version) VALUES ($1)", SCHEMA_VERSION)
+            return
+        version = await conn.fetchval("SELECT max(version) FROM conveyor_schema") or 1
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"the PostgreSQL store is at schema {version}, newer than this Conveyor "
+                f"({SCHEMA_VERSION}); upgrade Conveyor"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            await conn.execute(_MIGRATIONS[target])
+        if version < SCHEMA_VERSION:
+            await conn.execute("UPDATE conveyor_schema SET version = $1", SCHEMA_VERSION)

@@ -1,0 +1,82 @@
+"""What every SQL store shares: the task columns, in order, and a row's record."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..record import TaskRecord
+from ..status import TaskStatus
+
+COLUMNS = (
+    "seq, id, name, owner, status, priority, args, result, error, progress, message, attempts, "
+    "max_attempts, timeout_s, created_at, started_at, finished_at, run_at, idempotency_key, "
+    "cancel_requested, worker_id, lease_expires_at, result_blob"
+)
+
+WORKER_LOST = {
+    "type": "WorkerLost",
+    "message": "the worker running this task stopped renewing its lease",
+    "traceback": None,
+}
+
+
+def record_from_row(row: Sequence[Any]) -> TaskRecord:
+    """The record of a row selected as ``COLUMNS`` (JSON columns are text)."""
+    return TaskRecord(
+        seq=row[0],
+        id=row[1],
+        name=row[2],
+        owner=row[3],
+        status=TaskStatus(row[4]),
+        priority=row[5],
+        args=json.loads(row[6]),
+        result=None if row[7] is None else json.loads(row[7]),
+        error=None if row[8] is None else json.loads(row[8]),
+        progress=row[9],
+        message=row[10],
+        attempts=row[11],
+        max_attempts=row[12],
+        timeout_s=row[13],
+        created_at=row[14],
+        started_at=row[15],
+        finished_at=row[16],
+        run_at=row[17],
+        idempotency_key=row[18],
+        cancel_requested=bool(row[19]),
+        worker_id=row[20],
+        lease_expires_at=row[21],
+        result_blob=None if row[22] is None else json.loads(row[22]),
+    )
+
+
+def dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def list_query(
+    table: str,
+    placeholder: Callable[[int], str],
+    *,
+    owner: str | None,
+    status: TaskStatus | None,
+    name: str | None,
+    limit: int,
+    before_seq: int | None,
+) -> tuple[str, list[Any]]:
+    """The newest-first page query of ``list_tasks``; ``placeholder(n)`` is the n-th parameter
+    in the driver's style (``?`` or ``$n``)."""
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("owner", owner), ("status", status), ("name", name)):
+        if value is not None:
+            params.append(str(value))
+            where.append(f"{column} = {placeholder(len(params))}")
+    if before_seq is not None:
+        params.append(before_seq)
+        where.append(f"seq < {placeholder(len(params))}")
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    params.append(limit)
+    page = f"ORDER BY seq DESC LIMIT {placeholder(len(params))}"
+    return f"SELECT {COLUMNS} FROM {table} {clause} {page}", params
