@@ -21,7 +21,7 @@ from .services import PostgresServer, RedisServer
 
 ENGINES = ["local", "celery"]
 # Modules whose tests run on every engine; the others run on the embedded one.
-EVERY_ENGINE = {"test_engine_contract", "test_celery"}
+EVERY_ENGINE = {"test_engine_contract"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

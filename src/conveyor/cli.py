@@ -10,6 +10,7 @@ import importlib
 import ipaddress
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Annotated, Any
@@ -143,12 +144,46 @@ def worker(
     data_dir: DataDir = None,
     app_path: AppOption = None,
     log_level: Annotated[str, typer.Option(envvar="CONVEYOR_LOG_LEVEL")] = "info",
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            envvar="CONVEYOR_PROCESSES",
+            help="Celery engine: pool processes (default: one per core).",
+        ),
+    ] = None,
+    pool: Annotated[
+        str,
+        typer.Option(envvar="CONVEYOR_POOL", help="Celery engine: prefork, threads or solo."),
+    ] = "prefork",
 ) -> None:
-    """Run task workers without the HTTP API, sharing the store with `conveyor serve`."""
+    """Run task workers without the HTTP API, sharing the store with `conveyor serve`.
+
+    With CONVEYOR_ENGINE=celery this is a Celery worker (prefork by default) consuming
+    Conveyor's queue; `celery -A conveyor.celery_app worker` starts the same worker.
+    """
     from .service import build_yard
 
     _configure_logging(log_level)
     yard = load_yard(app_path) if app_path else build_yard(_settings(concurrency, data_dir))
+    if yard.settings.engine == "celery":
+        if pool not in ("prefork", "threads", "solo"):
+            raise typer.BadParameter("--pool must be prefork, threads or solo")
+        size = yard.settings.concurrency
+        if pool == "prefork":
+            size = processes or os.cpu_count() or 1
+        yard.celery_app().worker_main(
+            [
+                "worker",
+                f"--pool={pool}",
+                f"--concurrency={size}",
+                f"--queues={yard.settings.celery_queue}",
+                f"--loglevel={log_level.upper()}",
+                "--without-mingle",
+                "--without-gossip",
+            ]
+        )
+        return
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -256,7 +256,8 @@ class CeleryEngine:
         self._loops = [asyncio.create_task(self._sweep_loop(), name="conveyor-sweep")]
         if self.runner is not None:
             self.runner.bind()
-            await self.runner.warm()
+            if self._consume:  # a pool process runs one task at a time: its child comes on use
+                await self.runner.warm()
             self._loops.append(
                 asyncio.create_task(self.runner.heartbeat_loop(), name="conveyor-heartbeat")
             )

@@ -1,0 +1,222 @@
+"""The Celery engine under faults: real `conveyor serve` and `conveyor worker` (prefork) processes,
+real Redis and PostgreSQL servers, killed and restarted mid-batch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from conveyor import Settings
+from conveyor.service import create_app
+
+from .conftest import LiveServer, follow, free_port
+from .services import PostgresServer, RedisServer
+from .test_crash import Process
+
+pytestmark = pytest.mark.timeout(300)
+
+SLEEP = {"seconds": 0.05, "steps": 1}
+
+
+class Deployment:
+    """One API and any number of Celery workers, as separate processes sharing one store."""
+
+    def __init__(self, tmp_path: Path, database_url: str, broker_url: str) -> None:
+        self.database_url = database_url
+        self.env = {
+            **os.environ,
+            "CONVEYOR_ENGINE": "celery",
+            "CONVEYOR_DATABASE_URL": database_url,
+            "CONVEYOR_BROKER_URL": broker_url,
+            "CONVEYOR_CELERY_QUEUE": f"q-{uuid.uuid4().hex[:10]}",
+            "CONVEYOR_DATA_DIR": str(tmp_path),
+            "CONVEYOR_LEASE_S": "2",
+            "CONVEYOR_SWEEP_S": "0.1",
+            "CONVEYOR_REPUBLISH_AFTER_S": "3",
+            "CONVEYOR_LOG_LEVEL": "info",
+            "PYTHONPATH": os.pathsep.join(sys.path),
+        }
+        self.processes: list[Process] = []
+        self.port = free_port()
+
+    def api(self) -> Process:
+        args = ["serve", "--no-workers", "--port", str(self.port), "--no-access-log"]
+        return self._start(args, ready="Uvicorn running on")
+
+    def worker(self, processes: int = 2) -> Process:
+        args = ["worker", "--pool", "prefork", "--processes", str(processes)]
+        return self._start(args, ready=" ready.")
+
+    def _start(self, args: list[str], ready: str) -> Process:
+        process = Process(args, self.env, ready)
+        self.processes.append(process)
+        return process
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+
+    def rows(self) -> list[tuple[str, str, int, str]]:
+        async def fetch() -> list[tuple[str, str, int, str]]:
+            conn = await asyncpg.connect(self.database_url)
+            try:
+                rows = await conn.fetch(
+                    "SELECT id, status, attempts, worker_id FROM conveyor_tasks"
+                )
+            finally:
+                await conn.close()
+            return [tuple(row) for row in rows]  # type: ignore[misc]
+
+        return asyncio.run(fetch())
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.kill()
+
+
+@pytest.fixture
+def deploy(tmp_path: Path, postgres: PostgresServer, redis_server: RedisServer) -> Iterator[Any]:
+    deployments: list[Deployment] = []
+
+    def make(broker_url: str | None = None) -> Deployment:
+        deployment = Deployment(
+            tmp_path, postgres.create_database(), broker_url or redis_server.url()
+        )
+        deployments.append(deployment)
+        return deployment
+
+    yield make
+    for deployment in deployments:
+        deployment.close()
+
+
+def submit(client: httpx.Client, n: int, args: dict[str, Any] = SLEEP) -> list[str]:
+    ids = []
+    for _ in range(n):
+        response = client.post("/tasks", json={"name": "demo.sleep", "args": args})
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+def pid_of(worker_id: str) -> int:
+    return int(worker_id.split(":")[1])  # host:pid:nonce
+
+
+def wait_until_running_in(deployment: Deployment, worker: Process) -> None:
+    """Until a task runs in one of ``worker``'s pool processes (its process group)."""
+    for _ in range(2000):
+        for _id, status, _attempts, worker_id in deployment.rows():
+            if status == "running" and os.getpgid(pid_of(worker_id)) == worker.popen.pid:
+                return
+    raise AssertionError("no task ran in the worker")
+
+
+def assert_all_completed_once(deployment: Deployment, client: httpx.Client, ids: list[str]) -> None:
+    finals = [follow(client, task_id)[0] for task_id in ids]
+    assert [t["status"] for t in finals] == ["completed"] * len(ids)
+    rows = deployment.rows()
+    assert len(rows) == len(ids) and {row[0] for row in rows} == set(ids)  # none lost or doubled
+    assert all(row[1] == "completed" for row in rows)
+
+
+def test_kill_9_a_worker_mid_batch(deploy: Any) -> None:
+    deployment = deploy()
+    deployment.api()
+    doomed = deployment.worker()
+    deployment.worker()
+    with deployment.client() as client:
+        ids = submit(client, 500)
+        follow(client, ids[100])  # well into the batch
+        wait_until_running_in(deployment, doomed)
+        doomed.kill()  # the whole process group: the worker and its pool processes
+        assert_all_completed_once(deployment, client, ids)
+    rows = deployment.rows()
+    assert {row[2] for row in rows} <= {1, 2}
+    assert any(row[2] == 2 for row in rows), "the killed worker's tasks were recovered and re-run"
+    pool_processes = {row[3].rpartition(":")[0] for row in rows}
+    assert len(pool_processes) >= 3, "pool processes of both workers ran tasks"
+
+
+def test_kill_9_one_prefork_child(deploy: Any) -> None:
+    deployment = deploy()
+    deployment.api()
+    worker = deployment.worker()
+    with deployment.client() as client:
+        ids = submit(client, 20, {"seconds": 1.0, "steps": 10})
+        victim = None
+        for _ in range(2000):  # the first task seen running names its pool process
+            running = [row for row in deployment.rows() if row[1] == "running"]
+            if running:
+                victim = running[0]
+                break
+        assert victim is not None
+        child_pid = pid_of(victim[3])
+        assert child_pid != worker.popen.pid
+        os.kill(child_pid, signal.SIGKILL)
+        finals = [follow(client, task_id)[0] for task_id in ids]
+    assert [t["status"] for t in finals] == ["completed"] * len(ids)
+    killed = next(t for t in finals if t["id"] == victim[0])
+    assert killed["attempts"] == 2, "re-run once after its lease expired"
+    assert worker.popen.poll() is None, "the worker replaced its pool process and lives on"
+
+
+def test_restart_redis_mid_batch(deploy: Any, tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "own-redis").start()
+    try:
+        deployment = deploy(redis.url())
+        deployment.api()
+        deployment.worker()
+        with deployment.client() as client:
+            ids = submit(client, 200)
+            follow(client, ids[20])
+            redis.stop()  # every queued message is lost with it (no persistence)
+            more = submit(client, 20)  # the API still commits: the store is the truth
+            redis.start()
+            assert_all_completed_once(deployment, client, ids + more)
+    finally:
+        redis.stop()
+
+
+def test_postgres_down_answers_503_and_recovers(
+    tmp_path: Path, redis_server: RedisServer, serve: Any
+) -> None:
+    postgres = PostgresServer().start()
+    try:
+        settings = Settings(
+            engine="celery",
+            database_url=postgres.create_database(),
+            broker_url=redis_server.url(),
+            celery_queue=f"q-{uuid.uuid4().hex[:10]}",
+            data_dir=tmp_path,
+            lease_s=2.0,
+            sweep_s=0.1,
+            republish_after_s=3.0,
+        )
+        server: LiveServer = serve(create_app(settings))
+        with server.client() as client:
+            before = submit(client, 1)[0]
+            assert follow(client, before)[0]["status"] == "completed"
+            postgres.stop()
+            for _ in range(3):
+                refused = client.post("/tasks", json={"name": "demo.echo", "args": {"value": 1}})
+                assert refused.status_code == 503, refused.text
+                assert "PostgreSQL" in refused.json()["detail"]
+            assert client.get(f"/tasks/{before}").status_code == 503
+            postgres.start()
+            after = submit(client, 3)
+            for task_id in after:
+                assert follow(client, task_id)[0]["status"] == "completed"
+            assert client.get(f"/tasks/{before}").json()["status"] == "completed"
+    finally:
+        postgres.stop()
+        postgres.remove()
