@@ -93,6 +93,7 @@ class Conveyor:
         self.blobs = BlobStore(Path(self.settings.data_dir) / "blobs")
         self._started = False
         self._celery: Celery | None = None
+        self._subscribed = False
 
     # registry ----------------------------------------------------------------------------------
 
@@ -196,7 +197,7 @@ class Conveyor:
             store = open_store(self.settings)
             await store.open()
             self._store = store
-            store.subscribe(self._store_changed)
+            self._subscribed = False
             if self.settings.engine == "celery":
                 from .engines.celery import CeleryEngine
 
@@ -404,6 +405,9 @@ class Conveyor:
             event.set()
 
     def _change_event(self, task_id: str) -> asyncio.Event:
+        if not self._subscribed:  # listen to other processes' changes once someone waits
+            self._subscribed = True
+            self.store.subscribe(self._store_changed)
         event = self._changed.get(task_id)
         if event is None:
             event = self._changed[task_id] = asyncio.Event()

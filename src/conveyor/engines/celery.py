@@ -235,7 +235,7 @@ class CeleryEngine:
                 worker_id=self.worker_id,
                 threads=self.settings.concurrency,
                 process_workers=self.settings.process_workers if consume else 1,
-                on_settled=self._wake.set,
+                on_settled=self._settled,
             )
 
     @property
@@ -250,7 +250,8 @@ class CeleryEngine:
     # lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.store.subscribe(self._on_change)
+        if self.runner is not None:
+            self.store.subscribe_cancels(self._cancel_requested)
         self._publisher = _Publisher(self)
         await recover(self.yard)
         self._loops = [asyncio.create_task(self._sweep_loop(), name="conveyor-sweep")]
@@ -388,8 +389,11 @@ class CeleryEngine:
                 raise
         return True
 
-    def _on_change(self, task_id: str) -> None:
-        self.yard.notify(task_id)
+    def _settled(self, record: TaskRecord) -> None:
+        if record.name in self._limits:  # its type has room again: send what waits for it
+            self._wake.set()
+
+    def _cancel_requested(self, task_id: str) -> None:
         if self.runner is not None and task_id in self.runner.running:
             check = asyncio.ensure_future(self._check_cancel(task_id))
             self._checks.add(check)

@@ -57,7 +57,7 @@ class LocalEngine:
             worker_id=self.worker_id,
             threads=self.settings.concurrency,
             process_workers=self.settings.process_workers,
-            on_settled=self._wake.set,
+            on_settled=lambda record: self._wake.set(),
         )
 
     # lifecycle ---------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ class Runner:
         worker_id: str,
         threads: int,
         process_workers: int,
-        on_settled: Callable[[], None] = lambda: None,
+        on_settled: Callable[[TaskRecord], None] = lambda record: None,
     ) -> None:
         self.yard = yard
         self.settings = yard.settings
@@ -209,7 +209,7 @@ class Runner:
             if run.progress is not None:
                 run.progress.close()
             self.running.pop(record.id, None)
-            self._on_settled()
+            self._on_settled(record)
             self.yard.notify(record.id)
 
     async def _attempt(self, run: _Running) -> None:

@@ -31,7 +31,8 @@ from .rows import COLUMNS, WORKER_LOST, dump, list_query, record_from_row
 logger = logging.getLogger("conveyor.store")
 
 SCHEMA_VERSION = 1
-CHANNEL = "conveyor_tasks"
+CHANNEL = "conveyor_tasks"  # a task's state, progress or message changed: id
+CANCEL_CHANNEL = "conveyor_cancel"  # a running task's cancel was requested: id
 _NOW = "extract(epoch from clock_timestamp())::float8"
 _LOCK_MIGRATE = 7_436_021  # advisory lock held while the schema is created or migrated
 
@@ -77,12 +78,15 @@ CREATE INDEX IF NOT EXISTS conveyor_tasks_owner_seq ON conveyor_tasks (owner, se
 CREATE INDEX IF NOT EXISTS conveyor_tasks_status_seq ON conveyor_tasks (status, seq);
 CREATE OR REPLACE FUNCTION conveyor_notify() RETURNS trigger AS $$
 BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.cancel_requested AND NOT OLD.cancel_requested THEN
+        PERFORM pg_notify('{CANCEL_CHANNEL}', NEW.id);
+    END IF;
     PERFORM pg_notify('{CHANNEL}', COALESCE(NEW.id, OLD.id));
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
 DROP TRIGGER IF EXISTS conveyor_tasks_changed ON conveyor_tasks;
 CREATE TRIGGER conveyor_tasks_changed
-    AFTER INSERT OR DELETE OR UPDATE OF status, progress, message, cancel_requested
+    AFTER DELETE OR UPDATE OF status, progress, message, cancel_requested
     ON conveyor_tasks FOR EACH ROW EXECUTE FUNCTION conveyor_notify();
 """
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
@@ -110,7 +114,7 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._listen_task: asyncio.Task[None] | None = None
-        self._subscribers: list[Callable[[str], None]] = []
+        self._subscribers: dict[str, list[Callable[[str], None]]] = {}
         self._queued_count = 0
         self._queued_counted_at = 0.0
 
@@ -136,7 +140,6 @@ class PostgresStore:
             await pool.close()
             raise
         self._pool = pool
-        self._listen_task = asyncio.create_task(self._listen_loop(), name="conveyor-pg-listen")
 
     async def close(self) -> None:
         if self._listen_task is not None:
@@ -148,8 +151,21 @@ class PostgresStore:
             self._pool = None
 
     def subscribe(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(task_id)`` when any process changes a task's state or progress."""
-        self._subscribers.append(callback)
+        """Call ``callback(task_id)`` when any process changes a task's state or progress
+        (``""``: notifications may have been missed while reconnecting)."""
+        self._listen(CHANNEL, callback)
+
+    def subscribe_cancels(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(task_id)`` when a running task's cancel is requested."""
+        self._listen(CANCEL_CHANNEL, callback)
+
+    def _listen(self, channel: str, callback: Callable[[str], None]) -> None:
+        # A process listens only to what it asked for: a worker that nobody waits on is not
+        # woken by every change of every task.
+        self._subscribers.setdefault(channel, []).append(callback)
+        if self._listen_task is not None:
+            self._listen_task.cancel()  # reconnects with the new channel
+        self._listen_task = asyncio.create_task(self._listen_loop(), name="conveyor-pg-listen")
 
     async def _listen_loop(self) -> None:
         """Hold a LISTEN connection; reconnect after the database restarts."""
@@ -166,7 +182,8 @@ class PostgresStore:
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
             try:
-                await conn.add_listener(CHANNEL, self._on_notify)
+                for channel in list(self._subscribers):
+                    await conn.add_listener(channel, self._on_notify)
                 while not lost.is_set():  # a dead socket is noticed on the next query
                     try:
                         await asyncio.wait_for(lost.wait(), 1.0)
@@ -177,13 +194,12 @@ class PostgresStore:
             finally:
                 if not conn.is_closed():
                     conn.terminate()
-            for callback in self._subscribers:  # changes may have been missed: re-read
+            for callback in self._subscribers.get(CHANNEL, []):  # re-read what was missed
                 callback("")
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
-        task_id = str(payload)
-        for callback in self._subscribers:
-            callback(task_id)
+        for callback in self._subscribers.get(channel, []):
+            callback(str(payload))
 
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
@@ -313,29 +329,31 @@ class PostgresStore:
         or another task was taken instead), its ``published_at`` is cleared and the sweeper
         sends it again.
         """
-        async with self._conn() as conn, conn.transaction():
-            best = None
-            if limit is None or (await _remaining(conn, {name: limit}))[name] > 0:
-                best = await conn.fetchval(
-                    "SELECT id FROM conveyor_tasks WHERE status = 'queued' AND name = $2 "
-                    f"AND run_at <= {_NOW} AND EXISTS (SELECT 1 FROM conveyor_tasks "
-                    f"WHERE id = $1 AND status = 'queued' AND run_at <= {_NOW}) "
-                    "ORDER BY priority DESC, run_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED",
-                    task_id,
-                    name,
-                )
-            row = None
-            if best is not None:
-                row = await conn.fetchrow(
-                    f"UPDATE conveyor_tasks SET status = 'running', attempts = attempts + 1, "
-                    f"worker_id = $2, lease_expires_at = {_NOW} + $3, started_at = {_NOW}, "
-                    f"progress = 0, message = NULL WHERE id = $1 RETURNING {COLUMNS}",
-                    best,
-                    worker_id,
-                    lease_s,
-                )
-        if best != task_id:  # after the commit: waiting for its row lock holds none of ours
-            await self.mark_unpublished(task_id)
+        # One statement: whether the named task is claimable, and the claimed row (if any).
+        claim = (
+            "WITH named AS (SELECT status = 'queued' AND run_at <= "
+            f"{_NOW} AS due FROM conveyor_tasks WHERE id = $1), "
+            "target AS (SELECT id FROM conveyor_tasks WHERE status = 'queued' AND name = $2 "
+            f"AND run_at <= {_NOW} AND (SELECT due FROM named) "
+            "ORDER BY priority DESC, run_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED), "
+            "claimed AS (UPDATE conveyor_tasks t SET status = 'running', "
+            f"attempts = attempts + 1, worker_id = $3, lease_expires_at = {_NOW} + $4, "
+            f"started_at = {_NOW}, progress = 0, message = NULL FROM target "
+            f"WHERE t.id = target.id RETURNING {', '.join('t.' + c for c in COLUMNS.split(', '))}) "
+            "SELECT claimed.*, (SELECT due FROM named) FROM (SELECT 1) one "
+            "LEFT JOIN claimed ON TRUE"
+        )
+        args = (task_id, name, worker_id, lease_s)
+        async with self._conn() as conn:
+            if limit is None:  # one round trip
+                found = await conn.fetchrow(claim, *args)
+            else:
+                async with conn.transaction():
+                    room = (await _remaining(conn, {name: limit}))[name] > 0
+                    found = await conn.fetchrow(claim, *args) if room else None
+        row = None if found is None or found[1] is None else found
+        if (found is None or found[-1]) and (row is None or row[1] != task_id):
+            await self.mark_unpublished(task_id)  # after the commit: no lock of ours is held
         if row is None:
             return None
         self._queued_count -= 1

@@ -1,0 +1,191 @@
+"""Conveyor on Celery vs plain Celery, same broker (Redis) and worker settings; prints a table.
+
+- plain: a no-op Celery task (JSON, acks_late, prefetch 1) that bumps a Redis counter so the
+  run's end is visible without a result backend;
+- conveyor: `demo.echo` through Conveyor's Celery engine (PostgreSQL store: commit, publish,
+  claim, run, record);
+- each: N tasks published as fast as one client can, with the worker(s) already up, timed
+  from the first publish to the last task done; rounds alternate; medians reported.
+- scaling: the Conveyor run with 1 and 2 prefork worker processes.
+
+Run: `.venv/bin/python benchmarks/celery_engine.py` (starts its own PostgreSQL and Redis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+
+from tests.services import PostgresServer, RedisServer  # noqa: E402
+
+from conveyor import Settings, TaskStatus  # noqa: E402
+from conveyor.service import build_yard  # noqa: E402
+
+PLAIN_APP = """
+import os, redis
+from celery import Celery
+app = Celery("plain", broker=os.environ["BROKER"], set_as_current=True)
+app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True,
+                task_acks_late=True, task_reject_on_worker_lost=True,
+                worker_prefetch_multiplier=1, task_default_queue=os.environ["QUEUE"],
+                worker_hijack_root_logger=False)
+counter = redis.Redis.from_url(os.environ["BROKER"])
+
+@app.task(name="noop")
+def noop(i):
+    counter.incr(os.environ["QUEUE"] + ":done")
+"""
+
+
+def start_worker(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a worker logging to ``log`` (a pipe left unread would stall it); wait until ready."""
+    with log.open("wb") as out:
+        worker = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while b" ready." not in log.read_bytes():
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the worker did not start:\n" + log.read_text()[-2000:])
+        time.sleep(0.05)
+    return worker
+
+
+def stop(worker: subprocess.Popen[bytes]) -> None:
+    worker.terminate()
+    try:
+        worker.wait(20)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+def plain_round(n: int, broker: str, processes: int, work: Path) -> float:
+    queue = f"plain-{uuid.uuid4().hex[:8]}"
+    (work / "plain_app.py").write_text(PLAIN_APP)
+    env = {**os.environ, "BROKER": broker, "QUEUE": queue, "PYTHONPATH": str(work)}
+    worker = start_worker(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "plain_app",
+            "worker",
+            "--pool=prefork",
+            f"--concurrency={processes}",
+            f"--queues={queue}",
+            "--loglevel=INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        env,
+        work / "plain.log",
+    )
+    try:
+        sys.path.insert(0, str(work))
+        os.environ.update(BROKER=broker, QUEUE=queue)
+        import importlib
+
+        plain_app = importlib.import_module("plain_app")
+        plain_app = importlib.reload(plain_app)
+        counter = redis.Redis.from_url(broker)
+        started = time.perf_counter()
+        with plain_app.app.producer_or_acquire() as producer:
+            for i in range(n):
+                plain_app.noop.apply_async((i,), producer=producer)
+        while int(counter.get(f"{queue}:done") or 0) < n:
+            time.sleep(0.01)
+        return n / (time.perf_counter() - started)
+    finally:
+        stop(worker)
+
+
+async def conveyor_submit(n: int, settings: Settings) -> float:
+    yard = build_yard(settings, run_workers=False)
+    echo = yard.task_types["demo.echo"]
+    async with yard:
+        started = time.perf_counter()
+        for chunk in range(0, n, 200):
+            await asyncio.gather(*(echo.submit(i) for i in range(chunk, min(n, chunk + 200))))
+        submitted = time.perf_counter() - started
+        while (await yard.store.count_by_status())[TaskStatus.COMPLETED] < n:
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        print(f"  (conveyor: submitted in {submitted:.2f} s, done in {elapsed:.2f} s)", flush=True)
+        return n / elapsed
+
+
+def conveyor_round(n: int, broker: str, pg: PostgresServer, processes: int, work: Path) -> float:
+    settings = Settings(
+        engine="celery",
+        database_url=pg.create_database(),
+        broker_url=broker,
+        celery_queue=f"conveyor-{uuid.uuid4().hex[:8]}",
+        data_dir=work,
+        max_queued=None,
+    )
+    env = {
+        **os.environ,
+        "CONVEYOR_ENGINE": "celery",
+        "CONVEYOR_DATABASE_URL": settings.store_url,
+        "CONVEYOR_BROKER_URL": broker,
+        "CONVEYOR_CELERY_QUEUE": settings.celery_queue,
+        "CONVEYOR_DATA_DIR": str(work),
+        "CONVEYOR_LOG_LEVEL": "info",
+        "PYTHONPATH": str(HERE.parent),
+    }
+    worker = start_worker(
+        [sys.executable, "-m", "conveyor", "worker", "--processes", str(processes)],
+        env,
+        work / "conveyor.log",
+    )
+    try:
+        return asyncio.run(conveyor_submit(n, settings))
+    finally:
+        stop(worker)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-n", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    options = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
+    pg = PostgresServer().start()
+    broker = RedisServer(work / "redis").start()
+    try:
+        plain, conveyor, single = [], [], []
+        for _ in range(options.rounds):
+            plain.append(plain_round(options.n, broker.url(), 2, work))
+            conveyor.append(conveyor_round(options.n, broker.url(), pg, 2, work))
+            single.append(conveyor_round(options.n, broker.url(), pg, 1, work))
+            print(
+                f"round: plain {plain[-1]:.0f}/s, conveyor {conveyor[-1]:.0f}/s, "
+                f"conveyor 1 process {single[-1]:.0f}/s",
+                flush=True,
+            )
+        p, c, s = (statistics.median(x) for x in (plain, conveyor, single))
+        print(f"\n{options.n} no-op tasks, Redis broker, prefork, medians of {options.rounds}")
+        print(f"  plain Celery, 2 processes      {p:8.0f} tasks/s")
+        print(f"  Conveyor on Celery, 2 processes {c:7.0f} tasks/s   ratio {c / p:.2f} (≥ 0.8)")
+        print(f"  Conveyor on Celery, 1 process   {s:7.0f} tasks/s   2 vs 1: {c / s:.2f}x")
+    finally:
+        broker.stop()
+        pg.stop()
+        pg.remove()
+
+
+if __name__ == "__main__":
+    main()
