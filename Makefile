@@ -21,12 +21,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/conveyor serve --host $(HOST) --port $(PORT)
 
-# The tests start their own PostgreSQL and Redis servers (free loopback ports, temporary
-# folders) from Debian's packages, installed here when missing.
+# The tests start their own PostgreSQL, Redis and RabbitMQ servers (free loopback ports,
+# temporary folders) from Debian's packages, installed here when missing.
 services:
 	@command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
+	  && test -x /usr/lib/rabbitmq/bin/rabbitmq-server \
 	|| $(SUDO) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	   apt-get install -y -qq --no-install-recommends redis-server postgresql'
+	   apt-get install -y -qq --no-install-recommends redis-server postgresql rabbitmq-server'
 
 test: $(STAMP) services
 	$(PY) -m pytest

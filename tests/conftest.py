@@ -17,9 +17,10 @@ from conveyor import Conveyor, Settings
 from conveyor.status import TaskStatus
 
 from . import tasks
-from .services import PostgresServer, RedisServer
+from .services import PostgresServer, RabbitMQServer, RedisServer
 
-ENGINES = ["local", "celery"]
+# "celery" uses Redis as the broker, "celery-amqp" RabbitMQ; both use PostgreSQL.
+ENGINES = ["local", "celery", "celery-amqp"]
 # Modules whose tests run on every engine; the others run on the embedded one.
 EVERY_ENGINE = {"test_engine_contract"}
 
@@ -56,16 +57,27 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]:
+    server = RabbitMQServer(tmp_path_factory.mktemp("rabbitmq")).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def engine_settings(engine: str, request: pytest.FixtureRequest) -> dict[str, Any]:
     """What the engine needs beyond the defaults: for Celery, a new database and queue."""
-    if engine != "celery":
-        return {}
+    if engine == "local":
+        return {"engine": "local"}
     postgres: PostgresServer = request.getfixturevalue("postgres")
-    redis: RedisServer = request.getfixturevalue("redis_server")
+    if engine == "celery-amqp":
+        broker_url = request.getfixturevalue("rabbitmq").url()
+    else:
+        broker_url = request.getfixturevalue("redis_server").url()
     return {
+        "engine": "celery",
         "database_url": postgres.create_database(),
-        "broker_url": redis.url(),
+        "broker_url": broker_url,
         "celery_queue": f"q-{uuid.uuid4().hex[:10]}",
         "sweep_s": 0.05,
         "republish_after_s": 3.0,
@@ -78,7 +90,6 @@ def make_settings(
 ) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "engine": engine,
             "data_dir": tmp_path,
             "lease_s": 2.0,
             "poll_s": 0.02,

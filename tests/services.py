@@ -159,3 +159,61 @@ class RedisServer:
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
+
+
+class RabbitMQServer:
+    """A throwaway RabbitMQ node (Debian's rabbitmq-server) on free loopback ports.
+
+    Everything it writes lives in its own temporary folder; its Erlang distribution and port
+    mapper listen on free ports too, so it does not meet another node on the machine.
+    """
+
+    BINARY = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def available(cls) -> bool:
+        return Path(cls.BINARY).exists()
+
+    def start(self) -> RabbitMQServer:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / ".erlang.cookie").write_text(uuid.uuid4().hex)
+        (self.root / ".erlang.cookie").chmod(0o400)
+        name = f"conveyor{self.port}@localhost"
+        env = {
+            **os.environ,
+            "HOME": str(self.root),
+            "RABBITMQ_NODENAME": name,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "ERL_EPMD_PORT": str(free_port()),
+            "RABBITMQ_MNESIA_BASE": str(self.root / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.root / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.root / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.root / "rabbitmq"),
+        }
+        (self.root / "enabled_plugins").write_text("[].\n")
+        (self.root / "rabbitmq.conf").write_text("loopback_users = none\n")
+        self.process = subprocess.Popen(
+            [self.BINARY],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for_port(self.port, timeout_s=90)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            os.killpg(self.process.pid, 9)
+            self.process.wait(10)
+            self.process = None
+
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"

@@ -296,8 +296,13 @@ class CeleryEngine:
 
         class _Worker(WorkController):  # type: ignore[misc]
             def on_consumer_ready(self, consumer: Any) -> None:
+                if self.hub is not None:  # wake the event hub often enough to notice a stop
+                    self.hub.call_repeatedly(0.2, lambda: None)
                 ready.set()
 
+        from kombu.asynchronous import set_event_loop
+
+        set_event_loop(None)  # a fresh event hub: an earlier embedded worker's is closed
         self.celery.finalize()
         # Celery's thread pool looks tasks up on the process's default app.
         self.celery.set_default()

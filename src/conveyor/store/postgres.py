@@ -117,6 +117,7 @@ class PostgresStore:
         self._subscribers: dict[str, list[Callable[[str], None]]] = {}
         self._queued_count = 0
         self._queued_counted_at = 0.0
+        self._background: set[asyncio.Future[None]] = set()
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -142,6 +143,8 @@ class PostgresStore:
         self._pool = pool
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
         if self._listen_task is not None:
             self._listen_task.cancel()
             await asyncio.gather(self._listen_task, return_exceptions=True)
@@ -353,7 +356,10 @@ class PostgresStore:
                     found = await conn.fetchrow(claim, *args) if room else None
         row = None if found is None or found[1] is None else found
         if (found is None or found[-1]) and (row is None or row[1] != task_id):
-            await self.mark_unpublished(task_id)  # after the commit: no lock of ours is held
+            # after the commit (no lock of ours is held), and without delaying the claimed task
+            unpublish = asyncio.ensure_future(self._unpublish_quietly(task_id))
+            self._background.add(unpublish)
+            unpublish.add_done_callback(self._background.discard)
         if row is None:
             return None
         self._queued_count -= 1
@@ -380,6 +386,12 @@ class PostgresStore:
                 n,
             )
         return [(row[0], row[1], row[2]) for row in rows]
+
+    async def _unpublish_quietly(self, task_id: str) -> None:
+        try:
+            await self.mark_unpublished(task_id)
+        except StoreUnavailable as exc:  # the stale-message sweep sends it later
+            logger.warning("task %s waits for the stale-message sweep: %s", task_id, exc)
 
     async def mark_unpublished(self, task_id: str) -> None:
         """Its message could not be sent: the next sweep sends it."""
