@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/images.py
 	$(PY) benchmarks/csvstats.py
+	$(PY) benchmarks/celery_engine.py
 
 clean:
 	rm -rf $(VENV) var
