@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -220,3 +221,19 @@ def test_postgres_down_answers_503_and_recovers(
     finally:
         postgres.stop()
         postgres.remove()
+
+
+def test_celery_own_tools_see_the_workers(deploy: Any) -> None:
+    deployment = deploy()
+    deployment.worker(processes=1)
+    inspect = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "conveyor.celery_app", "inspect", "registered"],
+        env=deployment.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert inspect.returncode == 0, inspect.stdout + inspect.stderr
+    assert "1 node online" in inspect.stdout
+    for name in ("demo.echo", "demo.sleep", "images.transform"):
+        assert name in inspect.stdout
