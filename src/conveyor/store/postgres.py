@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS conveyor_tasks (
     worker_id TEXT,
     lease_expires_at DOUBLE PRECISION,
     result_blob TEXT,
-    published_at DOUBLE PRECISION
+    published_at DOUBLE PRECISION,
+    stolen BOOLEAN NOT NULL DEFAULT FALSE
 );
 CREATE INDEX IF NOT EXISTS conveyor_tasks_ready ON conveyor_tasks (priority DESC, run_at, seq)
     WHERE status = 'queued';
@@ -323,26 +324,38 @@ class PostgresStore:
     ) -> TaskRecord | None:
         """Claim for the task a message names; None when the message is to be dropped.
 
-        The message is dropped when its task is finished, cancelled, running elsewhere, or not
-        yet due (a retry waiting for its backoff). Otherwise it stands for its type: the best
-        queued task of that type is claimed (priority, then due date, then submission order),
-        usually the named one, so the store's order holds whatever order concurrent consumers
-        receive messages in. A type with a concurrency ``limit`` is claimed under the type's
-        lock, within the limit, across every worker. When the named task stays queued (no room,
-        or another task was taken instead), its ``published_at`` is cleared and the sweeper
-        sends it again.
+        A message stands for its type: the best queued task of that type is claimed (priority,
+        then due date, then submission order), so the store's order holds whatever order
+        concurrent consumers receive messages in. Usually that is the named task. When it is
+        another one, whose own message is still in flight, that task is marked ``stolen`` and
+        its message, when it comes, claims in turn for the type instead of being dropped: one
+        message, one claim, and no task left without a message.
+
+        Otherwise the message is dropped: its task is finished, cancelled, running elsewhere, or
+        not yet due (a retry waiting for its backoff). A type with a concurrency ``limit`` is
+        claimed under the type's lock, within the limit, across every worker. When the named
+        task stays queued with no message (no room for its type), its ``published_at`` is
+        cleared and the sweeper sends it again.
         """
-        # One statement: whether the named task is claimable, and the claimed row (if any).
+        # One statement. ``named``: whether the named task is claimable, or was taken by a
+        # message that named another task (``stolen``: this message then stands in for that
+        # one). ``target``: the best queued task of the type. ``claimed``: it, now running; if it
+        # still has a message in flight, that message becomes a stand-in (``stolen``).
         claim = (
-            "WITH named AS (SELECT status = 'queued' AND run_at <= "
-            f"{_NOW} AS due FROM conveyor_tasks WHERE id = $1), "
-            "target AS (SELECT id FROM conveyor_tasks WHERE status = 'queued' AND name = $2 "
-            f"AND run_at <= {_NOW} AND (SELECT due FROM named) "
+            f"WITH named AS (SELECT status = 'queued' AND run_at <= {_NOW} AS due, "
+            "status <> 'queued' AND stolen AS stand_in FROM conveyor_tasks WHERE id = $1), "
+            "target AS (SELECT id, published_at FROM conveyor_tasks WHERE status = 'queued' "
+            f"AND name = $2 AND run_at <= {_NOW} "
+            "AND ((SELECT due FROM named) OR (SELECT stand_in FROM named)) "
             "ORDER BY priority DESC, run_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED), "
             "claimed AS (UPDATE conveyor_tasks t SET status = 'running', "
             f"attempts = attempts + 1, worker_id = $3, lease_expires_at = {_NOW} + $4, "
-            f"started_at = {_NOW}, progress = 0, message = NULL FROM target "
-            f"WHERE t.id = target.id RETURNING {', '.join('t.' + c for c in COLUMNS.split(', '))}) "
+            f"started_at = {_NOW}, progress = 0, message = NULL, "
+            "stolen = (t.id <> $1 AND target.published_at IS NOT NULL) FROM target "
+            f"WHERE t.id = target.id RETURNING {', '.join('t.' + c for c in COLUMNS.split(', '))}, "
+            "target.published_at IS NULL AS no_message), "
+            "used AS (UPDATE conveyor_tasks SET stolen = FALSE WHERE id = $1 "
+            "AND (SELECT stand_in FROM named) AND EXISTS (SELECT 1 FROM claimed)) "
             "SELECT claimed.*, (SELECT due FROM named) FROM (SELECT 1) one "
             "LEFT JOIN claimed ON TRUE"
         )
@@ -355,7 +368,9 @@ class PostgresStore:
                     room = (await _remaining(conn, {name: limit}))[name] > 0
                     found = await conn.fetchrow(claim, *args) if room else None
         row = None if found is None or found[1] is None else found
-        if (found is None or found[-1]) and (row is None or row[1] != task_id):
+        # The named task stays queued without a message: when nothing was claimed, or when the
+        # task taken instead had no message of its own left to stand in for it.
+        if (found is None or found[-1]) and (row is None or (row[1] != task_id and row[-2])):
             # after the commit (no lock of ours is held), and without delaying the claimed task
             unpublish = asyncio.ensure_future(self._unpublish_quietly(task_id))
             self._background.add(unpublish)
