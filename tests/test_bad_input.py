@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from conveyor.service import create_app
 
-from .conftest import LiveServer
+from .conftest import LiveServer, follow
 from .test_http import service_settings
 
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
@@ -129,6 +129,19 @@ def test_submit_wrong_content_type(
 ) -> None:
     response = post_raw(client, '{"name": "demo.echo"}', content_type)
     assert_clear_4xx(response, status, "application/json")
+
+
+def test_integers_past_64_bits_are_answered_and_kept(client: httpx.Client) -> None:
+    """Valid JSON that orjson refuses to write (found by schemathesis): stored and echoed."""
+    body = '{"name": "demo.echo", "args": {"value": {"big": 86234331010861334528}}}'
+    response = post_raw(client, body)
+    assert response.status_code == 202, response.text
+    assert response.json()["args"]["value"]["big"] == 86234331010861334528
+    task, _ = follow(client, response.json()["id"])
+    assert task["status"] == "completed"
+    assert task["result"] == {"big": 86234331010861334528}
+    listed = client.get("/tasks").json()
+    assert any(t["id"] == task["id"] for t in listed["items"])
 
 
 def test_oversized_body(client: httpx.Client) -> None:

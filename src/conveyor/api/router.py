@@ -1,5 +1,6 @@
 """The ``/tasks`` API of DESIGN.md as a FastAPI router bound to one Conveyor instance."""
 
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -86,8 +87,12 @@ _KEY = re.compile(KEY_PATTERN)
 def json_response(
     body: Any, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
+    try:
+        content = orjson.dumps(body)
+    except TypeError:  # integers past 64 bits, lone surrogates: valid JSON orjson will not write
+        content = json.dumps(body, separators=(",", ":")).encode()
     return Response(
-        orjson.dumps(body),
+        content,
         status_code=status_code,
         media_type="application/json",
         headers=headers,
