@@ -188,6 +188,23 @@ def test_restart_redis_mid_batch(deploy: Any, tmp_path: Path) -> None:
         redis.stop()
 
 
+def test_tasks_submitted_while_the_broker_is_down_run_once_it_is_up(
+    deploy: Any, tmp_path: Path
+) -> None:
+    redis = RedisServer(tmp_path / "late-redis")  # its port is chosen, nothing listens yet
+    deployment = deploy(redis.url())
+    deployment.api()
+    try:
+        with deployment.client() as client:
+            ids = submit(client, 5)  # a 202 means committed in the store, broker or not
+            assert {row[1] for row in deployment.rows()} == {"queued"}
+            redis.start()
+            deployment.worker(processes=1)
+            assert_all_completed_once(deployment, client, ids)
+    finally:
+        redis.stop()
+
+
 def test_postgres_down_answers_503_and_recovers(
     tmp_path: Path, redis_server: RedisServer, serve: Any
 ) -> None:

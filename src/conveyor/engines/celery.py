@@ -179,25 +179,30 @@ class _Publisher:
         app = self._engine.celery
         options = self._engine.settings
         broker_url = options.broker_url or ""
-        with app.producer_or_acquire() as producer:
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    return
-                task_id, name, priority = item
-                try:
-                    app.send_task(
-                        name,
-                        args=[task_id],
-                        queue=options.celery_queue,
-                        priority=broker_priority(priority, broker_url),
-                        producer=producer,
-                        retry=True,
-                        retry_policy={"max_retries": 2, "interval_start": 0.1},
-                    )
-                except Exception as exc:
-                    logger.warning("could not publish task %s: %s", task_id, exc)
-                    self._engine.publish_failed(task_id)
+        while True:  # a broker that is down (even at start) only delays messages
+            try:
+                with app.producer_or_acquire() as producer:
+                    while True:
+                        item = self._queue.get()
+                        if item is None:
+                            return
+                        task_id, name, priority = item
+                        try:
+                            app.send_task(
+                                name,
+                                args=[task_id],
+                                queue=options.celery_queue,
+                                priority=broker_priority(priority, broker_url),
+                                producer=producer,
+                                retry=True,
+                                retry_policy={"max_retries": 2, "interval_start": 0.1},
+                            )
+                        except Exception as exc:
+                            logger.warning("could not publish task %s: %s", task_id, exc)
+                            self._engine.publish_failed(task_id)
+            except Exception as exc:
+                logger.warning("the broker is unreachable: %s", exc)
+                time.sleep(1.0)
 
 
 class CeleryEngine:
