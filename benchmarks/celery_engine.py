@@ -94,17 +94,15 @@ def plain_round(n: int, broker: str, processes: int, work: Path) -> float:
         work / "plain.log",
     )
     try:
-        sys.path.insert(0, str(work))
-        os.environ.update(BROKER=broker, QUEUE=queue)
-        import importlib
+        from celery import Celery
 
-        plain_app = importlib.import_module("plain_app")
-        plain_app = importlib.reload(plain_app)
+        client = Celery("plain-client", broker=broker, set_as_current=False)
+        client.conf.update(task_serializer="json", task_default_queue=queue)
         counter = redis.Redis.from_url(broker)
         started = time.perf_counter()
-        with plain_app.app.producer_or_acquire() as producer:
+        with client.producer_or_acquire() as producer:
             for i in range(n):
-                plain_app.noop.apply_async((i,), producer=producer)
+                client.send_task("noop", args=(i,), queue=queue, producer=producer)
         while int(counter.get(f"{queue}:done") or 0) < n:
             time.sleep(0.01)
         return n / (time.perf_counter() - started)
