@@ -119,6 +119,9 @@ class PostgresStore:
         self._queued_count = 0
         self._queued_counted_at = 0.0
         self._background: set[asyncio.Future[None]] = set()
+        self._pending_inserts: list[
+            tuple[TaskRecord, str, asyncio.Future[tuple[TaskRecord, bool]]]
+        ] = []
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -222,16 +225,22 @@ class PostgresStore:
     async def insert(
         self, record: TaskRecord, *, args_json: str, max_queued: int | None
     ) -> tuple[TaskRecord, bool]:
+        if record.idempotency_key is None:  # grouped with the other inserts of this loop turn
+            future: asyncio.Future[tuple[TaskRecord, bool]] = (
+                asyncio.get_running_loop().create_future()
+            )
+            if not self._pending_inserts:
+                asyncio.get_running_loop().call_soon(self._flush_inserts, max_queued)
+            self._pending_inserts.append((record, args_json, future))
+            return await future
         async with self._conn() as conn:
-            if record.idempotency_key is not None:
-                row = await conn.fetchrow(
-                    f"SELECT {COLUMNS} FROM conveyor_tasks WHERE owner = $1 "
-                    "AND idempotency_key = $2",
-                    record.owner,
-                    record.idempotency_key,
-                )
-                if row is not None:
-                    return record_from_row(row), False
+            row = await conn.fetchrow(
+                f"SELECT {COLUMNS} FROM conveyor_tasks WHERE owner = $1 AND idempotency_key = $2",
+                record.owner,
+                record.idempotency_key,
+            )
+            if row is not None:
+                return record_from_row(row), False
             if max_queued is not None and await self._queued(conn) >= max_queued:
                 raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
             seq = await conn.fetchval(
@@ -264,6 +273,61 @@ class PostgresStore:
         record.seq = seq
         self._queued_count += 1
         return record, True
+
+    def _flush_inserts(self, max_queued: int | None) -> None:
+        batch, self._pending_inserts = self._pending_inserts, []
+        work = asyncio.ensure_future(self._insert_batch(batch, max_queued))
+        self._background.add(work)
+        work.add_done_callback(self._background.discard)
+
+    async def _insert_batch(
+        self,
+        batch: list[tuple[TaskRecord, str, asyncio.Future[tuple[TaskRecord, bool]]]],
+        max_queued: int | None,
+    ) -> None:
+        """One statement for every insert made during one turn of the event loop; each caller
+        resumes once the rows are committed."""
+        try:
+            async with self._conn() as conn:
+                if max_queued is not None:
+                    room = max(max_queued - await self._queued(conn), 0)
+                    for _, _, refused in batch[room:]:
+                        refused.set_exception(
+                            QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
+                        )
+                    batch = batch[:room]
+                if not batch:
+                    return
+                records = [record for record, _, _ in batch]
+                rows = await conn.fetch(
+                    "INSERT INTO conveyor_tasks (id, name, owner, status, priority, args, "
+                    "max_attempts, timeout_s, created_at, run_at, published_at) "
+                    "SELECT i, n, o, s, p, a, m, t, c, r, CASE WHEN r <= c THEN c END FROM unnest("
+                    "$1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], "
+                    "$7::int[], $8::float8[], $9::float8[], $10::float8[]) "
+                    "AS u(i, n, o, s, p, a, m, t, c, r) RETURNING id, seq",
+                    [r.id for r in records],
+                    [r.name for r in records],
+                    [r.owner for r in records],
+                    [r.status.value for r in records],
+                    [r.priority for r in records],
+                    [args for _, args, _ in batch],
+                    [r.max_attempts for r in records],
+                    [r.timeout_s for r in records],
+                    [r.created_at for r in records],
+                    [r.run_at for r in records],
+                )
+        except Exception as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        seqs = {row[0]: row[1] for row in rows}
+        self._queued_count += len(rows)
+        for record, _, future in batch:
+            record.seq = seqs[record.id]
+            if not future.done():
+                future.set_result((record, True))
 
     async def _queued(self, conn: asyncpg.Connection) -> int:
         # Counted at most every _QUEUED_RECOUNT_S: the bound is approximate by that much.
