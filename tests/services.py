@@ -14,9 +14,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
+import threading
 import uuid
 from pathlib import Path
+from typing import Any
+
+Popen = subprocess.Popen[str]
 
 
 def free_port() -> int:
@@ -25,16 +28,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on 127.0.0.1:{port}") from None
-            time.sleep(0.02)
+def start_logged(args: list[str], ready: str, *, timeout_s: float = 30.0, **popen: Any) -> Popen:
+    """Start a server and wait until it prints ``ready``; its output keeps being read (a full
+    pipe would stall it)."""
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+    seen = threading.Event()
+    lines: list[str] = []
+
+    def read() -> None:
+        assert process.stdout is not None
+        with process.stdout:  # closed here, at the end of the output
+            for line in process.stdout:
+                lines.append(line)
+                if ready in line:
+                    seen.set()
+        seen.set()  # the process ended
+
+    threading.Thread(target=read, daemon=True).start()
+    if not seen.wait(timeout_s) or process.poll() is not None:
+        process.kill()
+        raise RuntimeError(f"{args[0]} did not start:\n" + "".join(lines[-20:]))
+    return process
 
 
 def _pg_bin(tool: str) -> str:
@@ -124,14 +140,14 @@ class RedisServer:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Popen | None = None
 
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is missing: run `make test` (it installs it)")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
+        self.process = start_logged(
             [
                 binary,
                 "--port",
@@ -145,10 +161,8 @@ class RedisServer:
                 "--dir",
                 str(self.root),
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            "Ready to accept connections",
         )
-        wait_for_port(self.port)
         return self
 
     def stop(self) -> None:
@@ -173,7 +187,7 @@ class RabbitMQServer:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Popen | None = None
 
     @classmethod
     def available(cls) -> bool:
@@ -199,14 +213,9 @@ class RabbitMQServer:
         }
         (self.root / "enabled_plugins").write_text("[].\n")
         (self.root / "rabbitmq.conf").write_text("loopback_users = none\n")
-        self.process = subprocess.Popen(
-            [self.BINARY],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        self.process = start_logged(
+            [self.BINARY], "completed with", timeout_s=90, env=env, start_new_session=True
         )
-        wait_for_port(self.port, timeout_s=90)
         return self
 
     def stop(self) -> None:

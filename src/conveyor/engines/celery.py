@@ -42,8 +42,7 @@ from celery.exceptions import Reject
 
 from ..errors import ConfigurationError, ConveyorError
 from ..record import TaskRecord
-from .local import recover
-from .runner import Runner, new_worker_id, recovery_interval_s
+from .runner import Runner, new_worker_id, recover, recovery_interval_s
 
 if TYPE_CHECKING:
     from ..core import Conveyor

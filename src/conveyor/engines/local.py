@@ -16,30 +16,12 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConveyorError
 from ..record import TaskRecord
-from .runner import Runner, new_worker_id, recovery_interval_s
+from .runner import Runner, new_worker_id, recover, recovery_interval_s
 
 if TYPE_CHECKING:
     from ..core import Conveyor
 
 logger = logging.getLogger("conveyor.engine")
-
-
-async def recover(yard: Conveyor) -> bool:
-    """Recover the tasks whose lease expired; whether any was put back in the queue."""
-    try:
-        recovered = await yard.store.recover_expired()
-    except ConveyorError as exc:
-        logger.error("recovery failed: %s", exc)
-        return False
-    for record in recovered:
-        logger.warning(
-            "recovered task %s (%s) from a lost worker: now %s",
-            record.id,
-            record.name,
-            record.status.value,
-        )
-        yard.notify(record.id)
-    return bool(recovered)
 
 
 class LocalEngine:

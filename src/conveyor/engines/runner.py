@@ -53,6 +53,24 @@ def recovery_interval_s(lease_s: float) -> float:
     return min(max(lease_s / 4, 0.25), 5.0)
 
 
+async def recover(yard: Conveyor) -> bool:
+    """Recover the tasks whose lease expired; whether any was put back in the queue."""
+    try:
+        recovered = await yard.store.recover_expired()
+    except ConveyorError as exc:
+        logger.error("recovery failed: %s", exc)
+        return False
+    for record in recovered:
+        logger.warning(
+            "recovered task %s (%s) from a lost worker: now %s",
+            record.id,
+            record.name,
+            record.status.value,
+        )
+        yard.notify(record.id)
+    return bool(recovered)
+
+
 def heartbeat_interval_s(lease_s: float) -> float:
     return min(lease_s / 3, 1.0)
 

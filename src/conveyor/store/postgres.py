@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -93,6 +93,28 @@ CREATE TRIGGER conveyor_tasks_changed
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
 _MIGRATIONS: dict[int, str] = {}
 
+# One statement. ``named``: whether the named task is claimable, or was taken by a
+# message that named another task (``stolen``: this message then stands in for that
+# one). ``target``: the best queued task of the type. ``claimed``: it, now running; if it
+# still has a message in flight, that message becomes a stand-in (``stolen``).
+_CLAIM_ONE = (
+    f"WITH named AS (SELECT status = 'queued' AND run_at <= {_NOW} AS due, "
+    "status <> 'queued' AND stolen AS stand_in FROM conveyor_tasks WHERE id = $1), "
+    "target AS (SELECT id, published_at FROM conveyor_tasks WHERE status = 'queued' "
+    f"AND name = $2 AND run_at <= {_NOW} "
+    "AND ((SELECT due FROM named) OR (SELECT stand_in FROM named)) "
+    "ORDER BY priority DESC, run_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED), "
+    "claimed AS (UPDATE conveyor_tasks t SET status = 'running', "
+    f"attempts = attempts + 1, worker_id = $3, lease_expires_at = {_NOW} + $4, "
+    f"started_at = {_NOW}, progress = 0, message = NULL, "
+    "stolen = (t.id <> $1 AND target.published_at IS NOT NULL) FROM target "
+    f"WHERE t.id = target.id RETURNING {', '.join('t.' + c for c in COLUMNS.split(', '))}, "
+    "target.published_at IS NULL AS no_message), "
+    "used AS (UPDATE conveyor_tasks SET stolen = FALSE WHERE id = $1 "
+    "AND (SELECT stand_in FROM named) AND EXISTS (SELECT 1 FROM claimed)) "
+    "SELECT claimed.*, (SELECT due FROM named) FROM (SELECT 1) one "
+    "LEFT JOIN claimed ON TRUE"
+)
 _QUEUED_RECOUNT_S = 0.25
 _CONNECTION_ERRORS = (
     OSError,
@@ -234,13 +256,9 @@ class PostgresStore:
             self._pending_inserts.append((record, args_json, future))
             return await future
         async with self._conn() as conn:
-            row = await conn.fetchrow(
-                f"SELECT {COLUMNS} FROM conveyor_tasks WHERE owner = $1 AND idempotency_key = $2",
-                record.owner,
-                record.idempotency_key,
-            )
-            if row is not None:
-                return record_from_row(row), False
+            existing = await _by_key(conn, record)
+            if existing is not None:
+                return existing, False
             if max_queued is not None and await self._queued(conn) >= max_queued:
                 raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
             seq = await conn.fetchval(
@@ -263,22 +281,22 @@ class PostgresStore:
                 record.idempotency_key,
             )
             if seq is None:  # a concurrent submission with the same key won
-                row = await conn.fetchrow(
-                    f"SELECT {COLUMNS} FROM conveyor_tasks WHERE owner = $1 "
-                    "AND idempotency_key = $2",
-                    record.owner,
-                    record.idempotency_key,
-                )
-                return record_from_row(row), False
+                winner = await _by_key(conn, record)
+                assert winner is not None
+                return winner, False
         record.seq = seq
         self._queued_count += 1
         return record, True
 
     def _flush_inserts(self, max_queued: int | None) -> None:
         batch, self._pending_inserts = self._pending_inserts, []
-        work = asyncio.ensure_future(self._insert_batch(batch, max_queued))
-        self._background.add(work)
-        work.add_done_callback(self._background.discard)
+        self._spawn(self._insert_batch(batch, max_queued))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background; ``close`` waits for it."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _insert_batch(
         self,
@@ -401,29 +419,7 @@ class PostgresStore:
         task stays queued with no message (no room for its type), its ``published_at`` is
         cleared and the sweeper sends it again.
         """
-        # One statement. ``named``: whether the named task is claimable, or was taken by a
-        # message that named another task (``stolen``: this message then stands in for that
-        # one). ``target``: the best queued task of the type. ``claimed``: it, now running; if it
-        # still has a message in flight, that message becomes a stand-in (``stolen``).
-        claim = (
-            f"WITH named AS (SELECT status = 'queued' AND run_at <= {_NOW} AS due, "
-            "status <> 'queued' AND stolen AS stand_in FROM conveyor_tasks WHERE id = $1), "
-            "target AS (SELECT id, published_at FROM conveyor_tasks WHERE status = 'queued' "
-            f"AND name = $2 AND run_at <= {_NOW} "
-            "AND ((SELECT due FROM named) OR (SELECT stand_in FROM named)) "
-            "ORDER BY priority DESC, run_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED), "
-            "claimed AS (UPDATE conveyor_tasks t SET status = 'running', "
-            f"attempts = attempts + 1, worker_id = $3, lease_expires_at = {_NOW} + $4, "
-            f"started_at = {_NOW}, progress = 0, message = NULL, "
-            "stolen = (t.id <> $1 AND target.published_at IS NOT NULL) FROM target "
-            f"WHERE t.id = target.id RETURNING {', '.join('t.' + c for c in COLUMNS.split(', '))}, "
-            "target.published_at IS NULL AS no_message), "
-            "used AS (UPDATE conveyor_tasks SET stolen = FALSE WHERE id = $1 "
-            "AND (SELECT stand_in FROM named) AND EXISTS (SELECT 1 FROM claimed)) "
-            "SELECT claimed.*, (SELECT due FROM named) FROM (SELECT 1) one "
-            "LEFT JOIN claimed ON TRUE"
-        )
-        args = (task_id, name, worker_id, lease_s)
+        claim, args = _CLAIM_ONE, (task_id, name, worker_id, lease_s)
         async with self._conn() as conn:
             if limit is None:  # one round trip
                 found = await conn.fetchrow(claim, *args)
@@ -436,9 +432,7 @@ class PostgresStore:
         # task taken instead had no message of its own left to stand in for it.
         if (found is None or found[-1]) and (row is None or (row[1] != task_id and row[-2])):
             # after the commit (no lock of ours is held), and without delaying the claimed task
-            unpublish = asyncio.ensure_future(self._unpublish_quietly(task_id))
-            self._background.add(unpublish)
-            unpublish.add_done_callback(self._background.discard)
+            self._spawn(self._unpublish_quietly(task_id))
         if row is None:
             return None
         self._queued_count -= 1
@@ -660,6 +654,16 @@ class PostgresStore:
         async with self._conn() as conn:
             rows = await conn.fetch("SELECT status, count(*) FROM conveyor_tasks GROUP BY status")
         return {status.value: 0 for status in TaskStatus} | {row[0]: row[1] for row in rows}
+
+
+async def _by_key(conn: asyncpg.Connection, record: TaskRecord) -> TaskRecord | None:
+    """The task already submitted by this owner with this idempotency key."""
+    row = await conn.fetchrow(
+        f"SELECT {COLUMNS} FROM conveyor_tasks WHERE owner = $1 AND idempotency_key = $2",
+        record.owner,
+        record.idempotency_key,
+    )
+    return None if row is None else record_from_row(row)
 
 
 async def _remaining(conn: asyncpg.Connection, limits: Mapping[str, int]) -> dict[str, int]:
