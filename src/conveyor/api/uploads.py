@@ -1,17 +1,25 @@
-"""Multipart uploads streamed straight to files on disk, under a size cap.
+"""Uploads streamed straight to files on disk, under a size cap.
 
 Starlette's form parser spools each file into a temporary file (in memory, then on disk, a thread
 hop per chunk) that then has to be copied again; measured here, that cost the server as much CPU
 per 4 MB image as decoding it. This parser writes each file part once, to a staging folder beside
 the blobs, so moving it into a task's folder is a rename.
+
+Writes go through :class:`PipelinedFile`: the bytes received are gathered into blocks of
+``BLOCK_BYTES`` and each block is written on a thread while the next one arrives (one block in
+flight, so memory stays bounded). Measured on a 1 GB upload, writing on the event loop cost
+1 to 2 s on top of the 1.3 s the server takes to receive it; overlapped, it takes 1.0 to 1.3 s.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fastapi import HTTPException, Request
 from python_multipart.exceptions import MultipartParseError
@@ -21,6 +29,70 @@ from ..errors import InvalidArguments
 from ..ids import uuid7
 
 MAX_FIELD_BYTES = 64 * 1024
+BLOCK_BYTES = 1 << 20
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+
+
+class PipelinedFile:
+    """A file written on a worker thread, one block at a time, while the caller receives more.
+
+    ``write()`` only gathers bytes (it may be called from a parser's synchronous callbacks);
+    ``await flush()`` hands a full block to the thread after the previous block is written, which
+    is the back-pressure; ``await close()`` writes the rest.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._in_flight: asyncio.Future[int] | None = None
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+
+    async def flush(self, *, final: bool = False) -> None:
+        if self._pending_bytes < BLOCK_BYTES and not (final and self._pending):
+            return
+        block, self._pending, self._pending_bytes = self._pending, [], 0
+        if self._in_flight is not None:
+            await self._in_flight
+        self._in_flight = asyncio.get_running_loop().run_in_executor(None, self._write, block)
+
+    def _write(self, block: list[bytes]) -> int:
+        """Write the chunks with as few system calls as possible (no joining copy)."""
+        views = [memoryview(chunk) for chunk in block]
+        total = 0
+        while views:
+            written = os.writev(self._fd, views[:_IOV_MAX])
+            total += written
+            while views and written >= len(views[0]):
+                written -= len(views.pop(0))
+            if written:
+                views[0] = views[0][written:]
+        return total
+
+    async def close(self) -> None:
+        try:
+            await self.flush(final=True)
+            if self._in_flight is not None:
+                await self._in_flight
+        finally:
+            self._in_flight = None
+            self._close_fd()
+
+    async def abort(self) -> None:
+        """Stop writing (the caller discards the file)."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            await asyncio.gather(in_flight, return_exceptions=True)
+        self._pending = []
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
 
 @dataclass(slots=True)
@@ -54,6 +126,24 @@ class Form:
             shutil.rmtree(self.staging, ignore_errors=True)
 
 
+def _capped(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
+    """The body's chunks; ``HTTPException(413)`` once past ``max_bytes`` (or when the declared
+    length already is)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"upload exceeds {max_bytes} bytes")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise HTTPException(413, f"upload exceeds {max_bytes} bytes")
+            yield chunk
+
+    return chunks()
+
+
 async def read_multipart(
     request: Request, *, staging_root: Path, max_bytes: int, max_files: int
 ) -> Form:
@@ -66,27 +156,24 @@ async def read_multipart(
     boundary = params.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         raise HTTPException(415, "this route takes multipart/form-data (with a boundary)")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(413, f"upload exceeds {max_bytes} bytes")
+    chunks = _capped(request, max_bytes)
     form = Form(staging=staging_root / f"upload-{uuid7()}")
     state = _PartState(form, max_files)
     parser = MultipartParser(boundary, state.callbacks(), max_header_count=16)
-    received = 0
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > max_bytes:
-                raise HTTPException(413, f"upload exceeds {max_bytes} bytes")
+        async for chunk in chunks:
             parser.write(chunk)
+            await state.flush()
         parser.finalize()
+        await state.flush()
         if state.open_file is not None or state.in_part:
             raise InvalidArguments("the multipart body ends in the middle of a part")
     except MultipartParseError as exc:
+        await state.abort()
         form.discard()
         raise InvalidArguments(f"malformed multipart body: {exc}") from exc
     except BaseException:
-        state.close()
+        await state.abort()
         form.discard()
         raise
     return form
@@ -102,7 +189,8 @@ class _PartState:
         self.name = ""
         self.filename: str | None = None
         self.buffer = bytearray()
-        self.open_file: IO[bytes] | None = None
+        self.open_file: PipelinedFile | None = None
+        self.closing: list[PipelinedFile] = []  # parts ended since the last flush
         self.size = 0
         self.in_part = False
 
@@ -143,7 +231,7 @@ class _PartState:
             assert self.form.staging is not None
             self.form.staging.mkdir(parents=True, exist_ok=True)
             path = self.form.staging / str(len(self.form.files))
-            self.open_file = path.open("wb")
+            self.open_file = PipelinedFile(path)
             self.form.files.append(UploadedFile(self.name, self.filename, path, 0))
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
@@ -157,38 +245,45 @@ class _PartState:
 
     def part_end(self) -> None:
         if self.open_file is not None:
-            self.close()
+            self.closing.append(self.open_file)
+            self.open_file = None
             self.form.files[-1].size = self.size
         else:
             self.form.fields[self.name] = self.buffer.decode("utf-8", "replace")
         self.in_part = False
 
-    def close(self) -> None:
+    async def flush(self) -> None:
+        """Write out what the parser gathered (the caller awaits this after each chunk)."""
+        while self.closing:
+            await self.closing.pop(0).close()
         if self.open_file is not None:
-            self.open_file.close()
-            self.open_file = None
+            await self.open_file.flush()
+
+    async def abort(self) -> None:
+        for file in [*self.closing, *([self.open_file] if self.open_file else [])]:
+            await file.abort()
+        self.closing, self.open_file = [], None
 
 
 async def read_body_to_file(
     request: Request, *, staging_root: Path, max_bytes: int, name: str = "body"
 ) -> Form:
     """A raw request body (``text/csv``, gzip…) streamed to one staged file under a cap."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(413, f"upload exceeds {max_bytes} bytes")
+    chunks = _capped(request, max_bytes)
     form = Form(staging=staging_root / f"upload-{uuid7()}")
     assert form.staging is not None
     form.staging.mkdir(parents=True, exist_ok=True)
     path = form.staging / "0"
     size = 0
+    file = PipelinedFile(path)
     try:
-        with path.open("wb") as file:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise HTTPException(413, f"upload exceeds {max_bytes} bytes")
-                file.write(chunk)
+        async for chunk in chunks:
+            size += len(chunk)
+            file.write(chunk)
+            await file.flush()
+        await file.close()
     except BaseException:
+        await file.abort()
         form.discard()
         raise
     form.files.append(UploadedFile("file", name, path, size))
