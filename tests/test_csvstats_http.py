@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,10 @@ def client(serve: Callable[[FastAPI], LiveServer], tmp_path: Path) -> Any:
     server = serve(create_app(service_settings(tmp_path, max_upload_bytes=100_000)))
     with server.client() as c:
         yield c
+
+
+def by_name(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {column["name"]: column for column in result["columns"]}
 
 
 def finished(client: httpx.Client, task_id: str) -> tuple[dict[str, Any], list[float]]:
@@ -78,6 +84,93 @@ def test_a_task_that_cannot_read_its_file_fails_clearly(client: httpx.Client) ->
     )
     task, _ = finished(client, response.json()["id"])
     assert task["status"] == "failed" and "unknown columns" in task["error"]["message"]
+    export = client.get(f"/csv-stats/{task['id']}/statistics.csv")  # no result to export
+    assert export.status_code == 409 and "failed" in export.json()["detail"]
+
+
+@pytest.mark.parametrize("how", ["raw", "multipart"])
+def test_uploads_over_several_write_blocks_arrive_whole(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path, how: str
+) -> None:
+    rows = 300_000  # about 5 MB: several of the upload writer's blocks
+    body = b"n,word\n" + b"".join(b"%d,w%d\n" % (i, i % 7) for i in range(rows))
+    server = serve(create_app(service_settings(tmp_path, max_upload_bytes=10_000_000)))
+    with server.client() as client:
+        if how == "raw":
+            response = client.post("/csv-stats", content=body, headers={"content-type": "text/csv"})
+        else:
+            response = client.post(
+                "/csv-stats",
+                files={"file": ("big.csv", body, "text/csv")},
+                data={"delimiter": ","},
+            )
+        assert response.status_code == 202, response.text
+        task, _ = finished(client, response.json()["id"])
+    assert task["status"] == "completed", task["error"]
+    columns = by_name(task["result"])
+    assert task["result"]["rows"] == rows and columns["n"]["max"] == rows - 1
+    assert columns["n"]["mean"] == pytest.approx((rows - 1) / 2)
+    assert columns["word"]["distinct"] == 7 and not task["result"]["warnings"]
+
+
+HOSTILE = (
+    b'"=HYPERLINK(""http://evil.example"")",amount,note\n'
+    b"1,-3.5,@SUM(A1)\n"
+    b'2,-1.5,"+1+2"\n'
+    b'3,4,"-2+3"\n'
+    b'4,,"\tstarts with a tab"\n'
+    b'5,2,"\rcarriage, return"\n'
+    b'6,1,"plain ""quoted"" text"\n'
+)
+
+
+def test_statistics_export_neutralises_formula_like_cells(client: httpx.Client) -> None:
+    response = client.post("/csv-stats", content=HOSTILE, headers={"content-type": "text/csv"})
+    task, _ = finished(client, response.json()["id"])
+    assert task["status"] == "completed", task["error"]
+    export = client.get(f"/csv-stats/{task['id']}/statistics.csv")
+    assert export.status_code == 200
+    assert export.headers["content-type"].startswith("text/csv")
+    assert "attachment" in export.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(export.text)))
+    names = [row["name"] for row in rows]
+    assert names == ['\'=HYPERLINK("http://evil.example")', "amount", "note"]
+    amount = rows[1]
+    # numbers stay numbers, even negative ones; the JSON result says the same
+    assert amount["type"] == "float" and float(amount["min"]) == -3.5 and amount["nulls"] == "1"
+    assert float(amount["mean"]) == pytest.approx((-3.5 - 1.5 + 4 + 2 + 1) / 5)
+    note = rows[2]
+    texts = {note[f"top_{rank}"] for rank in range(1, 6)} | {note["min"], note["max"]}
+    for cell in texts - {""}:  # text from the file never starts like a formula
+        assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
+    assert {"'@SUM(A1)", "'+1+2", "'-2+3", "'\tstarts with a tab"} <= texts | {note["min"]}
+    notes = ["@SUM(A1)", "+1+2", "-2+3", "\tstarts with a tab", "\rcarriage, return"]
+    notes.append('plain "quoted" text')
+    assert note["top_1_count"] == "1" and note["max_length"] == str(max(map(len, notes)))
+    assert 'plain "quoted" text' in texts
+
+
+def test_statistics_export_only_for_csv_tasks(client: httpx.Client) -> None:
+    echo = client.post("/tasks", json={"name": "demo.echo", "args": {"value": 1}}).json()
+    other = client.get(f"/csv-stats/{echo['id']}/statistics.csv")
+    assert other.status_code == 404 and "not a CSV statistics task" in other.json()["detail"]
+    missing = client.get("/csv-stats/01900000-0000-7000-8000-000000000000/statistics.csv")
+    assert missing.status_code == 404
+    assert client.get("/csv-stats/not-a-uuid/statistics.csv").status_code == 422
+
+
+def test_statistics_export_is_tenant_scoped(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path
+) -> None:
+    server = serve(create_app(service_settings(tmp_path, api_keys="alpha:ka,beta:kb")))
+    with (
+        server.client(headers={"Authorization": "Bearer ka"}) as alpha,
+        server.client(headers={"Authorization": "Bearer kb"}) as beta,
+    ):
+        task = alpha.post("/csv-stats", content=CSV, headers={"content-type": "text/csv"}).json()
+        finished(alpha, task["id"])
+        assert alpha.get(f"/csv-stats/{task['id']}/statistics.csv").status_code == 200
+        assert beta.get(f"/csv-stats/{task['id']}/statistics.csv").status_code == 404
 
 
 @pytest.mark.parametrize(

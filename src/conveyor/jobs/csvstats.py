@@ -13,7 +13,9 @@ of the frequent values. DuckDB runs with a memory limit and spills to disk past 
 from __future__ import annotations
 
 import codecs
+import csv
 import gzip
+import io
 import math
 import tempfile
 import threading
@@ -370,6 +372,60 @@ def _exact_pass(
         if "top_values" in column:
             ranked_top = sorted(tops.get(column["name"], []), key=lambda item: -item["count"])
             column["top_values"] = ranked_top
+
+
+EXPORT_FIELDS = (
+    "name",
+    "type",
+    "count",
+    "nulls",
+    "distinct",
+    "distinct_exact",
+    "min",
+    "max",
+    "mean",
+    "std",
+    "median",
+    "p25",
+    "p75",
+    "quantiles_exact",
+    "min_length",
+    "max_length",
+)
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralised(value: Any) -> str:
+    """A CSV cell that a spreadsheet shows as text, never runs as a formula.
+
+    Text from the file (column names, string extremes, frequent values) that starts with ``=``,
+    ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'``; numbers the statistics
+    computed are written as numbers (a negative mean stays a number).
+    """
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def statistics_csv(result: dict[str, Any]) -> str:
+    """The statistics of :func:`csv_statistics` as CSV text: a row per column of the file, with
+    ``top_1`` … ``top_5`` and their counts; every cell neutralised (see :func:`neutralised`)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    tops = [f"top_{rank}{suffix}" for rank in range(1, TOP_VALUES + 1) for suffix in ("", "_count")]
+    writer.writerow([*EXPORT_FIELDS, *tops])
+    for column in result.get("columns", []):
+        row = [neutralised(column.get(field)) for field in EXPORT_FIELDS]
+        for top in column.get("top_values", [])[:TOP_VALUES]:
+            row += [neutralised(top.get("value")), neutralised(top.get("count"))]
+        row += [""] * (len(EXPORT_FIELDS) + len(tops) - len(row))
+        writer.writerow(row)
+    return out.getvalue()
 
 
 def _rejects(con: Any) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from typing import TYPE_CHECKING, Annotated, Any
+from uuid import UUID
 
 from fastapi import APIRouter, Request, Response
 from pydantic import Field
@@ -15,10 +16,17 @@ from ..api.router import TaskOut, json_response, located_in_body
 from ..api.routing import raw_endpoint, strict_route_class
 from ..api.uploads import read_body_to_file, read_multipart
 from ..context import TaskContext
-from ..errors import ConveyorError, InvalidArguments, UnsupportedMediaType
+from ..errors import (
+    ConveyorError,
+    InvalidArguments,
+    TaskNotFound,
+    TaskStateConflict,
+    UnsupportedMediaType,
+)
 from ..ids import uuid7
+from ..status import TaskStatus
 from ..task import validated
-from .csvstats import CsvOptions, check_readable, csv_statistics
+from .csvstats import CsvOptions, check_readable, csv_statistics, statistics_csv
 
 if TYPE_CHECKING:
     from ..core import Conveyor
@@ -149,5 +157,49 @@ def build_csv_router(yard: Conveyor) -> APIRouter:
         finally:
             form.discard()
         return json_response(record.to_json(), 202, {"Location": f"/tasks/{record.id}"})
+
+    @router.get(
+        "/csv-stats/{task_id}/statistics.csv",
+        summary="The statistics of a finished CSV task, as CSV (formula-like cells neutralised)",
+        responses={
+            200: {"description": "A row per column of the file", "content": {"text/csv": {}}},
+            **documented(404, 409, 422),
+        },
+        openapi_extra={
+            "parameters": [
+                {
+                    "name": "task_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "format": "uuid"},
+                }
+            ]
+        },
+        response_class=Response,
+    )
+    @raw_endpoint
+    async def export_csv(request: Request) -> Response:
+        owner = await tenant(request)
+        raw_id = request.path_params["task_id"]
+        try:
+            task_id = UUID(raw_id)
+        except ValueError:
+            raise InvalidArguments(
+                "invalid task id",
+                details=[{"loc": ["path", "task_id"], "msg": "not a UUID", "type": "uuid_parsing"}],
+            ) from None
+        record = await yard.get(str(task_id), owner=owner)
+        if record.name != "csv.stats":
+            raise TaskNotFound(f"task {record.id} is not a CSV statistics task")
+        if record.status is not TaskStatus.COMPLETED:
+            raise TaskStateConflict(f"task {record.id} is {record.status.value}; it has no result")
+        return Response(
+            statistics_csv(record.result),
+            media_type="text/csv; charset=utf-8",
+            headers={
+                "Content-Disposition": f'attachment; filename="statistics-{record.id}.csv"',
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
 
     return router
