@@ -148,6 +148,26 @@ def test_kill_9_a_worker_mid_batch(deploy: Any) -> None:
     assert len(pool_processes) >= 3, "pool processes of both workers ran tasks"
 
 
+def test_a_worker_stopped_mid_batch_records_what_it_ran(deploy: Any) -> None:
+    """SIGTERM (warm shutdown): the tasks it ran are recorded before its processes exit, so none
+    is left running under its lease, and none is run twice."""
+    deployment = deploy()
+    deployment.api()
+    stopped = deployment.worker()
+    with deployment.client() as client:
+        ids = submit(client, 300, {"seconds": 0.01, "steps": 1})
+        follow(client, ids[50])
+        wait_until_running_in(deployment, stopped)
+        os.kill(stopped.popen.pid, signal.SIGTERM)
+        assert stopped.popen.wait(60) == 0
+        stopped_ids = {row[0] for row in deployment.rows() if row[3]}
+        assert {row[1] for row in deployment.rows() if row[0] in stopped_ids} <= {"completed"}
+        deployment.worker()
+        assert_all_completed_once(deployment, client, ids)
+    rows = deployment.rows()
+    assert {row[2] for row in rows} == {1}, "nothing the stopped worker ran was run again"
+
+
 def test_kill_9_one_prefork_child(deploy: Any) -> None:
     deployment = deploy()
     deployment.api()

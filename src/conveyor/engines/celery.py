@@ -128,8 +128,14 @@ def runtime_for(yard: Conveyor) -> CeleryEngine:
 
 
 def _start_worker_runtime(yard: Conveyor) -> CeleryEngine:
-    """Start ``yard`` on an event loop in a thread of its own, to run tasks for Celery."""
-    loop = asyncio.new_event_loop()
+    """Start ``yard`` on an event loop in a thread of its own, to run tasks for Celery (uvloop
+    when installed, as uvicorn uses: asyncpg's round trips cost less on it)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it on Linux
+        loop = asyncio.new_event_loop()
+    else:
+        loop = uvloop.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="conveyor-runtime", daemon=True)
     thread.start()
     asyncio.run_coroutine_threadsafe(yard.start_for_celery_worker(), loop).result(60)
@@ -138,8 +144,26 @@ def _start_worker_runtime(yard: Conveyor) -> CeleryEngine:
     return engine
 
 
+def stop_runtime(yard: Conveyor) -> None:
+    """Stop this process's runtime, if it has one: the outcomes still being recorded are written
+    (a message is acknowledged once its task has run, while its outcome is written behind it)."""
+    with _RUNTIMES_LOCK:
+        runtime = _RUNTIMES.get(id(yard))
+    if runtime is None or runtime.pid != os.getpid() or runtime.loop.is_closed():
+        return
+    if runtime.consuming or runtime.stopping:  # an embedded worker stops with its Conveyor
+        return
+    grace_s = yard.settings.shutdown_grace_s + 5.0
+    try:
+        asyncio.run_coroutine_threadsafe(yard.stop(), runtime.loop).result(grace_s)
+    except Exception:
+        logger.exception("Conveyor's runtime did not stop cleanly")
+    runtime.loop.call_soon_threadsafe(runtime.loop.stop)
+
+
 def install_worker_hooks(yard: Conveyor) -> None:
-    """Start each prefork pool process's runtime as soon as it is forked (not on first task)."""
+    """Start each prefork pool process's runtime as soon as it is forked (not on first task),
+    and stop it (recording what it ran) when the process or the worker shuts down."""
 
     def on_process_init(**_: Any) -> None:
         try:
@@ -153,8 +177,13 @@ def install_worker_hooks(yard: Conveyor) -> None:
         if not pool.endswith("prefork"):  # solo and threads pools run tasks in this process
             runtime_for(yard)
 
+    def on_shutdown(**_: Any) -> None:
+        stop_runtime(yard)
+
     signals.worker_process_init.connect(on_process_init, weak=False)
     signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_process_shutdown.connect(on_shutdown, weak=False)  # in each pool process
+    signals.worker_shutdown.connect(on_shutdown, weak=False)  # solo and threads pools
 
 
 class _Publisher:
@@ -341,6 +370,15 @@ class CeleryEngine:
 
     # the engine protocol -----------------------------------------------------------------------
 
+    @property
+    def consuming(self) -> bool:
+        """This runtime runs its own (embedded) Celery worker."""
+        return self._consume
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -392,7 +430,7 @@ class CeleryEngine:
             return True
         running = self.runner.launch(record)
         try:
-            await asyncio.shield(running)
+            await asyncio.shield(self.runner.executed(record.id))
         except asyncio.CancelledError:
             if not running.cancelled():
                 raise
@@ -421,6 +459,8 @@ class CeleryEngine:
     async def _sweep_loop(self) -> None:
         recover_every = recovery_interval_s(self.settings.lease_s)
         recovered_at = time.monotonic()
+        stale_every = self.settings.republish_after_s / 4
+        stale_checked_at = float("-inf")  # first, what an earlier run may have left unsent
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.sweep_s)
@@ -431,14 +471,19 @@ class CeleryEngine:
                 if time.monotonic() - recovered_at >= recover_every:
                     recovered_at = time.monotonic()
                     await recover(self.yard)
-                await self._publish_due()
+                stale = time.monotonic() - stale_checked_at >= stale_every
+                if stale:
+                    stale_checked_at = float("-inf")  # first, what an earlier run may have left unsent
+                await self._publish_due(stale=stale)
             except Exception:  # the sweeper must outlive any one failure
                 logger.exception("sweep failed")
 
-    async def _publish_due(self) -> None:
+    async def _publish_due(self, *, stale: bool) -> None:
+        """Send the messages of due tasks that have none; with ``stale``, also re-send those
+        whose message is older than ``republish_after_s`` (lost with the broker)."""
         try:
             due = await self.store.due_for_publish(
-                stale_s=self.settings.republish_after_s, limits=self._limits
+                stale_s=self.settings.republish_after_s if stale else None, limits=self._limits
             )
         except ConveyorError as exc:
             logger.error("sweep failed: %s", exc)

@@ -93,6 +93,7 @@ class _Running:
     cancel_requested: bool = False
     task: asyncio.Task[None] | None = None
     progress: ProgressWriter | None = None
+    executed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Runner:
@@ -150,6 +151,13 @@ class Runner:
         run.task = asyncio.create_task(self._execute(run), name=f"conveyor:{record.id}")
         self.yard.notify(record.id)
         return run.task
+
+    async def executed(self, task_id: str) -> None:
+        """Wait until the task's function has returned or raised (its outcome may still be
+        being recorded)."""
+        run = self.running.get(task_id)
+        if run is not None:
+            await run.executed.wait()
 
     def cancel_local(self, task_id: str) -> bool:
         run = self.running.get(task_id)
@@ -224,6 +232,7 @@ class Runner:
         except Exception:  # the store failed while recording: the lease will expire and recover
             logger.exception("could not record the outcome of task %s", record.id)
         finally:
+            run.executed.set()
             if run.progress is not None:
                 run.progress.close()
             self.running.pop(record.id, None)
@@ -244,7 +253,10 @@ class Runner:
         timeout = asyncio.timeout(record.timeout_s)
         try:
             async with timeout:
-                result_json, blob_json = await self._call(run, ctx)
+                try:
+                    result_json, blob_json = await self._call(run, ctx)
+                finally:
+                    run.executed.set()
         except asyncio.CancelledError:
             if self._draining or not run.cancel_requested:
                 raise

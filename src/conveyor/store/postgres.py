@@ -30,11 +30,18 @@ from .rows import COLUMNS, WORKER_LOST, dump, list_query, record_from_row
 
 logger = logging.getLogger("conveyor.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHANNEL = "conveyor_tasks"  # a task's state, progress or message changed: id
 CANCEL_CHANNEL = "conveyor_cancel"  # a running task's cancel was requested: id
 _NOW = "extract(epoch from clock_timestamp())::float8"
 _LOCK_MIGRATE = 7_436_021  # advisory lock held while the schema is created or migrated
+# Queued tasks whose message is still to be sent (new, delayed, retried): what the sweeper reads
+# several times a second, without scanning the tasks whose message is already on its way.
+_UNPUBLISHED = "status = 'queued' AND (published_at IS NULL OR published_at < run_at)"
+_UNPUBLISHED_INDEX = (
+    f"CREATE INDEX IF NOT EXISTS conveyor_tasks_unpublished ON conveyor_tasks (run_at) "
+    f"WHERE {_UNPUBLISHED};"
+)
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS conveyor_schema (version INTEGER NOT NULL);
@@ -71,6 +78,7 @@ CREATE INDEX IF NOT EXISTS conveyor_tasks_ready_by_name
     ON conveyor_tasks (name, priority DESC, run_at, seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS conveyor_tasks_running
     ON conveyor_tasks (worker_id, lease_expires_at) WHERE status = 'running';
+{_UNPUBLISHED_INDEX}
 CREATE INDEX IF NOT EXISTS conveyor_tasks_running_name ON conveyor_tasks (name)
     WHERE status = 'running';
 CREATE UNIQUE INDEX IF NOT EXISTS conveyor_tasks_idempotency
@@ -91,7 +99,7 @@ CREATE TRIGGER conveyor_tasks_changed
     ON conveyor_tasks FOR EACH ROW EXECUTE FUNCTION conveyor_notify();
 """
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
-_MIGRATIONS: dict[int, str] = {}
+_MIGRATIONS: dict[int, str] = {2: _UNPUBLISHED_INDEX}
 
 # One statement. ``named``: whether the named task is claimable, or was taken by a
 # message that named another task (``stolen``: this message then stands in for that
@@ -157,6 +165,7 @@ class PostgresStore:
                 max_size=self._pool_size,
                 timeout=self._connect_timeout_s,
                 command_timeout=60,
+                reset=_keep_session,
             )
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"cannot open the PostgreSQL store: {exc}") from exc
@@ -439,22 +448,25 @@ class PostgresStore:
         return record_from_row(row)
 
     async def due_for_publish(
-        self, *, stale_s: float, limits: Mapping[str, int], n: int = 1000
+        self, *, stale_s: float | None, limits: Mapping[str, int], n: int = 1000
     ) -> list[tuple[str, str, int]]:
         """``(id, name, priority)`` of queued, due tasks whose broker message must be sent:
-        never sent since they became due, or sent more than ``stale_s`` ago; types at their
-        concurrency limit wait. Marks them sent."""
+        never sent since they became due, or (when ``stale_s`` is given) sent more than
+        ``stale_s`` ago; types at their concurrency limit wait. Marks them sent."""
+        unsent = f"({_UNPUBLISHED} AND run_at <= {_NOW})"
+        if stale_s is not None:  # this one reads every queued task: the caller runs it rarely
+            unsent = (
+                f"(status = 'queued' AND run_at <= {_NOW} AND (published_at IS NULL "
+                f"OR published_at < run_at OR published_at < {_NOW} - {float(stale_s)!r}))"
+            )
         async with self._conn() as conn, conn.transaction():
             remaining = await _remaining(conn, limits)
             saturated = [name for name, left in remaining.items() if left <= 0]
             rows = await conn.fetch(
                 f"UPDATE conveyor_tasks t SET published_at = {_NOW} FROM ("
-                "SELECT id FROM conveyor_tasks WHERE status = 'queued' "
-                f"AND run_at <= {_NOW} AND (published_at IS NULL OR published_at < run_at "
-                f"OR published_at < {_NOW} - $1) AND NOT (name = ANY($2::text[])) "
-                "ORDER BY priority DESC, run_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED) due "
+                f"SELECT id FROM conveyor_tasks WHERE {unsent} AND NOT (name = ANY($1::text[])) "
+                "ORDER BY priority DESC, run_at, seq LIMIT $2 FOR UPDATE SKIP LOCKED) due "
                 "WHERE t.id = due.id RETURNING t.id, t.name, t.priority",
-                stale_s,
                 saturated,
                 n,
             )
@@ -684,6 +696,13 @@ async def _remaining(conn: asyncpg.Connection, limits: Mapping[str, int]) -> dic
         )
     }
     return {name: limit - running.get(name, 0) for name, limit in limits.items()}
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Released connections skip asyncpg's reset query (advisory unlock, ``CLOSE ALL``,
+    ``UNLISTEN *``, ``RESET ALL``): a round trip per store call, for session state this store
+    never leaves behind (its locks are transaction-scoped, it listens on a connection of its own,
+    and sets nothing). asyncpg still rolls back a transaction left open."""
 
 
 async def _fetch(
