@@ -274,3 +274,27 @@ def test_celery_own_tools_see_the_workers(deploy: Any) -> None:
     assert "1 node online" in inspect.stdout
     for name in ("demo.echo", "demo.sleep", "images.transform"):
         assert name in inspect.stdout
+
+
+def test_flower_sees_the_workers_and_their_task_types(deploy: Any) -> None:
+    deployment = deploy()
+    worker = deployment.worker(processes=1)
+    port = free_port()
+    flower = Process(
+        ["-A", "conveyor.celery_app", "flower", f"--port={port}", "--address=127.0.0.1"],
+        {**deployment.env, "FLOWER_UNAUTHENTICATED_API": "true"},
+        ready="Visit me at",
+        module="celery",
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            workers = client.get("/api/workers", params={"refresh": "true"})
+            assert workers.status_code == 200, workers.text
+            (name, info), *others = workers.json().items()
+            assert not others and name.startswith("celery@")
+            assert {"demo.echo", "demo.sleep", "images.transform"} <= set(info["registered"])
+            assert info["stats"]["pool"]["max-concurrency"] == 1  # --processes 1
+    finally:
+        flower.kill()
+        worker.kill()
+

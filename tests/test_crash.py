@@ -26,12 +26,14 @@ SLEEP_ARGS = {"seconds": 0.3, "steps": 3}
 class Process:
     """A `conveyor` subprocess whose output is collected; waits on a line instead of sleeping."""
 
-    def __init__(self, args: list[str], env: dict[str, str], ready: str) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], ready: str, *, module: str = "conveyor"
+    ) -> None:
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._marker = ready
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", *args],
+            [sys.executable, "-m", module, *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -473,7 +473,7 @@ class CeleryEngine:
                     await recover(self.yard)
                 stale = time.monotonic() - stale_checked_at >= stale_every
                 if stale:
-                    stale_checked_at = float("-inf")  # first, what an earlier run may have left unsent
+                    stale_checked_at = time.monotonic()
                 await self._publish_due(stale=stale)
             except Exception:  # the sweeper must outlive any one failure
                 logger.exception("sweep failed")
