@@ -297,4 +297,3 @@ def test_flower_sees_the_workers_and_their_task_types(deploy: Any) -> None:
     finally:
         flower.kill()
         worker.kill()
-

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
 from celery.exceptions import Reject
+from celery.worker.consumer import Consumer
 
 from ..errors import ConfigurationError, ConveyorError
 from ..record import TaskRecord
@@ -91,12 +92,31 @@ def build_celery_app(yard: Conveyor) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_consumer=f"{__name__}:BrokerLossConsumer",
     )
     for name in yard.task_types:
         app.task(name=name, shared=False, acks_late=True, reject_on_worker_lost=True)(
             _message_handler(yard, name)
         )
     return app
+
+
+class BrokerLossConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer, alive after its broker connection drops with messages unacknowledged.
+
+    On a lost connection Celery 5.7 first collects the connection's transport, then closes its
+    channel, which tries to give the unacknowledged messages back through that transport: with
+    Redis this raises ``AttributeError`` (no connection info left) and the worker exits with
+    "Unrecoverable error" (seen when Redis restarts mid-batch). Those messages are lost with the
+    connection anyway; the store re-sends what they carried, so the consumer reconnects as it
+    does for any other connection error.
+    """
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError as error:
+            logger.warning("closing the lost broker connection failed (%r); reconnecting", error)
 
 
 def _message_handler(yard: Conveyor, name: str) -> Any:

@@ -152,6 +152,8 @@ class PostgresStore:
         self._pending_inserts: list[
             tuple[TaskRecord, str, asyncio.Future[tuple[TaskRecord, bool]]]
         ] = []
+        self._pinned: dict[str, asyncpg.Connection | None] = {}
+        self._pinned_busy: set[str] = set()
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -184,6 +186,10 @@ class PostgresStore:
             self._listen_task.cancel()
             await asyncio.gather(self._listen_task, return_exceptions=True)
             self._listen_task = None
+        pinned, self._pinned = self._pinned, {}
+        for conn in pinned.values():
+            if conn is not None and self._pool is not None:
+                await self._pool.release(conn)
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -250,6 +256,35 @@ class PostgresStore:
             raise StoreUnavailable(f"PostgreSQL is unreachable: {exc}") from exc
         except asyncpg.PostgresError as exc:
             raise StoreUnavailable(f"PostgreSQL failed: {exc}") from exc
+
+    @asynccontextmanager
+    async def _hot(self, lane: str) -> AsyncIterator[asyncpg.Connection]:
+        """A connection kept out of the pool for one hot statement (a claim, an outcome): the
+        pool's acquire and release cost as much client CPU as the statement itself (measured:
+        93-133 µs against 52 µs a call). Used by one caller at a time; a concurrent caller, or
+        one after a failure, takes a pool connection instead."""
+        if lane in self._pinned_busy or self._pool is None:
+            async with self._conn() as pooled:
+                yield pooled
+            return
+        self._pinned_busy.add(lane)
+        conn = self._pinned.get(lane)
+        try:
+            if conn is None or conn.is_closed():
+                conn = await self._pool.acquire(timeout=self._connect_timeout_s)
+                self._pinned[lane] = conn
+            yield conn
+        except BaseException as exc:  # failed or cancelled mid-statement: not reused as is
+            self._pinned.pop(lane, None)
+            if conn is not None:  # the pool waits out a cancelled query, or replaces the link
+                await asyncio.shield(self._pool.release(conn))
+            if isinstance(exc, _CONNECTION_ERRORS):
+                raise StoreUnavailable(f"PostgreSQL is unreachable: {exc}") from exc
+            if isinstance(exc, asyncpg.PostgresError):
+                raise StoreUnavailable(f"PostgreSQL failed: {exc}") from exc
+            raise
+        finally:
+            self._pinned_busy.discard(lane)
 
     # writes ------------------------------------------------------------------------------------
 
@@ -429,7 +464,7 @@ class PostgresStore:
         cleared and the sweeper sends it again.
         """
         claim, args = _CLAIM_ONE, (task_id, name, worker_id, lease_s)
-        async with self._conn() as conn:
+        async with self._hot("claim") as conn:
             if limit is None:  # one round trip
                 found = await conn.fetchrow(claim, *args)
             else:
@@ -512,7 +547,7 @@ class PostgresStore:
         blob_json: str | None = None,
         error: dict[str, Any] | None = None,
     ) -> bool:
-        async with self._conn() as conn:
+        async with self._hot("finish") as conn:
             outcome = await conn.execute(
                 "UPDATE conveyor_tasks SET status = $1, result = $2, result_blob = $3, "
                 f"error = $4, finished_at = {_NOW}, lease_expires_at = NULL, "
