@@ -104,13 +104,24 @@ def build_celery_app(yard: Conveyor) -> Celery:
 class BrokerLossConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer, alive after its broker connection drops with messages unacknowledged.
 
-    On a lost connection Celery 5.7 first collects the connection's transport, then closes its
-    channel, which tries to give the unacknowledged messages back through that transport: with
-    Redis this raises ``AttributeError`` (no connection info left) and the worker exits with
-    "Unrecoverable error" (seen when Redis restarts mid-batch). Those messages are lost with the
-    connection anyway; the store re-sends what they carried, so the consumer reconnects as it
-    does for any other connection error.
+    With Redis, Celery 5.7 and kombu 5.7 raise ``AttributeError`` (the lost connection's
+    transport has no connection info left) in two places, and the worker then exits with
+    "Unrecoverable error" (seen when Redis restarts mid-batch):
+
+    * closing the lost connection's channel, which tries to give its unacknowledged messages
+      back through that transport;
+    * acknowledging, after the reconnection, a task that ran while the connection was lost.
+
+    Both are taken as the connection errors they are: the consumer reconnects, and an
+    acknowledgement that cannot be sent is logged and dropped. The messages concerned are lost
+    with the connection; the store re-sends what they carried and drops what already ran.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # given to each request too (Celery's ``ack_log_error`` logs these and carries on)
+        errors: tuple[type[BaseException], ...] = self.conninfo.connection_errors
+        self.connection_errors = (*errors, AttributeError)
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         try:
