@@ -84,6 +84,16 @@ KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
 _KEY = re.compile(KEY_PATTERN)
 
 
+def require_result(record: TaskRecord) -> TaskRecord:
+    """The record if it has a result (completed); ``TaskStateConflict`` (409) saying why not."""
+    if record.status is not TaskStatus.COMPLETED:
+        reason = f"task {record.id} is {record.status.value}"
+        if record.error:
+            reason += f": {record.error.get('type')}: {record.error.get('message')}"
+        raise TaskStateConflict(reason + "; it has no result")
+    return record
+
+
 def json_response(
     body: Any, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
@@ -251,12 +261,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         response_class=Response,
     )
     async def get_result(task_id: TaskId, owner: Tenant) -> Response:
-        record = await yard.get(str(task_id), owner=owner)
-        if record.status is not TaskStatus.COMPLETED:
-            reason = f"task {record.id} is {record.status.value}"
-            if record.error:
-                reason += f": {record.error.get('type')}: {record.error.get('message')}"
-            raise TaskStateConflict(reason + "; it has no result")
+        record = require_result(await yard.get(str(task_id), owner=owner))
         if record.result_blob is not None:
             blob = record.result_blob
             return FileResponse(

@@ -45,11 +45,13 @@ class PipelinedFile:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._in_flight: asyncio.Future[int] | None = None
+        self._in_flight: asyncio.Future[None] | None = None
+        self.size = 0  # bytes given to write()
 
     def write(self, data: bytes) -> None:
         self._pending.append(data)
         self._pending_bytes += len(data)
+        self.size += len(data)
 
     async def flush(self, *, final: bool = False) -> None:
         if self._pending_bytes < BLOCK_BYTES and not (final and self._pending):
@@ -59,18 +61,15 @@ class PipelinedFile:
             await self._in_flight
         self._in_flight = asyncio.get_running_loop().run_in_executor(None, self._write, block)
 
-    def _write(self, block: list[bytes]) -> int:
+    def _write(self, block: list[bytes]) -> None:
         """Write the chunks with as few system calls as possible (no joining copy)."""
         views = [memoryview(chunk) for chunk in block]
-        total = 0
         while views:
             written = os.writev(self._fd, views[:_IOV_MAX])
-            total += written
             while views and written >= len(views[0]):
                 written -= len(views.pop(0))
             if written:
                 views[0] = views[0][written:]
-        return total
 
     async def close(self) -> None:
         try:
@@ -191,7 +190,6 @@ class _PartState:
         self.buffer = bytearray()
         self.open_file: PipelinedFile | None = None
         self.closing: list[PipelinedFile] = []  # parts ended since the last flush
-        self.size = 0
         self.in_part = False
 
     def callbacks(self) -> Any:
@@ -206,7 +204,7 @@ class _PartState:
         }
 
     def part_begin(self) -> None:
-        self.headers, self.buffer, self.size, self.in_part = {}, bytearray(), 0, True
+        self.headers, self.buffer, self.in_part = {}, bytearray(), True
 
     def header_field_data(self, data: bytes, start: int, end: int) -> None:
         self.header_field += data[start:end]
@@ -237,7 +235,6 @@ class _PartState:
     def part_data(self, data: bytes, start: int, end: int) -> None:
         if self.open_file is not None:
             self.open_file.write(data[start:end])
-            self.size += end - start
             return
         self.buffer += data[start:end]
         if len(self.buffer) > MAX_FIELD_BYTES:
@@ -245,9 +242,9 @@ class _PartState:
 
     def part_end(self) -> None:
         if self.open_file is not None:
+            self.form.files[-1].size = self.open_file.size
             self.closing.append(self.open_file)
             self.open_file = None
-            self.form.files[-1].size = self.size
         else:
             self.form.fields[self.name] = self.buffer.decode("utf-8", "replace")
         self.in_part = False
@@ -274,11 +271,9 @@ async def read_body_to_file(
     assert form.staging is not None
     form.staging.mkdir(parents=True, exist_ok=True)
     path = form.staging / "0"
-    size = 0
     file = PipelinedFile(path)
     try:
         async for chunk in chunks:
-            size += len(chunk)
             file.write(chunk)
             await file.flush()
         await file.close()
@@ -286,5 +281,5 @@ async def read_body_to_file(
         await file.abort()
         form.discard()
         raise
-    form.files.append(UploadedFile("file", name, path, size))
+    form.files.append(UploadedFile("file", name, path, file.size))
     return form

@@ -235,33 +235,31 @@ class _Publisher:
         self._thread.join(10)
 
     def _run(self) -> None:
-        app = self._engine.celery
-        options = self._engine.settings
-        broker_url = options.broker_url or ""
         while True:  # a broker that is down (even at start) only delays messages
             try:
-                with app.producer_or_acquire() as producer:
-                    while True:
-                        item = self._queue.get()
-                        if item is None:
-                            return
-                        task_id, name, priority = item
-                        try:
-                            app.send_task(
-                                name,
-                                args=[task_id],
-                                queue=options.celery_queue,
-                                priority=broker_priority(priority, broker_url),
-                                producer=producer,
-                                retry=True,
-                                retry_policy={"max_retries": 2, "interval_start": 0.1},
-                            )
-                        except Exception as exc:
-                            logger.warning("could not publish task %s: %s", task_id, exc)
-                            self._engine.publish_failed(task_id)
+                with self._engine.celery.producer_or_acquire() as producer:
+                    while (item := self._queue.get()) is not None:
+                        self._send(producer, *item)
+                    return
             except Exception as exc:
                 logger.warning("the broker is unreachable: %s", exc)
                 time.sleep(1.0)
+
+    def _send(self, producer: Any, task_id: str, name: str, priority: int) -> None:
+        settings = self._engine.settings
+        try:
+            self._engine.celery.send_task(
+                name,
+                args=[task_id],
+                queue=settings.celery_queue,
+                priority=broker_priority(priority, settings.broker_url or ""),
+                producer=producer,
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.1},
+            )
+        except Exception as exc:
+            logger.warning("could not publish task %s: %s", task_id, exc)
+            self._engine.publish_failed(task_id)
 
 
 class CeleryEngine:
@@ -459,12 +457,8 @@ class CeleryEngine:
         if record is None:
             logger.debug("message for task %s dropped: not claimable", task_id)
             return True
-        running = self.runner.launch(record)
-        try:
-            await asyncio.shield(self.runner.executed(record.id))
-        except asyncio.CancelledError:
-            if not running.cancelled():
-                raise
+        self.runner.launch(record)  # a task of its own: cancelling this wait leaves it running
+        await self.runner.executed(record.id)
         return True
 
     def _settled(self, record: TaskRecord) -> None:

@@ -1,18 +1,15 @@
 """The CSV statistics service: the internal ``csv.stats`` task type and ``POST /csv-stats``."""
 
-from __future__ import annotations
-
 import asyncio
 import os
 from typing import TYPE_CHECKING, Annotated, Any
-from uuid import UUID
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import Field
 
 from ..api.auth import tenant_resolver
 from ..api.errors import documented
-from ..api.router import TaskOut, json_response, located_in_body
+from ..api.router import TaskId, TaskOut, json_response, located_in_body, require_result
 from ..api.routing import raw_endpoint, strict_route_class
 from ..api.uploads import read_body_to_file, read_multipart
 from ..context import TaskContext
@@ -20,11 +17,9 @@ from ..errors import (
     ConveyorError,
     InvalidArguments,
     TaskNotFound,
-    TaskStateConflict,
     UnsupportedMediaType,
 )
 from ..ids import uuid7
-from ..status import TaskStatus
 from ..task import validated
 from .csvstats import CsvOptions, check_readable, csv_statistics, statistics_csv
 
@@ -54,7 +49,7 @@ def csv_stats_task(
     )
 
 
-def register_csv_tasks(yard: Conveyor) -> None:
+def register_csv_tasks(yard: "Conveyor") -> None:
     """Register ``csv.stats`` (internal: submitted by ``POST /csv-stats``)."""
     yard.task(name="csv.stats", executor="process", timeout_s=3600, public=False)(csv_stats_task)
 
@@ -71,7 +66,7 @@ def _options(values: dict[str, str]) -> CsvOptions:
     return validated(CsvOptions, raw, location=("query",), message="invalid CSV options")
 
 
-def build_csv_router(yard: Conveyor) -> APIRouter:
+def build_csv_router(yard: "Conveyor") -> APIRouter:
     """``POST /csv-stats``: a CSV file (multipart ``file``, or the raw body; gzip accepted)."""
     settings = yard.settings
     router = APIRouter(route_class=strict_route_class(settings.max_body_bytes), tags=["csv"])
@@ -165,36 +160,14 @@ def build_csv_router(yard: Conveyor) -> APIRouter:
             200: {"description": "A row per column of the file", "content": {"text/csv": {}}},
             **documented(404, 409, 422),
         },
-        openapi_extra={
-            "parameters": [
-                {
-                    "name": "task_id",
-                    "in": "path",
-                    "required": True,
-                    "schema": {"type": "string", "format": "uuid"},
-                }
-            ]
-        },
         response_class=Response,
     )
-    @raw_endpoint
-    async def export_csv(request: Request) -> Response:
-        owner = await tenant(request)
-        raw_id = request.path_params["task_id"]
-        try:
-            task_id = UUID(raw_id)
-        except ValueError:
-            raise InvalidArguments(
-                "invalid task id",
-                details=[{"loc": ["path", "task_id"], "msg": "not a UUID", "type": "uuid_parsing"}],
-            ) from None
+    async def export_csv(task_id: TaskId, owner: Annotated[str, Depends(tenant)]) -> Response:
         record = await yard.get(str(task_id), owner=owner)
         if record.name != "csv.stats":
             raise TaskNotFound(f"task {record.id} is not a CSV statistics task")
-        if record.status is not TaskStatus.COMPLETED:
-            raise TaskStateConflict(f"task {record.id} is {record.status.value}; it has no result")
         return Response(
-            statistics_csv(record.result),
+            statistics_csv(require_result(record).result),
             media_type="text/csv; charset=utf-8",
             headers={
                 "Content-Disposition": f'attachment; filename="statistics-{record.id}.csv"',

@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
@@ -152,8 +152,7 @@ class PostgresStore:
         self._pending_inserts: list[
             tuple[TaskRecord, str, asyncio.Future[tuple[TaskRecord, bool]]]
         ] = []
-        self._pinned: dict[str, asyncpg.Connection | None] = {}
-        self._pinned_busy: set[str] = set()
+        self._pinned: dict[str, asyncpg.Connection] = {}  # see _hot
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -188,7 +187,7 @@ class PostgresStore:
             self._listen_task = None
         pinned, self._pinned = self._pinned, {}
         for conn in pinned.values():
-            if conn is not None and self._pool is not None:
+            if self._pool is not None:
                 await self._pool.release(conn)
         if self._pool is not None:
             await self._pool.close()
@@ -249,42 +248,33 @@ class PostgresStore:
     async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
         if self._pool is None:
             raise StoreUnavailable("the store is not open")
-        try:
+        with _unavailable_on_failure():
             async with self._pool.acquire(timeout=self._connect_timeout_s) as conn:
                 yield conn
-        except _CONNECTION_ERRORS as exc:
-            raise StoreUnavailable(f"PostgreSQL is unreachable: {exc}") from exc
-        except asyncpg.PostgresError as exc:
-            raise StoreUnavailable(f"PostgreSQL failed: {exc}") from exc
 
     @asynccontextmanager
     async def _hot(self, lane: str) -> AsyncIterator[asyncpg.Connection]:
         """A connection kept out of the pool for one hot statement (a claim, an outcome): the
         pool's acquire and release cost as much client CPU as the statement itself (measured:
-        93-133 µs against 52 µs a call). Used by one caller at a time; a concurrent caller, or
-        one after a failure, takes a pool connection instead."""
-        if lane in self._pinned_busy or self._pool is None:
-            async with self._conn() as pooled:
-                yield pooled
-            return
-        self._pinned_busy.add(lane)
-        conn = self._pinned.get(lane)
+        93-133 µs against 52 µs a call). The lane's connection is taken while in use, so a
+        concurrent caller acquires one of its own; one connection per lane is kept afterwards,
+        and one that failed (or was cancelled mid-statement) goes back to the pool."""
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        conn = self._pinned.pop(lane, None)
         try:
-            if conn is None or conn.is_closed():
-                conn = await self._pool.acquire(timeout=self._connect_timeout_s)
-                self._pinned[lane] = conn
-            yield conn
-        except BaseException as exc:  # failed or cancelled mid-statement: not reused as is
-            self._pinned.pop(lane, None)
+            with _unavailable_on_failure():
+                if conn is None or conn.is_closed():
+                    conn = await self._pool.acquire(timeout=self._connect_timeout_s)
+                yield conn
+        except BaseException:
             if conn is not None:  # the pool waits out a cancelled query, or replaces the link
                 await asyncio.shield(self._pool.release(conn))
-            if isinstance(exc, _CONNECTION_ERRORS):
-                raise StoreUnavailable(f"PostgreSQL is unreachable: {exc}") from exc
-            if isinstance(exc, asyncpg.PostgresError):
-                raise StoreUnavailable(f"PostgreSQL failed: {exc}") from exc
             raise
-        finally:
-            self._pinned_busy.discard(lane)
+        if lane in self._pinned:  # a concurrent caller kept its own meanwhile
+            await self._pool.release(conn)
+        else:
+            self._pinned[lane] = conn
 
     # writes ------------------------------------------------------------------------------------
 
@@ -488,18 +478,17 @@ class PostgresStore:
         """``(id, name, priority)`` of queued, due tasks whose broker message must be sent:
         never sent since they became due, or (when ``stale_s`` is given) sent more than
         ``stale_s`` ago; types at their concurrency limit wait. Marks them sent."""
-        unsent = f"({_UNPUBLISHED} AND run_at <= {_NOW})"
+        unsent = _UNPUBLISHED
         if stale_s is not None:  # this one reads every queued task: the caller runs it rarely
-            unsent = (
-                f"(status = 'queued' AND run_at <= {_NOW} AND (published_at IS NULL "
-                f"OR published_at < run_at OR published_at < {_NOW} - {float(stale_s)!r}))"
-            )
+            stale = f"status = 'queued' AND published_at < {_NOW} - {float(stale_s)!r}"
+            unsent = f"({_UNPUBLISHED}) OR ({stale})"
         async with self._conn() as conn, conn.transaction():
             remaining = await _remaining(conn, limits)
             saturated = [name for name, left in remaining.items() if left <= 0]
             rows = await conn.fetch(
                 f"UPDATE conveyor_tasks t SET published_at = {_NOW} FROM ("
-                f"SELECT id FROM conveyor_tasks WHERE {unsent} AND NOT (name = ANY($1::text[])) "
+                f"SELECT id FROM conveyor_tasks WHERE ({unsent}) AND run_at <= {_NOW} "
+                "AND NOT (name = ANY($1::text[])) "
                 "ORDER BY priority DESC, run_at, seq LIMIT $2 FOR UPDATE SKIP LOCKED) due "
                 "WHERE t.id = due.id RETURNING t.id, t.name, t.priority",
                 saturated,
@@ -731,6 +720,17 @@ async def _remaining(conn: asyncpg.Connection, limits: Mapping[str, int]) -> dic
         )
     }
     return {name: limit - running.get(name, 0) for name, limit in limits.items()}
+
+
+@contextmanager
+def _unavailable_on_failure() -> Iterator[None]:
+    """PostgreSQL unreachable or failing: ``StoreUnavailable`` (the API answers 503)."""
+    try:
+        yield
+    except _CONNECTION_ERRORS as exc:
+        raise StoreUnavailable(f"PostgreSQL is unreachable: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        raise StoreUnavailable(f"PostgreSQL failed: {exc}") from exc
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
