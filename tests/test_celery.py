@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from conveyor import Settings
+from conveyor import Conveyor, Settings
 from conveyor.service import create_app
 
 from .conftest import LiveServer, follow, free_port
@@ -54,9 +54,9 @@ class Deployment:
         args = ["serve", "--no-workers", "--port", str(self.port), "--no-access-log"]
         return self._start(args, ready="Uvicorn running on")
 
-    def worker(self, processes: int = 2) -> Process:
+    def worker(self, processes: int = 2, app: str | None = None) -> Process:
         args = ["worker", "--pool", "prefork", "--processes", str(processes)]
-        return self._start(args, ready=" ready.")
+        return self._start([*args, "--app", app] if app else args, ready=" ready.")
 
     def _start(self, args: list[str], ready: str) -> Process:
         process = Process(args, self.env, ready)
@@ -166,6 +166,51 @@ def test_a_worker_stopped_mid_batch_records_what_it_ran(deploy: Any) -> None:
         assert_all_completed_once(deployment, client, ids)
     rows = deployment.rows()
     assert {row[2] for row in rows} == {1}, "nothing the stopped worker ran was run again"
+
+
+def test_a_concurrency_limit_holds_across_workers(deploy: Any) -> None:
+    """Two workers (four pool processes) never run more than the type's limit (2) at once,
+    as the store saw it: no instant lies in more than two [started_at, finished_at] spans."""
+    deployment = deploy()
+    for _ in range(2):
+        deployment.worker(processes=2, app="tests.limited_yard:yard")
+
+    async def submit_and_wait() -> None:
+        from .limited_yard import limited_sleep
+
+        settings = Settings(
+            engine="celery",
+            database_url=deployment.database_url,
+            broker_url=deployment.env["CONVEYOR_BROKER_URL"],
+            celery_queue=deployment.env["CONVEYOR_CELERY_QUEUE"],
+            data_dir=deployment.env["CONVEYOR_DATA_DIR"],
+        )
+        client = Conveyor(settings, run_workers=False)
+        client.task(name="limited.sleep", concurrency=2)(limited_sleep.fn)
+        async with client:
+            handles = [await client.submit("limited.sleep", {"seconds": 0.2}) for _ in range(12)]
+            for record, _ in handles:
+                assert (await client.wait(record.id, timeout_s=60)).status.value == "completed"
+
+    asyncio.run(submit_and_wait())
+
+    async def spans() -> list[tuple[float, float]]:
+        conn = await asyncpg.connect(deployment.database_url)
+        try:
+            rows = await conn.fetch("SELECT started_at, finished_at FROM conveyor_tasks")
+        finally:
+            await conn.close()
+        return [(row[0], row[1]) for row in rows]
+
+    recorded = asyncio.run(spans())
+    assert len(recorded) == 12
+    # an end sorts before a start at the same instant
+    edges = sorted([(start, 1) for start, _ in recorded] + [(end, -1) for _, end in recorded])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert peak == 2, f"{peak} tasks of a type limited to 2 ran at once"
 
 
 def test_kill_9_one_prefork_child(deploy: Any) -> None:
