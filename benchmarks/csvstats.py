@@ -4,7 +4,11 @@ empty cells): the direct library call vs the same file through `POST /csv-stats`
 - direct: `conveyor.jobs.csvstats.csv_statistics(path)` in this process (DuckDB);
 - service: the file uploaded to `conveyor serve` (raw body), computed by the embedded engine in a
   worker process; reported end to end (from the first byte sent to the last progress event), the
-  upload alone (until the 202), and the task's own run, with the worker process's peak RSS.
+  upload alone (until the 202), and the task's own run, with the worker process's peak RSS;
+- floor: writing the same number of bytes from memory to a new file beside the service's data
+  (1 MB blocks, 3 times after the rounds), what any upload must at least pay to land on disk. On
+  this machine's VM that varies from 0.4 to 2.6 s per GB: memory the guest frees is handed back
+  to the host, which faults it in again when the page cache next takes it.
 
 Rounds alternate the two; medians (and ranges) are printed.
 Run with `python benchmarks/csvstats.py [--rows N] [--rounds K]`.
@@ -73,6 +77,23 @@ def direct(path: Path) -> tuple[float, int]:
     ).stdout
     seconds, peak_kb = json.loads(out.strip().splitlines()[-1])
     return seconds, peak_kb
+
+
+def write_floor(folder: Path, size: int) -> float:
+    """Seconds to write ``size`` bytes from memory to a new file in ``folder`` (then removed)."""
+    block = os.urandom(1 << 20)
+    target = folder / "floor.bin"
+    started = time.perf_counter()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(size // len(block)):
+            os.write(fd, block)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - started
+    target.unlink()
+    os.sync()
+    return seconds
 
 
 def worker_peak_kb(server_pid: int) -> int:
@@ -170,6 +191,9 @@ def main() -> None:
                     flush=True,
                 )
             worker_peak = worker_peak_kb(server.pid)
+            # after the rounds: a write (and the pages its removal frees) within a round would
+            # change how fast the next upload writes
+            floors = [write_floor(Path(tmp), path.stat().st_size) for _ in range(3)]
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait()
@@ -179,6 +203,7 @@ def main() -> None:
     peak_mb = direct_peak / 1024
     print(f"direct csv_statistics()        {spread(direct_s)} s   peak RSS {peak_mb:.0f} MB")
     print(f"service: upload (202)          {spread(uploads)} s")
+    print(f"floor: writing as many bytes   {spread(floors)} s (no network, no parsing)")
     print(f"service: the task's own run    {spread(runs)} s   {spread(own)}x direct")
     print(
         f"service: upload + run          {spread(e2e)} s   {spread(ratio)}x direct (target ≤ 1.25)"
