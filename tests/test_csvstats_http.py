@@ -6,7 +6,9 @@ import csv
 import gzip
 import io
 import json
-from collections.abc import Callable
+import resource
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +90,17 @@ def test_a_task_that_cannot_read_its_file_fails_clearly(client: httpx.Client) ->
     assert export.status_code == 409 and "failed" in export.json()["detail"]
 
 
+def numbered_csv(rows: int) -> bytes:
+    """``n,word`` rows: n from 0, words from 7 distinct values."""
+    return b"n,word\n" + b"".join(b"%d,w%d\n" % (i, i % 7) for i in range(rows))
+
+
 @pytest.mark.parametrize("how", ["raw", "multipart"])
 def test_uploads_over_several_write_blocks_arrive_whole(
     serve: Callable[[FastAPI], LiveServer], tmp_path: Path, how: str
 ) -> None:
     rows = 300_000  # about 5 MB: several of the upload writer's blocks
-    body = b"n,word\n" + b"".join(b"%d,w%d\n" % (i, i % 7) for i in range(rows))
+    body = numbered_csv(rows)
     server = serve(create_app(service_settings(tmp_path, max_upload_bytes=10_000_000)))
     with server.client() as client:
         if how == "raw":
@@ -111,6 +118,45 @@ def test_uploads_over_several_write_blocks_arrive_whole(
     assert task["result"]["rows"] == rows and columns["n"]["max"] == rows - 1
     assert columns["n"]["mean"] == pytest.approx((rows - 1) / 2)
     assert columns["word"]["distinct"] == 7 and not task["result"]["warnings"]
+
+
+@contextmanager
+def files_capped_at(size: int) -> Iterator[None]:
+    """This process (the live server's) cannot grow a file past ``size`` bytes: writes past it
+    fail with EFBIG, as they fail with ENOSPC on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.mark.parametrize("how", ["raw", "multipart"])
+def test_no_room_for_an_upload_answers_507_and_keeps_nothing(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path, how: str
+) -> None:
+    rows = 300_000  # about 5 MB, past the 1 MB the server may write
+    body = numbered_csv(rows)
+    server = serve(create_app(service_settings(tmp_path, max_upload_bytes=10_000_000)))
+
+    def upload(client: httpx.Client) -> httpx.Response:
+        if how == "raw":
+            return client.post("/csv-stats", content=body, headers={"content-type": "text/csv"})
+        return client.post("/csv-stats", files={"file": ("big.csv", body, "text/csv")})
+
+    with server.client() as client:
+        with files_capped_at(1_000_000):
+            refused = upload(client)
+        assert refused.status_code == 507, refused.text
+        assert "no room on the server's disk" in refused.json()["detail"]
+        assert list((tmp_path / "blobs" / ".uploads").iterdir()) == []  # nothing staged is left
+        assert client.get("/tasks").json()["items"] == []  # and no task was created
+        accepted = upload(client)  # with room again, the same upload goes through
+        assert accepted.status_code == 202, accepted.text
+        task, _ = finished(client, accepted.json()["id"])
+    assert task["status"] == "completed", task["error"]
+    assert task["result"]["rows"] == rows
 
 
 HOSTILE = (

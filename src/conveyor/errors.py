@@ -90,6 +90,12 @@ class PayloadTooLarge(ConveyorError):
     status_code = 413
 
 
+class InsufficientStorage(ConveyorError):
+    """The server's disk has no room for an upload (nothing of it was kept)."""
+
+    status_code = 507
+
+
 class UnsupportedMediaType(ConveyorError):
     """Content of a kind Conveyor refuses to read (sniffed from the bytes, not the name)."""
 

@@ -14,9 +14,11 @@ flight, so memory stays bounded). Measured on a 1 GB upload, writing on the even
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,12 @@ from fastapi import HTTPException, Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from ..errors import InvalidArguments
+from ..errors import InsufficientStorage, InvalidArguments
 from ..ids import uuid7
 
 MAX_FIELD_BYTES = 64 * 1024
+# a full disk, a full quota, or a file-size limit (RLIMIT_FSIZE) on the server process
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 BLOCK_BYTES = 1 << 20
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 
@@ -125,6 +129,26 @@ class Form:
             shutil.rmtree(self.staging, ignore_errors=True)
 
 
+def no_room(exc: BaseException) -> InsufficientStorage | None:
+    """The ``507`` to answer for a write that failed for lack of space, else None."""
+    if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+        return InsufficientStorage(f"no room on the server's disk for this upload ({exc.strerror})")
+    return None
+
+
+@asynccontextmanager
+async def _staged(form: Form, stop_writing: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+    """On any failure: stop writing and remove what was staged; a full disk answers ``507``."""
+    try:
+        yield
+    except BaseException as exc:
+        await stop_writing()
+        form.discard()
+        if (full := no_room(exc)) is not None:
+            raise full from exc
+        raise
+
+
 def _capped(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
     """The body's chunks; ``HTTPException(413)`` once past ``max_bytes`` (or when the declared
     length already is)."""
@@ -159,22 +183,17 @@ async def read_multipart(
     form = Form(staging=staging_root / f"upload-{uuid7()}")
     state = _PartState(form, max_files)
     parser = MultipartParser(boundary, state.callbacks(), max_header_count=16)
-    try:
-        async for chunk in chunks:
-            parser.write(chunk)
+    async with _staged(form, state.abort):
+        try:
+            async for chunk in chunks:
+                parser.write(chunk)
+                await state.flush()
+            parser.finalize()
             await state.flush()
-        parser.finalize()
-        await state.flush()
+        except MultipartParseError as exc:
+            raise InvalidArguments(f"malformed multipart body: {exc}") from exc
         if state.open_file is not None or state.in_part:
             raise InvalidArguments("the multipart body ends in the middle of a part")
-    except MultipartParseError as exc:
-        await state.abort()
-        form.discard()
-        raise InvalidArguments(f"malformed multipart body: {exc}") from exc
-    except BaseException:
-        await state.abort()
-        form.discard()
-        raise
     return form
 
 
@@ -269,17 +288,19 @@ async def read_body_to_file(
     chunks = _capped(request, max_bytes)
     form = Form(staging=staging_root / f"upload-{uuid7()}")
     assert form.staging is not None
-    form.staging.mkdir(parents=True, exist_ok=True)
     path = form.staging / "0"
-    file = PipelinedFile(path)
-    try:
+    file: PipelinedFile | None = None
+
+    async def stop_writing() -> None:
+        if file is not None:
+            await file.abort()
+
+    async with _staged(form, stop_writing):
+        form.staging.mkdir(parents=True, exist_ok=True)
+        file = PipelinedFile(path)
         async for chunk in chunks:
             file.write(chunk)
             await file.flush()
         await file.close()
-    except BaseException:
-        await file.abort()
-        form.discard()
-        raise
     form.files.append(UploadedFile("file", name, path, file.size))
     return form

@@ -11,7 +11,7 @@ from ..api.auth import tenant_resolver
 from ..api.errors import documented
 from ..api.router import TaskId, TaskOut, json_response, located_in_body, require_result
 from ..api.routing import raw_endpoint, strict_route_class
-from ..api.uploads import read_body_to_file, read_multipart
+from ..api.uploads import no_room, read_body_to_file, read_multipart
 from ..context import TaskContext
 from ..errors import (
     ConveyorError,
@@ -106,7 +106,7 @@ def build_csv_router(yard: "Conveyor") -> APIRouter:
         status_code=202,
         summary="Per-column statistics of a CSV file",
         openapi_extra={"requestBody": body, "parameters": parameters},
-        responses={202: {"model": TaskOut}, **documented(413, 415, 422, 429)},
+        responses={202: {"model": TaskOut}, **documented(413, 415, 422, 429, 507)},
         response_class=Response,
     )
     @raw_endpoint
@@ -148,6 +148,8 @@ def build_csv_router(yard: "Conveyor") -> APIRouter:
             await asyncio.to_thread(yard.blobs.delete_task, task_id)
             if isinstance(exc, ConveyorError):
                 raise located_in_body(exc) from None
+            if (full := no_room(exc)) is not None:
+                raise full from exc
             raise
         finally:
             form.discard()

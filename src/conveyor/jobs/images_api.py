@@ -21,7 +21,7 @@ from ..api.auth import tenant_resolver
 from ..api.errors import documented
 from ..api.router import TaskOut, json_response, located_in_body
 from ..api.routing import raw_endpoint, strict_route_class
-from ..api.uploads import UploadedFile, read_multipart
+from ..api.uploads import UploadedFile, no_room, read_multipart
 from ..blobs import BlobResult, safe_filename
 from ..context import TaskContext
 from ..errors import ConveyorError, InvalidArguments, PayloadTooLarge, UnsupportedMediaType
@@ -165,7 +165,7 @@ def build_image_router(yard: Conveyor) -> APIRouter:
         },
         responses={
             202: {"model": TaskOut | ImagesOut, "description": "One task, or one per file"},
-            **documented(413, 415, 422, 429),
+            **documented(413, 415, 422, 429, 507),
         },
         response_class=Response,
     )
@@ -191,8 +191,10 @@ def build_image_router(yard: Conveyor) -> APIRouter:
             ids = [uuid7()] if zipped else [uuid7() for _ in uploads]
             try:
                 sources = await _store_uploads(yard, uploads, ids, zipped=zipped)
-            except BaseException:
+            except BaseException as exc:
                 await _forget_blobs(yard, ids)
+                if (full := no_room(exc)) is not None:
+                    raise full from exc
                 raise
             records = await _submit(yard, owner, uploads, pipeline, ids, sources, zipped=zipped)
         finally:
