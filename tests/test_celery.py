@@ -213,6 +213,22 @@ def test_a_concurrency_limit_holds_across_workers(deploy: Any) -> None:
     assert peak == 2, f"{peak} tasks of a type limited to 2 ran at once"
 
 
+def test_cancel_reaches_a_task_running_in_a_pool_process(deploy: Any) -> None:
+    """The API and the worker are separate processes, and workers do not LISTEN: the request
+    reaches the pool process through its heartbeat, which stops the task."""
+    deployment = deploy()
+    deployment.api()
+    worker = deployment.worker(processes=1)
+    with deployment.client() as client:
+        [task_id] = submit(client, 1, {"seconds": 120, "steps": 120})
+        wait_until_running_in(deployment, worker)
+        assert client.post(f"/tasks/{task_id}/cancel").status_code == 200
+        task, _ = follow(client, task_id)  # 120 s and "completed" if the request were missed
+    assert task["status"] == "cancelled" and task["result"] is None
+    [(_id, status, attempts, _worker)] = deployment.rows()
+    assert status == "cancelled" and attempts == 1
+
+
 def test_kill_9_one_prefork_child(deploy: Any) -> None:
     deployment = deploy()
     deployment.api()

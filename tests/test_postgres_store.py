@@ -53,12 +53,26 @@ async def add(store: PostgresStore, *, delay_s: float = 0.0) -> str:
     return record.id
 
 
+# Versions 1 and 2 also notified a channel of cancel requests, which every worker listened to.
+VERSION_1_NOTIFY = """
+CREATE OR REPLACE FUNCTION conveyor_notify() RETURNS trigger AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.cancel_requested AND NOT OLD.cancel_requested THEN
+        PERFORM pg_notify('conveyor_cancel', NEW.id);
+    END IF;
+    PERFORM pg_notify('conveyor_tasks', COALESCE(NEW.id, OLD.id));
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
+"""
+
+
 def test_a_version_1_store_is_migrated(postgres: PostgresServer) -> None:
     url = postgres.create_database()
 
     async def downgrade(store: PostgresStore, url: str) -> str:
         task_id = await add(store)
         await sql(url, "DROP INDEX conveyor_tasks_unpublished")
+        await sql(url, VERSION_1_NOTIFY)
         await sql(url, "UPDATE conveyor_schema SET version = 1")
         await sql(url, "UPDATE conveyor_tasks SET published_at = NULL")  # its message was lost
         return task_id
@@ -71,11 +85,13 @@ def test_a_version_1_store_is_migrated(postgres: PostgresServer) -> None:
             url, "SELECT 1 FROM pg_indexes WHERE indexname = $1", "conveyor_tasks_unpublished"
         )
         due = await store.due_for_publish(stale_s=None, limits={})
-        return [row[0] for row in version], len(index), due
+        trigger = await sql(url, "SELECT prosrc FROM pg_proc WHERE proname = 'conveyor_notify'")
+        return [row[0] for row in version], len(index), due, trigger[0][0]
 
-    versions, indexes, due = run(reopen, url)
-    assert versions == [SCHEMA_VERSION] and SCHEMA_VERSION >= 2 and indexes == 1
+    versions, indexes, due, trigger = run(reopen, url)
+    assert versions == [SCHEMA_VERSION] and SCHEMA_VERSION >= 3 and indexes == 1
     assert due == [(task_id, "demo.echo", 0)], "the migrated store still finds unsent tasks"
+    assert "conveyor_cancel" not in trigger and "conveyor_tasks" in trigger
 
 
 def test_a_store_newer_than_this_conveyor_is_refused(postgres: PostgresServer) -> None:

@@ -283,7 +283,6 @@ class CeleryEngine:
         self._stopping = False
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
-        self._checks: set[asyncio.Future[None]] = set()
         self._publisher: _Publisher | None = None
         self._worker: Any = None
         self._worker_thread: threading.Thread | None = None
@@ -312,8 +311,6 @@ class CeleryEngine:
     # lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.runner is not None:
-            self.store.subscribe_cancels(self._cancel_requested)
         self._publisher = _Publisher(self)
         await recover(self.yard)
         self._loops = [asyncio.create_task(self._sweep_loop(), name="conveyor-sweep")]
@@ -464,20 +461,6 @@ class CeleryEngine:
     def _settled(self, record: TaskRecord) -> None:
         if record.name in self._limits:  # its type has room again: send what waits for it
             self._wake.set()
-
-    def _cancel_requested(self, task_id: str) -> None:
-        if self.runner is not None and task_id in self.runner.running:
-            check = asyncio.ensure_future(self._check_cancel(task_id))
-            self._checks.add(check)
-            check.add_done_callback(self._checks.discard)
-
-    async def _check_cancel(self, task_id: str) -> None:
-        try:
-            record = await self.store.get(task_id)
-        except ConveyorError:
-            return  # the heartbeat sees the request too
-        if record.cancel_requested and record.worker_id == self.worker_id:
-            self.cancel_local(task_id)
 
     # sweeping ----------------------------------------------------------------------------------
 
