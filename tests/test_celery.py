@@ -8,8 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,13 +114,22 @@ def pid_of(worker_id: str) -> int:
     return int(worker_id.split(":")[1])  # host:pid:nonce
 
 
+def first_running(
+    deployment: Deployment, where: Callable[[str], bool] = lambda worker_id: True
+) -> tuple[str, str, int, str]:
+    """The first task seen running (in a worker that ``where`` accepts), read from the store
+    until one is, for at most a minute (a slow machine starts the worker slowly)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for row in deployment.rows():
+            if row[1] == "running" and where(row[3]):
+                return row
+    raise AssertionError("no task ran")
+
+
 def wait_until_running_in(deployment: Deployment, worker: Process) -> None:
     """Until a task runs in one of ``worker``'s pool processes (its process group)."""
-    for _ in range(2000):
-        for _id, status, _attempts, worker_id in deployment.rows():
-            if status == "running" and os.getpgid(pid_of(worker_id)) == worker.popen.pid:
-                return
-    raise AssertionError("no task ran in the worker")
+    first_running(deployment, lambda worker_id: os.getpgid(pid_of(worker_id)) == worker.popen.pid)
 
 
 def assert_all_completed_once(deployment: Deployment, client: httpx.Client, ids: list[str]) -> None:
@@ -235,13 +245,7 @@ def test_kill_9_one_prefork_child(deploy: Any) -> None:
     worker = deployment.worker()
     with deployment.client() as client:
         ids = submit(client, 20, {"seconds": 1.0, "steps": 10})
-        victim = None
-        for _ in range(2000):  # the first task seen running names its pool process
-            running = [row for row in deployment.rows() if row[1] == "running"]
-            if running:
-                victim = running[0]
-                break
-        assert victim is not None
+        victim = first_running(deployment)  # it names its pool process
         child_pid = pid_of(victim[3])
         assert child_pid != worker.popen.pid
         os.kill(child_pid, signal.SIGKILL)

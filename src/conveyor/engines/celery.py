@@ -34,7 +34,6 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
@@ -135,11 +134,7 @@ def _message_handler(yard: Conveyor, name: str) -> Any:
         if not isinstance(task_id, str) or len(task_id) > 100:
             logger.error("dropped a malformed %s message: %r", name, task_id)
             return
-        runtime = runtime_for(yard)
-        future: Future[bool] = asyncio.run_coroutine_threadsafe(
-            runtime.run_message(name, task_id), runtime.loop
-        )
-        if not future.result():  # another worker (or this one, later) takes it
+        if not runtime_for(yard).handle(name, task_id):  # another worker, or this one later
             raise Reject("cannot run the task now", requeue=True)
 
     run.__name__ = name.rpartition(".")[2] or "run"
@@ -149,13 +144,26 @@ def _message_handler(yard: Conveyor, name: str) -> Any:
 def runtime_for(yard: Conveyor) -> CeleryEngine:
     """This process's runtime for ``yard``: the embedded engine, or one started on first use
     (in a prefork pool process, after the fork)."""
+    runtime = _RUNTIMES.get(id(yard))  # called per message: no lock once it exists
+    if runtime is not None:
+        return runtime
     with _RUNTIMES_LOCK:
         runtime = _RUNTIMES.get(id(yard))
-        if runtime is not None and runtime.pid == os.getpid():
-            return runtime
-        runtime = _start_worker_runtime(yard)
-        _RUNTIMES[id(yard)] = runtime
+        if runtime is None:
+            runtime = _start_worker_runtime(yard)
+            _RUNTIMES[id(yard)] = runtime
         return runtime
+
+
+def _forget_runtimes_after_fork() -> None:
+    """A forked process (a prefork pool process) has none of its parent's runtimes: their loop
+    threads stayed behind."""
+    global _RUNTIMES_LOCK
+    _RUNTIMES.clear()
+    _RUNTIMES_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_runtimes_after_fork)
 
 
 def _start_worker_runtime(yard: Conveyor) -> CeleryEngine:
@@ -429,6 +437,27 @@ class CeleryEngine:
             logger.warning("task %s waits for the stale-message sweep: %s", task_id, exc)
 
     # running one message -----------------------------------------------------------------------
+
+    def handle(self, name: str, task_id: str) -> bool:
+        """From a thread other than the loop's (a pool process's main thread): :meth:`run_message`
+        on the loop, waited for. The answer comes back through a ``SimpleQueue``, which costs less
+        per message than ``run_coroutine_threadsafe``'s future (a condition and a lock)."""
+        answer: queue.SimpleQueue[bool | BaseException] = queue.SimpleQueue()
+
+        def reply(task: asyncio.Task[bool]) -> None:
+            if task.cancelled():
+                answer.put(asyncio.CancelledError())
+            else:
+                answer.put(task.exception() or task.result())
+
+        def start() -> None:
+            self.loop.create_task(self.run_message(name, task_id)).add_done_callback(reply)
+
+        self.loop.call_soon_threadsafe(start)
+        outcome = answer.get()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def run_message(self, name: str, task_id: str) -> bool:
         """Claim and run the task a message names; False to hand the message back to the broker
