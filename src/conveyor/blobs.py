@@ -6,6 +6,7 @@ the task deletes its blobs. Tasks return :class:`BlobResult` to make their resul
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import serialization
-from .errors import InvalidArguments
+from .errors import InvalidArguments, no_room
 
 _BLOB_ID = re.compile(
     r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/[A-Za-z0-9._-]{1,100}$"
@@ -58,6 +59,20 @@ class BlobStore:
         path = self.root / blob_id
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    def adopt(self, task_id: str, name: str, staged: Path) -> tuple[str, Path]:
+        """Move a staged upload in as the blob ``name`` of the task: ``(blob id, path)``. The
+        staging folder is on the same file system, so this is a rename, not a copy;
+        ``InsufficientStorage`` (507) when even the task's folder finds no room."""
+        blob_id = self.blob_id(task_id, name)
+        try:
+            path = self.path(blob_id)
+            os.replace(staged, path)
+        except OSError as exc:
+            if (full := no_room(exc)) is not None:
+                raise full from exc
+            raise
+        return blob_id, path
 
     def delete_task(self, task_id: str) -> None:
         """Remove every blob of a task."""

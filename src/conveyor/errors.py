@@ -10,6 +10,7 @@
     ├── QueueFull                 back-pressure: too many queued tasks           → 429
     ├── StoreUnavailable          the store cannot be reached or written         → 503
     ├── PayloadTooLarge           an upload or image past a configured limit     → 413
+    ├── InsufficientStorage       no room on the server's disk for an upload     → 507
     ├── UnsupportedMediaType      content Conveyor refuses to read               → 415
     ├── NotStarted                the Conveyor instance is not started
     ├── TaskCancelled             raised inside a task when cancellation was requested
@@ -22,6 +23,7 @@ The HTTP layer maps this tree to status codes in one exception handler (``api/er
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -94,6 +96,17 @@ class InsufficientStorage(ConveyorError):
     """The server's disk has no room for an upload (nothing of it was kept)."""
 
     status_code = 507
+
+
+# a full disk, a full quota, or a file-size limit (RLIMIT_FSIZE) on the server process
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def no_room(exc: BaseException) -> InsufficientStorage | None:
+    """The ``507`` to answer for a write that failed for lack of space, else None."""
+    if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+        return InsufficientStorage(f"no room on the server's disk for this upload ({exc.strerror})")
+    return None
 
 
 class UnsupportedMediaType(ConveyorError):

@@ -14,7 +14,6 @@ flight, so memory stays bounded). Measured on a 1 GB upload, writing on the even
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,12 +26,10 @@ from fastapi import HTTPException, Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from ..errors import InsufficientStorage, InvalidArguments
+from ..errors import InvalidArguments, no_room
 from ..ids import uuid7
 
 MAX_FIELD_BYTES = 64 * 1024
-# a full disk, a full quota, or a file-size limit (RLIMIT_FSIZE) on the server process
-NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 BLOCK_BYTES = 1 << 20
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 
@@ -127,13 +124,6 @@ class Form:
     def discard(self) -> None:
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def no_room(exc: BaseException) -> InsufficientStorage | None:
-    """The ``507`` to answer for a write that failed for lack of space, else None."""
-    if isinstance(exc, OSError) and exc.errno in NO_ROOM:
-        return InsufficientStorage(f"no room on the server's disk for this upload ({exc.strerror})")
-    return None
 
 
 @asynccontextmanager

@@ -188,7 +188,8 @@ def stop_runtime(yard: Conveyor) -> None:
     (a message is acknowledged once its task has run, while its outcome is written behind it)."""
     with _RUNTIMES_LOCK:
         runtime = _RUNTIMES.get(id(yard))
-    if runtime is None or runtime.pid != os.getpid() or runtime.loop.is_closed():
+    # a forked process starts with none (_forget_runtimes_after_fork): any found is this one's
+    if runtime is None or runtime.loop.is_closed():
         return
     if runtime.consuming or runtime.stopping:  # an embedded worker stops with its Conveyor
         return
@@ -283,7 +284,6 @@ class CeleryEngine:
     def __init__(self, yard: Conveyor, *, execute: bool, consume: bool) -> None:
         self.yard = yard
         self.settings = yard.settings
-        self.pid = os.getpid()
         self.worker_id = new_worker_id()
         self.celery = yard.celery_app()
         self._execute = execute

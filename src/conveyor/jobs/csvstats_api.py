@@ -1,7 +1,6 @@
 """The CSV statistics service: the internal ``csv.stats`` task type and ``POST /csv-stats``."""
 
 import asyncio
-import os
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -11,7 +10,7 @@ from ..api.auth import tenant_resolver
 from ..api.errors import documented
 from ..api.router import TaskId, TaskOut, json_response, located_in_body, require_result
 from ..api.routing import raw_endpoint, strict_route_class
-from ..api.uploads import no_room, read_body_to_file, read_multipart
+from ..api.uploads import read_body_to_file, read_multipart
 from ..context import TaskContext
 from ..errors import (
     ConveyorError,
@@ -130,9 +129,7 @@ def build_csv_router(yard: "Conveyor") -> APIRouter:
         try:
             uploads = form.require_files("file")
             options = _options({**dict(request.query_params), **form.fields})
-            blob_id = yard.blobs.blob_id(task_id, "source.csv")
-            path = yard.blobs.path(blob_id)
-            os.replace(uploads[0].path, path)
+            blob_id, path = yard.blobs.adopt(task_id, "source.csv", uploads[0].path)
             await asyncio.to_thread(check_readable, path)
             record, _ = await yard.submit(
                 "csv.stats",
@@ -148,8 +145,6 @@ def build_csv_router(yard: "Conveyor") -> APIRouter:
             await asyncio.to_thread(yard.blobs.delete_task, task_id)
             if isinstance(exc, ConveyorError):
                 raise located_in_body(exc) from None
-            if (full := no_room(exc)) is not None:
-                raise full from exc
             raise
         finally:
             form.discard()

@@ -8,7 +8,6 @@ and every operation run in the process pool.
 from __future__ import annotations
 
 import asyncio
-import os
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -21,7 +20,7 @@ from ..api.auth import tenant_resolver
 from ..api.errors import documented
 from ..api.router import TaskOut, json_response, located_in_body
 from ..api.routing import raw_endpoint, strict_route_class
-from ..api.uploads import UploadedFile, no_room, read_multipart
+from ..api.uploads import UploadedFile, read_multipart
 from ..blobs import BlobResult, safe_filename
 from ..context import TaskContext
 from ..errors import ConveyorError, InvalidArguments, PayloadTooLarge, UnsupportedMediaType
@@ -191,10 +190,8 @@ def build_image_router(yard: Conveyor) -> APIRouter:
             ids = [uuid7()] if zipped else [uuid7() for _ in uploads]
             try:
                 sources = await _store_uploads(yard, uploads, ids, zipped=zipped)
-            except BaseException as exc:
+            except BaseException:
                 await _forget_blobs(yard, ids)
-                if (full := no_room(exc)) is not None:
-                    raise full from exc
                 raise
             records = await _submit(yard, owner, uploads, pipeline, ids, sources, zipped=zipped)
         finally:
@@ -220,9 +217,8 @@ async def _store_uploads(
     sources: list[str] = []
     for index, upload in enumerate(uploads):
         task_id = ids[0] if zipped else ids[index]
-        blob_id = yard.blobs.blob_id(task_id, f"{SOURCE}-{index}" if zipped else SOURCE)
-        path = yard.blobs.path(blob_id)
-        os.replace(upload.path, path)  # same file system: a rename, not a copy
+        blob_name = f"{SOURCE}-{index}" if zipped else SOURCE
+        blob_id, path = yard.blobs.adopt(task_id, blob_name, upload.path)
         try:
             await asyncio.to_thread(inspect_image, path, max_pixels=max_pixels)
         except (UnsupportedMediaType, PayloadTooLarge) as exc:

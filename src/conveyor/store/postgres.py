@@ -149,7 +149,7 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._listen_task: asyncio.Task[None] | None = None
-        self._subscribers: dict[str, list[Callable[[str], None]]] = {}
+        self._subscribers: list[Callable[[str], None]] = []
         self._queued_count = 0
         self._queued_counted_at = 0.0
         self._background: set[asyncio.Future[None]] = set()
@@ -199,16 +199,13 @@ class PostgresStore:
 
     def subscribe(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(task_id)`` when any process changes a task's state or progress
-        (``""``: notifications may have been missed while reconnecting)."""
-        self._listen(CHANNEL, callback)
+        (``""``: notifications may have been missed while reconnecting).
 
-    def _listen(self, channel: str, callback: Callable[[str], None]) -> None:
-        # A process listens only to what it asked for: a worker that nobody waits on is not
-        # woken by every change of every task.
-        self._subscribers.setdefault(channel, []).append(callback)
-        if self._listen_task is not None:
-            self._listen_task.cancel()  # reconnects with the new channel
-        self._listen_task = asyncio.create_task(self._listen_loop(), name="conveyor-pg-listen")
+        A process LISTENs only from its first subscriber on (something waits on a task): a worker
+        that nobody waits on is not woken by every change of every task."""
+        self._subscribers.append(callback)
+        if self._listen_task is None:
+            self._listen_task = asyncio.create_task(self._listen_loop(), name="conveyor-pg-listen")
 
     async def _listen_loop(self) -> None:
         """Hold a LISTEN connection; reconnect after the database restarts."""
@@ -225,8 +222,7 @@ class PostgresStore:
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
             try:
-                for channel in list(self._subscribers):
-                    await conn.add_listener(channel, self._on_notify)
+                await conn.add_listener(CHANNEL, self._on_notify)
                 while not lost.is_set():  # a dead socket is noticed on the next query
                     try:
                         await asyncio.wait_for(lost.wait(), 1.0)
@@ -237,11 +233,11 @@ class PostgresStore:
             finally:
                 if not conn.is_closed():
                     conn.terminate()
-            for callback in self._subscribers.get(CHANNEL, []):  # re-read what was missed
+            for callback in self._subscribers:  # re-read what was missed
                 callback("")
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
-        for callback in self._subscribers.get(channel, []):
+        for callback in self._subscribers:
             callback(str(payload))
 
     @asynccontextmanager
