@@ -14,7 +14,7 @@ from conveyor.errors import StoreUnavailable
 from conveyor.ids import uuid7
 from conveyor.record import TaskRecord
 from conveyor.status import TaskStatus
-from conveyor.store.postgres import SCHEMA_VERSION, PostgresStore
+from conveyor.store.postgres import _CLAIM_ONE, _FINISH, SCHEMA_VERSION, PostgresStore
 
 from .services import PostgresServer
 
@@ -124,3 +124,127 @@ def test_the_sweeper_is_told_what_to_send_once(postgres: PostgresServer) -> None
         assert sent not in first | with_stale | due_now
 
     run(scenario, postgres.create_database())
+
+
+async def statuses(url: str, *task_ids: str) -> list[str]:
+    rows = await sql(url, "SELECT id, status FROM conveyor_tasks WHERE id = ANY($1)", task_ids)
+    found = {row[0]: row[1] for row in rows}
+    return [found[task_id] for task_id in task_ids]
+
+
+async def claim(store: PostgresStore, task_id: str, worker: str = "w:1") -> TaskRecord | None:
+    return await store.claim_one(
+        task_id, name="demo.echo", worker_id=worker, limit=None, lease_s=30
+    )
+
+
+async def finish_later(store: PostgresStore, record: TaskRecord, value: int) -> asyncio.Task[bool]:
+    """An outcome handed to the store (held for the next claim), not yet awaited."""
+    finishing = asyncio.create_task(
+        store.finish(
+            record.id,
+            "w:1",
+            record.attempts,
+            status=TaskStatus.COMPLETED,
+            result_json=str(value),
+        )
+    )
+    await asyncio.sleep(0)  # the store holds it now
+    return finishing
+
+
+def test_an_outcome_goes_with_the_next_claim_or_on_its_own(postgres: PostgresServer) -> None:
+    async def scenario(store: PostgresStore, url: str) -> None:
+        first, second, third = await add(store), await add(store), await add(store)
+        running = await claim(store, first)
+        assert running is not None and running.id == first
+        finishing = await finish_later(store, running, 1)
+        # the next message's claim carries the outcome
+        claimed = await claim(store, second)
+        assert claimed is not None and claimed.id == second
+        assert await finishing is True
+        assert await statuses(url, first, second, third) == ["completed", "running", "queued"]
+        # with no claim after it, it is written on its own
+        assert await store.finish(
+            second, "w:1", claimed.attempts, status=TaskStatus.COMPLETED, result_json="2"
+        )
+        rows = await sql(url, "SELECT result, progress FROM conveyor_tasks WHERE id = $1", second)
+        assert (rows[0][0], rows[0][1]) == ("2", 100)
+        # an outcome for an attempt this worker no longer holds is refused, held or not
+        third_claim = await claim(store, third)
+        assert third_claim is not None
+        stale = await store.finish(third, "w:other", 1, status=TaskStatus.COMPLETED)
+        assert stale is False
+        assert await statuses(url, third) == ["running"]
+
+    run(scenario, postgres.create_database())
+
+
+def test_an_outcome_held_when_its_own_message_comes_again(postgres: PostgresServer) -> None:
+    """A redelivered message for the task whose outcome is held claims nothing, and the outcome
+    is still written (one statement never updates that row twice)."""
+
+    async def scenario(store: PostgresStore, url: str) -> None:
+        task_id = await add(store)
+        running = await claim(store, task_id)
+        assert running is not None
+        finishing = await finish_later(store, running, 7)
+        assert await claim(store, task_id) is None, "running: the duplicate is dropped"
+        assert await finishing is True
+        rows = await sql(url, "SELECT status, result FROM conveyor_tasks WHERE id = $1", task_id)
+        assert (rows[0][0], rows[0][1]) == ("completed", "7")
+
+    run(scenario, postgres.create_database())
+
+
+def test_an_outcome_survives_a_claim_that_fails(postgres: PostgresServer) -> None:
+    async def scenario(store: PostgresStore, url: str) -> None:
+        first, second = await add(store), await add(store)
+        running = await claim(store, first)
+        assert running is not None
+        finishing = await finish_later(store, running, 3)
+        with pytest.raises(StoreUnavailable):  # a lease the statement cannot take
+            await store.claim_one(
+                second,
+                name="demo.echo",
+                worker_id="w:1",
+                limit=None,
+                lease_s="soon",  # type: ignore[arg-type]
+            )
+        assert await finishing is True
+        assert await statuses(url, first, second) == ["completed", "queued"]
+
+    run(scenario, postgres.create_database())
+
+
+def test_outcomes_are_written_by_id_however_many_tasks_a_worker_holds(
+    postgres: PostgresServer,
+) -> None:
+    """Before the table's first ANALYZE, a generic plan must still find a held task by its id,
+    not by scanning every task its worker runs."""
+
+    async def scenario(store: PostgresStore, url: str) -> list[str]:
+        for _ in range(200):
+            await add(store)
+        await sql(url, "UPDATE conveyor_tasks SET status = 'running', worker_id = 'w:1'")
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+            plans = []
+            for statement, types in (
+                (_FINISH, "text, text, text, text, text, text, int"),
+                (_CLAIM_ONE, "text, text, text, float8, text, text, text, text, text, text, int"),
+            ):
+                await conn.execute(f"PREPARE held ({types}) AS {statement}")
+                blanks = ", ".join(["NULL"] * (types.count(",") + 1))
+                rows = await conn.fetch(f"EXPLAIN EXECUTE held ({blanks})")
+                plans.append("\n".join(row[0] for row in rows))
+                await conn.execute("DEALLOCATE held")
+            return plans
+        finally:
+            await conn.close()
+
+    finish_plan, claim_plan = run(scenario, postgres.create_database())
+    assert "conveyor_tasks_running " not in finish_plan, finish_plan
+    assert "conveyor_tasks_id_key" in finish_plan
+    assert "conveyor_tasks_running " not in claim_plan, claim_plan

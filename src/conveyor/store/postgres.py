@@ -105,6 +105,37 @@ CREATE TRIGGER conveyor_tasks_changed
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
 _MIGRATIONS: dict[int, str] = {2: _UNPUBLISHED_INDEX, 3: _NOTIFY_FUNCTION}
 
+
+# A task still held by the worker that claimed it (this attempt), its id, worker and attempt in
+# the given parameters. IS NOT DISTINCT FROM leaves the id as the only condition an index can
+# serve: with ``=``, a generic plan made before the table's first ANALYZE scans the worker's
+# running tasks (conveyor_tasks_running) instead (measured: 0.59 ms with 4,000, against 0.02).
+def _held(task: int, worker: int, attempt: int) -> str:
+    return (
+        f"id = ${task} AND (status, worker_id, attempts) "
+        f"IS NOT DISTINCT FROM ('running', ${worker}, ${attempt})"
+    )
+
+
+def _outcome(first: int) -> str:
+    """An attempt's outcome, from 7 parameters numbered from ``first``: status, result,
+    result_blob, error, then the held task (id, worker, attempt)."""
+    status, result, blob, error = (f"${n}" for n in range(first, first + 4))
+    return (
+        f"SET status = {status}, result = {result}, result_blob = {blob}, error = {error}, "
+        f"finished_at = {_NOW}, lease_expires_at = NULL, "
+        f"progress = CASE WHEN {status} = 'completed' THEN 100 ELSE progress END "
+        f"WHERE {_held(first + 4, first + 5, first + 6)}"
+    )
+
+
+_FINISH = f"UPDATE conveyor_tasks {_outcome(1)}"
+_NO_OUTCOME = (None,) * 7
+# An outcome waits this long for the next claim of its process, to travel in the same statement
+# (measured per task: 290-300 → 190-200 µs of PostgreSQL CPU, 100-110 → 50-55 µs of the
+# worker's); then it is written on its own.
+_OUTCOME_HOLD_S = 0.005
+
 # One statement. ``named``: whether the named task is claimable, or was taken by a
 # message that named another task (``stolen``: this message then stands in for that
 # one). ``target``: the best queued task of the type. ``claimed``: it, now running; if it
@@ -123,9 +154,11 @@ _CLAIM_ONE = (
     f"WHERE t.id = target.id RETURNING {', '.join('t.' + c for c in COLUMNS.split(', '))}, "
     "target.published_at IS NULL AS no_message), "
     "used AS (UPDATE conveyor_tasks SET stolen = FALSE WHERE id = $1 "
-    "AND (SELECT stand_in FROM named) AND EXISTS (SELECT 1 FROM claimed)) "
-    "SELECT claimed.*, (SELECT due FROM named) FROM (SELECT 1) one "
-    "LEFT JOIN claimed ON TRUE"
+    "AND (SELECT stand_in FROM named) AND EXISTS (SELECT 1 FROM claimed)), "
+    # an outcome of this process that was waiting (``_OUTCOME_HOLD_S``), or none ($9 NULL)
+    f"done AS (UPDATE conveyor_tasks {_outcome(5)} RETURNING id) "
+    "SELECT claimed.*, (SELECT due FROM named) AS due, (SELECT id FROM done) AS done "
+    "FROM (SELECT 1) one LEFT JOIN claimed ON TRUE"
 )
 _QUEUED_RECOUNT_S = 0.25
 _CONNECTION_ERRORS = (
@@ -157,6 +190,9 @@ class PostgresStore:
             tuple[TaskRecord, str, asyncio.Future[tuple[TaskRecord, bool]]]
         ] = []
         self._pinned: dict[str, asyncpg.Connection] = {}  # see _hot
+        # outcomes waiting for this process's next claim (see finish), oldest first
+        self._held: list[tuple[tuple[Any, ...], asyncio.Future[bool]]] = []
+        self._held_timer: asyncio.TimerHandle | None = None
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -183,6 +219,7 @@ class PostgresStore:
         self._pool = pool
 
     async def close(self) -> None:
+        self._release_held()
         if self._background:
             await asyncio.wait(self._background, timeout=5)
         if self._listen_task is not None:
@@ -449,18 +486,30 @@ class PostgresStore:
         task stays queued with no message (no room for its type), its ``published_at`` is
         cleared and the sweeper sends it again.
         """
-        claim, args = _CLAIM_ONE, (task_id, name, worker_id, lease_s)
-        async with self._hot("claim") as conn:
-            if limit is None:  # one round trip
-                found = await conn.fetchrow(claim, *args)
-            else:
-                async with conn.transaction():
-                    room = (await _remaining(conn, {name: limit}))[name] > 0
-                    found = await conn.fetchrow(claim, *args) if room else None
+        if limit is not None:  # the type's room counts running tasks: what ended comes first
+            await self._write_held()
+        held = None if limit is not None else self._take_held(task_id)
+        args = (task_id, name, worker_id, lease_s, *(held[0] if held else _NO_OUTCOME))
+        try:
+            async with self._hot("claim") as conn:
+                if limit is None:  # one round trip
+                    found = await conn.fetchrow(_CLAIM_ONE, *args)
+                else:
+                    async with conn.transaction():
+                        room = (await _remaining(conn, {name: limit}))[name] > 0
+                        found = await conn.fetchrow(_CLAIM_ONE, *args) if room else None
+        except BaseException:
+            if held is not None:  # whether it was written is unknown: write it on its own
+                self._spawn(self._write_outcome(*held))
+            raise
+        if held is not None and not held[1].done():
+            held[1].set_result(found is not None and found["done"] is not None)
         row = None if found is None or found[1] is None else found
         # The named task stays queued without a message: when nothing was claimed, or when the
         # task taken instead had no message of its own left to stand in for it.
-        if (found is None or found[-1]) and (row is None or (row[1] != task_id and row[-2])):
+        if (found is None or found["due"]) and (
+            row is None or (row[1] != task_id and row["no_message"])
+        ):
             # after the commit (no lock of ours is held), and without delaying the claimed task
             self._spawn(self._unpublish_quietly(task_id))
         if row is None:
@@ -511,8 +560,7 @@ class PostgresStore:
     ) -> bool:
         async with self._conn() as conn:
             status = await conn.execute(
-                "UPDATE conveyor_tasks SET progress = $1, message = $2 WHERE id = $3 "
-                "AND status = 'running' AND worker_id = $4 AND attempts = $5",
+                f"UPDATE conveyor_tasks SET progress = $1, message = $2 WHERE {_held(3, 4, 5)}",
                 progress,
                 message,
                 task_id,
@@ -532,21 +580,58 @@ class PostgresStore:
         blob_json: str | None = None,
         error: dict[str, Any] | None = None,
     ) -> bool:
-        async with self._hot("finish") as conn:
-            outcome = await conn.execute(
-                "UPDATE conveyor_tasks SET status = $1, result = $2, result_blob = $3, "
-                f"error = $4, finished_at = {_NOW}, lease_expires_at = NULL, "
-                "progress = CASE WHEN $1 = 'completed' THEN 100 ELSE progress END "
-                "WHERE id = $5 AND status = 'running' AND worker_id = $6 AND attempts = $7",
-                status.value,
-                result_json,
-                blob_json,
-                dump(error),
-                task_id,
-                worker_id,
-                attempt,
-            )
-        return bool(outcome == "UPDATE 1")
+        """Record an outcome: with this process's next claim, in the same statement, when one
+        comes within ``_OUTCOME_HOLD_S``, otherwise on its own; returns once it is committed.
+
+        A pool process runs one task at a time and takes its next message as soon as the task
+        has run, so the outcome of one task usually travels with the claim of the next."""
+        outcome = (status.value, result_json, blob_json, dump(error), task_id, worker_id, attempt)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._held.append((outcome, future))
+        if self._held_timer is None:
+            self._held_timer = loop.call_later(_OUTCOME_HOLD_S, self._release_held)
+        return await future  # cancelling the caller does not withdraw the outcome
+
+    def _take_held(self, task_id: str) -> tuple[tuple[Any, ...], asyncio.Future[bool]] | None:
+        """The oldest held outcome, to go with the claim for ``task_id``'s message (none for
+        the message of the held task itself: one statement must not update a row twice)."""
+        if not self._held or self._held[0][0][4] == task_id:
+            return None
+        held = self._held.pop(0)
+        if not self._held and self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        return held
+
+    def _release_held(self) -> None:
+        """Write every held outcome now, each on its own."""
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        held, self._held = self._held, []
+        for outcome, future in held:
+            self._spawn(self._write_outcome(outcome, future))
+
+    async def _write_held(self) -> None:
+        if self._held:
+            futures = [future for _, future in self._held]
+            self._release_held()
+            await asyncio.wait(futures)
+
+    async def _write_outcome(self, outcome: tuple[Any, ...], future: asyncio.Future[bool]) -> None:
+        try:
+            async with self._hot("finish") as conn:
+                written = await conn.execute(_FINISH, *outcome)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(written == "UPDATE 1")
 
     async def requeue(
         self,
@@ -562,8 +647,7 @@ class PostgresStore:
             row = await conn.fetchrow(
                 "UPDATE conveyor_tasks SET status = 'queued', run_at = $1, error = $2, "
                 "worker_id = NULL, lease_expires_at = NULL, attempts = attempts - $3 "
-                "WHERE id = $4 AND status = 'running' AND worker_id = $5 AND attempts = $6 "
-                f"RETURNING {COLUMNS}",
+                f"WHERE {_held(4, 5, 6)} RETURNING {COLUMNS}",
                 run_at,
                 dump(error),
                 int(refund_attempt),
