@@ -295,6 +295,8 @@ class _Publisher:
             self._engine.celery.send_task(
                 name,
                 args=[task_id],
+                argsrepr=repr([task_id]),  # what Celery's saferepr would say, at a tenth the cost
+                kwargsrepr="{}",
                 queue=settings.celery_queue,
                 priority=broker_priority(priority, settings.broker_url or ""),
                 producer=producer,
