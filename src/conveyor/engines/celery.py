@@ -278,18 +278,25 @@ class _Publisher:
         return batch, True
 
     def _send_batch(self, producer: Any, batch: list[tuple[str, str, int]]) -> None:
+        # In a batch (Redis), a message only joins the pipeline: nothing to retry before the flush,
+        # and no queue to declare (a message for the default exchange goes straight to the list
+        # named after its queue). Without batches (RabbitMQ), Celery declares the queue, which
+        # creates it when no worker has yet, and retries a failed send.
+        batched = bool(producer.supports_batch_publish)
         sent: list[str] = []
         try:
             with producer.batch(max_size=len(batch)):
                 for item in batch:
-                    if self._send(producer, *item):
+                    if self._send(producer, *item, batched=batched):
                         sent.append(item[0])
         except Exception as exc:  # the flush failed: any of them may be lost
             logger.warning("could not publish %d task messages: %s", len(sent), exc)
             for task_id in sent:
                 self._engine.publish_failed(task_id)
 
-    def _send(self, producer: Any, task_id: str, name: str, priority: int) -> bool:
+    def _send(
+        self, producer: Any, task_id: str, name: str, priority: int, *, batched: bool
+    ) -> bool:
         settings = self._engine.settings
         try:
             self._engine.celery.send_task(
@@ -300,7 +307,8 @@ class _Publisher:
                 queue=settings.celery_queue,
                 priority=broker_priority(priority, settings.broker_url or ""),
                 producer=producer,
-                retry=True,
+                declare=[] if batched else None,
+                retry=not batched,
                 retry_policy={"max_retries": 2, "interval_start": 0.1},
             )
         except Exception as exc:
