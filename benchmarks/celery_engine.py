@@ -9,6 +9,8 @@
 - scaling: the Conveyor run with 1 and 2 prefork worker processes.
 
 Run: `.venv/bin/python benchmarks/celery_engine.py` (starts its own PostgreSQL and Redis).
+PostgreSQL runs as in the tests (fsync and synchronous_commit off): the figures measure CPU and
+round trips, not the disk, whose cost on each commit depends on the machine.
 """
 
 from __future__ import annotations
