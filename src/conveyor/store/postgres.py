@@ -131,6 +131,7 @@ def _outcome(first: int) -> str:
 
 _FINISH = f"UPDATE conveyor_tasks {_outcome(1)}"
 _NO_OUTCOME = (None,) * 7
+_OUTCOME_TASK = 4  # where an outcome's parameters (see _outcome) hold the task id
 # An outcome waits this long for the next claim of its process, to travel in the same statement
 # (measured per task: 290-300 → 190-200 µs of PostgreSQL CPU, 100-110 → 50-55 µs of the
 # worker's); then it is written on its own.
@@ -486,9 +487,11 @@ class PostgresStore:
         task stays queued with no message (no room for its type), its ``published_at`` is
         cleared and the sweeper sends it again.
         """
-        if limit is not None:  # the type's room counts running tasks: what ended comes first
+        if limit is None:
+            held = self._take_held(task_id)
+        else:  # the type's room counts running tasks: what ended is written first
+            held = None
             await self._write_held()
-        held = None if limit is not None else self._take_held(task_id)
         args = (task_id, name, worker_id, lease_s, *(held[0] if held else _NO_OUTCOME))
         try:
             async with self._hot("claim") as conn:
@@ -596,7 +599,7 @@ class PostgresStore:
     def _take_held(self, task_id: str) -> tuple[tuple[Any, ...], asyncio.Future[bool]] | None:
         """The oldest held outcome, to go with the claim for ``task_id``'s message (none for
         the message of the held task itself: one statement must not update a row twice)."""
-        if not self._held or self._held[0][0][4] == task_id:
+        if not self._held or self._held[0][0][_OUTCOME_TASK] == task_id:
             return None
         held = self._held.pop(0)
         if not self._held and self._held_timer is not None:
