@@ -5,7 +5,8 @@
 - conveyor: `demo.echo` through Conveyor's Celery engine (PostgreSQL store: commit, publish,
   claim, run, record);
 - each: N tasks published as fast as one client can, with the worker(s) already up, timed
-  from the first publish to the last task done; rounds alternate; medians reported.
+  from the first publish to the last task done; each round runs both (which goes first
+  alternates from round to round); medians reported, and each round's own ratio.
 - scaling: the Conveyor run with 1 and 2 prefork worker processes.
 
 Run: `.venv/bin/python benchmarks/celery_engine.py` (starts its own PostgreSQL and Redis).
@@ -167,16 +168,20 @@ def conveyor_round(n: int, broker: str, pg: PostgresServer, processes: int, work
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     options = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
     pg = PostgresServer().start()
     broker = RedisServer(work / "redis").start()
     try:
         plain, conveyor, single = [], [], []
-        for _ in range(options.rounds):
-            plain.append(plain_round(options.n, broker.url(), 2, work))
+        for index in range(options.rounds):
+            # which side goes first alternates: the machine's speed drifts within a round too
+            if index % 2 == 0:
+                plain.append(plain_round(options.n, broker.url(), 2, work))
             conveyor.append(conveyor_round(options.n, broker.url(), pg, 2, work))
+            if index % 2 == 1:
+                plain.append(plain_round(options.n, broker.url(), 2, work))
             single.append(conveyor_round(options.n, broker.url(), pg, 1, work))
             print(
                 f"round: plain {plain[-1]:.0f}/s, conveyor {conveyor[-1]:.0f}/s, "
