@@ -231,8 +231,9 @@ class _Publisher:
     sends it again).
 
     What waits in the queue goes out together, in one kombu publish batch (one Redis pipeline;
-    a broker without batches, such as RabbitMQ, gets each message at once): measured, a burst
-    of messages costs 145-180 µs of CPU each this way against 360 µs sent one by one."""
+    a broker without batches, such as RabbitMQ, gets each message at once): measured with Redis,
+    a burst of 200 messages costs about 80 µs of CPU each this way, against 366 µs sent one by
+    one (145 µs batched but declared and retried one by one, as Celery does by default)."""
 
     BATCH = 500  # messages taken from the queue at most per batch
 
