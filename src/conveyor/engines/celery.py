@@ -233,7 +233,8 @@ class _Publisher:
     What waits in the queue goes out together, in one kombu publish batch (one Redis pipeline;
     a broker without batches, such as RabbitMQ, gets each message at once): measured with Redis,
     a burst of 200 messages costs about 80 µs of CPU each this way, against 366 µs sent one by
-    one (145 µs batched but declared and retried one by one, as Celery does by default)."""
+    one (144 µs batched with Celery's defaults for each message: declare the queue, retry, and
+    its own repr of the arguments)."""
 
     BATCH = 500  # messages taken from the queue at most per batch
 
