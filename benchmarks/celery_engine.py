@@ -7,7 +7,10 @@
 - each: N tasks published as fast as one client can, with the worker(s) already up, timed
   from the first publish to the last task done; each round runs both (which goes first
   alternates from round to round); medians reported, and each round's own ratio.
-- scaling: the Conveyor run with 1 and 2 prefork worker processes.
+- scaling: the Conveyor run with 1 and 2 prefork worker processes;
+- where the two cores go: each run's CPU time per task, from ``/proc``, for the worker's main
+  process (Celery's consumer), its pool processes, PostgreSQL, Redis and this client, and the
+  time both cores sat idle (medians over the rounds).
 
 Run: `.venv/bin/python benchmarks/celery_engine.py` (starts its own PostgreSQL and Redis).
 PostgreSQL runs as in the tests (fsync and synchronous_commit off): the figures measure CPU and
@@ -53,6 +56,72 @@ def noop(i):
 """
 
 
+HZ = os.sysconf("SC_CLK_TCK")
+PARTS = ("worker main", "pool", "PostgreSQL", "Redis", "client", "idle")
+
+
+def _processes() -> dict[int, tuple[int, float]]:
+    """Each process's parent and CPU seconds so far (user and system, all its threads)."""
+    found: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # it ended meanwhile
+            continue
+        found[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / HZ)
+    return found
+
+
+def _idle_s() -> float:
+    """Seconds the machine's cores have sat idle (idle and iowait, summed over cores)."""
+    fields = Path("/proc/stat").read_text().split(maxsplit=6)
+    return (int(fields[4]) + int(fields[5])) / HZ
+
+
+class CpuMeter:
+    """CPU time per task of each part of one run, between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, worker: int, postgres: int, redis_server: int) -> None:
+        self.roots = {
+            "worker main": worker,
+            "PostgreSQL": postgres,
+            "Redis": redis_server,
+            "client": os.getpid(),
+        }
+        self.before: dict[int, tuple[int, float]] = {}
+        self.idle_before = 0.0
+
+    def start(self) -> None:
+        self.before, self.idle_before = _processes(), _idle_s()
+
+    def stop(self, n: int) -> dict[str, float]:
+        """Milliseconds per task of each part (a process started meanwhile counts from zero)."""
+        after, idle = _processes(), _idle_s()
+        used = dict.fromkeys(PARTS, 0.0)
+        for pid, (parent, cpu) in after.items():
+            part = self._part(pid, parent, after)
+            if part is not None:
+                used[part] += cpu - self.before.get(pid, (parent, 0.0))[1]
+        used["idle"] = idle - self.idle_before
+        return {part: 1000 * seconds / n for part, seconds in used.items()}
+
+    def _part(self, pid: int, parent: int, table: dict[int, tuple[int, float]]) -> str | None:
+        for part, root in self.roots.items():
+            if pid == root:
+                return part
+        if parent == self.roots["worker main"]:
+            return "pool"
+        if parent == self.roots["PostgreSQL"]:  # backends and the server's own processes
+            return "PostgreSQL"
+        return None
+
+
+def _postmaster(pg: PostgresServer) -> int:
+    return int((pg.data / "postmaster.pid").read_text().split()[0])
+
+
 def start_worker(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """Start a worker logging to ``log`` (a pipe left unread would stall it); wait until ready."""
     with log.open("wb") as out:
@@ -74,7 +143,9 @@ def stop(worker: subprocess.Popen[bytes]) -> None:
         worker.wait()
 
 
-def plain_round(n: int, broker: str, processes: int, work: Path) -> float:
+def plain_round(
+    n: int, broker: str, processes: int, work: Path, servers: tuple[int, int]
+) -> tuple[float, dict[str, float]]:
     queue = f"plain-{uuid.uuid4().hex[:8]}"
     (work / "plain_app.py").write_text(PLAIN_APP)
     env = {**os.environ, "BROKER": broker, "QUEUE": queue, "PYTHONPATH": str(work)}
@@ -102,21 +173,27 @@ def plain_round(n: int, broker: str, processes: int, work: Path) -> float:
         client = Celery("plain-client", broker=broker, set_as_current=False)
         client.conf.update(task_serializer="json", task_default_queue=queue)
         counter = redis.Redis.from_url(broker)
+        meter = CpuMeter(worker.pid, *servers)
+        meter.start()
         started = time.perf_counter()
         with client.producer_or_acquire() as producer:
             for i in range(n):
                 client.send_task("noop", args=(i,), queue=queue, producer=producer)
         while int(counter.get(f"{queue}:done") or 0) < n:
             time.sleep(0.01)
-        return n / (time.perf_counter() - started)
+        rate = n / (time.perf_counter() - started)
+        return rate, meter.stop(n)
     finally:
         stop(worker)
 
 
-async def conveyor_submit(n: int, settings: Settings) -> float:
+async def conveyor_submit(
+    n: int, settings: Settings, meter: CpuMeter
+) -> tuple[float, dict[str, float]]:
     yard = build_yard(settings, run_workers=False)
     echo = yard.task_types["demo.echo"]
     async with yard:
+        meter.start()
         started = time.perf_counter()
         for chunk in range(0, n, 200):
             handles = await asyncio.gather(
@@ -131,11 +208,14 @@ async def conveyor_submit(n: int, settings: Settings) -> float:
         while (await yard.store.count_by_status())[TaskStatus.COMPLETED] < n:
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - started
+        used = meter.stop(n)
         print(f"  (conveyor: submitted in {submitted:.2f} s, done in {elapsed:.2f} s)", flush=True)
-        return n / elapsed
+        return n / elapsed, used
 
 
-def conveyor_round(n: int, broker: str, pg: PostgresServer, processes: int, work: Path) -> float:
+def conveyor_round(
+    n: int, broker: str, pg: PostgresServer, processes: int, work: Path, redis_server: int
+) -> tuple[float, dict[str, float]]:
     settings = Settings(
         engine="celery",
         database_url=pg.create_database(),
@@ -160,7 +240,8 @@ def conveyor_round(n: int, broker: str, pg: PostgresServer, processes: int, work
         work / "conveyor.log",
     )
     try:
-        return asyncio.run(conveyor_submit(n, settings))
+        meter = CpuMeter(worker.pid, _postmaster(pg), redis_server)
+        return asyncio.run(conveyor_submit(n, settings, meter))
     finally:
         stop(worker)
 
@@ -173,38 +254,60 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
     pg = PostgresServer().start()
     broker = RedisServer(work / "redis").start()
+    assert broker.process is not None
+    servers = (_postmaster(pg), broker.process.pid)
+    runs: dict[str, list[tuple[float, dict[str, float]]]] = {
+        "plain": [],
+        "conveyor": [],
+        "single": [],
+    }
     try:
-        plain, conveyor, single = [], [], []
         for index in range(options.rounds):
             # which side goes first alternates: the machine's speed drifts within a round too
             if index % 2 == 0:
-                plain.append(plain_round(options.n, broker.url(), 2, work))
-            conveyor.append(conveyor_round(options.n, broker.url(), pg, 2, work))
+                runs["plain"].append(plain_round(options.n, broker.url(), 2, work, servers))
+            runs["conveyor"].append(
+                conveyor_round(options.n, broker.url(), pg, 2, work, servers[1])
+            )
             if index % 2 == 1:
-                plain.append(plain_round(options.n, broker.url(), 2, work))
-            single.append(conveyor_round(options.n, broker.url(), pg, 1, work))
+                runs["plain"].append(plain_round(options.n, broker.url(), 2, work, servers))
+            runs["single"].append(conveyor_round(options.n, broker.url(), pg, 1, work, servers[1]))
             print(
-                f"round: plain {plain[-1]:.0f}/s, conveyor {conveyor[-1]:.0f}/s, "
-                f"conveyor 1 process {single[-1]:.0f}/s",
+                f"round: plain {runs['plain'][-1][0]:.0f}/s, "
+                f"conveyor {runs['conveyor'][-1][0]:.0f}/s, "
+                f"conveyor 1 process {runs['single'][-1][0]:.0f}/s",
                 flush=True,
             )
-        p, c, s = (statistics.median(x) for x in (plain, conveyor, single))
-        # each round's own ratio: the machine's speed drifts between rounds more than within one
-        paired = [c_ / p_ for c_, p_ in zip(conveyor, plain, strict=True)]
-        print(f"\n{options.n} no-op tasks, Redis broker, prefork, medians of {options.rounds}")
-        print(f"  plain Celery, 2 processes      {p:8.0f} tasks/s")
-        met = "met" if c / p >= 0.8 else "not met"
-        ratio = f"ratio {c / p:.3f} (≥ 0.8: {met})"
-        print(f"  Conveyor on Celery, 2 processes {c:7.0f} tasks/s   {ratio}")
-        print(
-            f"  ratio within each round: median {statistics.median(paired):.3f} "
-            f"({min(paired):.3f} to {max(paired):.3f})"
-        )
-        print(f"  Conveyor on Celery, 1 process   {s:7.0f} tasks/s   2 vs 1: {c / s:.2f}x")
+        report(options.n, options.rounds, runs)
     finally:
         broker.stop()
         pg.stop()
         pg.remove()
+
+
+def report(n: int, rounds: int, runs: dict[str, list[tuple[float, dict[str, float]]]]) -> None:
+    plain, conveyor, single = ([rate for rate, _ in runs[side]] for side in runs)
+    p, c, s = (statistics.median(x) for x in (plain, conveyor, single))
+    # each round's own ratio: the machine's speed drifts between rounds more than within one
+    paired = [c_ / p_ for c_, p_ in zip(conveyor, plain, strict=True)]
+    print(f"\n{n} no-op tasks, Redis broker, prefork, medians of {rounds}")
+    print(f"  plain Celery, 2 processes      {p:8.0f} tasks/s")
+    met = "met" if c / p >= 0.8 else "not met"
+    ratio = f"ratio {c / p:.3f} (≥ 0.8: {met})"
+    print(f"  Conveyor on Celery, 2 processes {c:7.0f} tasks/s   {ratio}")
+    print(
+        f"  ratio within each round: median {statistics.median(paired):.3f} "
+        f"({min(paired):.3f} to {max(paired):.3f})"
+    )
+    print(f"  Conveyor on Celery, 1 process   {s:7.0f} tasks/s   2 vs 1: {c / s:.2f}x")
+    print("\nCPU time per task (ms; medians), and the time both cores sat idle:")
+    print("  " + " " * 22 + "".join(f"{part:>12}" for part in PARTS))
+    labels = {"plain": "plain, 2 processes", "conveyor": "Conveyor, 2 processes"}
+    for side, label in {**labels, "single": "Conveyor, 1 process"}.items():
+        cells = "".join(
+            f"{statistics.median(used[part] for _, used in runs[side]):12.2f}" for part in PARTS
+        )
+        print(f"  {label:22}{cells}")
 
 
 if __name__ == "__main__":
