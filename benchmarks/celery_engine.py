@@ -10,7 +10,10 @@
 - scaling: the Conveyor run with 1 and 2 prefork worker processes;
 - where the two cores go: each run's CPU time per task, from ``/proc``, for the worker's main
   process (Celery's consumer), its pool processes, PostgreSQL, Redis and this client, and the
-  time both cores sat idle (medians over the rounds).
+  time both cores sat idle (medians over the rounds);
+- how long a pool process holds each message (the median of Celery's "succeeded in" log
+  lines): with prefetch 1, Celery's main process has at most one message per pool process, so
+  this time is part of every message's round trip.
 
 Run: `.venv/bin/python benchmarks/celery_engine.py` (starts its own PostgreSQL and Redis).
 PostgreSQL runs as in the tests (fsync and synchronous_commit off): the figures measure CPU and
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -58,6 +62,7 @@ def noop(i):
 
 HZ = os.sysconf("SC_CLK_TCK")
 PARTS = ("worker main", "pool", "PostgreSQL", "Redis", "client", "idle")
+HELD = "held"  # the median time (ms) a pool process holds a message: see _held_ms
 
 
 def _processes() -> dict[int, tuple[int, float]]:
@@ -116,6 +121,12 @@ class CpuMeter:
         if parent == self.roots["PostgreSQL"]:  # backends and the server's own processes
             return "PostgreSQL"
         return None
+
+
+def _held_ms(log: Path) -> float:
+    """The median time a pool process spent on a message, from the worker's log."""
+    lines = re.findall(r" succeeded in ([0-9.e-]+)s", log.read_text())
+    return 1000 * statistics.median(float(seconds) for seconds in lines)
 
 
 def _postmaster(pg: PostgresServer) -> int:
@@ -182,9 +193,10 @@ def plain_round(
         while int(counter.get(f"{queue}:done") or 0) < n:
             time.sleep(0.01)
         rate = n / (time.perf_counter() - started)
-        return rate, meter.stop(n)
+        used = meter.stop(n)
     finally:
         stop(worker)
+    return rate, {**used, HELD: _held_ms(work / "plain.log")}
 
 
 async def conveyor_submit(
@@ -241,9 +253,10 @@ def conveyor_round(
     )
     try:
         meter = CpuMeter(worker.pid, _postmaster(pg), redis_server)
-        return asyncio.run(conveyor_submit(n, settings, meter))
+        rate, used = asyncio.run(conveyor_submit(n, settings, meter))
     finally:
         stop(worker)
+    return rate, {**used, HELD: _held_ms(work / "conveyor.log")}
 
 
 def main() -> None:
@@ -300,12 +313,16 @@ def report(n: int, rounds: int, runs: dict[str, list[tuple[float, dict[str, floa
         f"({min(paired):.3f} to {max(paired):.3f})"
     )
     print(f"  Conveyor on Celery, 1 process   {s:7.0f} tasks/s   2 vs 1: {c / s:.2f}x")
-    print("\nCPU time per task (ms; medians), and the time both cores sat idle:")
-    print("  " + " " * 22 + "".join(f"{part:>12}" for part in PARTS))
+    print(
+        "\nCPU time per task (ms; medians), the time both cores sat idle, and how long a pool"
+        "\nprocess held each message (ms; median):"
+    )
+    print("  " + " " * 22 + "".join(f"{part:>12}" for part in (*PARTS, HELD)))
     labels = {"plain": "plain, 2 processes", "conveyor": "Conveyor, 2 processes"}
     for side, label in {**labels, "single": "Conveyor, 1 process"}.items():
         cells = "".join(
-            f"{statistics.median(used[part] for _, used in runs[side]):12.2f}" for part in PARTS
+            f"{statistics.median(used[part] for _, used in runs[side]):12.2f}"
+            for part in (*PARTS, HELD)
         )
         print(f"  {label:22}{cells}")
 
