@@ -106,13 +106,13 @@ class CpuMeter:
         after, idle = _processes(), _idle_s()
         used = dict.fromkeys(PARTS, 0.0)
         for pid, (parent, cpu) in after.items():
-            part = self._part(pid, parent, after)
+            part = self._part(pid, parent)
             if part is not None:
                 used[part] += cpu - self.before.get(pid, (parent, 0.0))[1]
         used["idle"] = idle - self.idle_before
         return {part: 1000 * seconds / n for part, seconds in used.items()}
 
-    def _part(self, pid: int, parent: int, table: dict[int, tuple[int, float]]) -> str | None:
+    def _part(self, pid: int, parent: int) -> str | None:
         for part, root in self.roots.items():
             if pid == root:
                 return part
@@ -299,7 +299,9 @@ def main() -> None:
 
 
 def report(n: int, rounds: int, runs: dict[str, list[tuple[float, dict[str, float]]]]) -> None:
-    plain, conveyor, single = ([rate for rate, _ in runs[side]] for side in runs)
+    plain, conveyor, single = (
+        [rate for rate, _ in runs[side]] for side in ("plain", "conveyor", "single")
+    )
     p, c, s = (statistics.median(x) for x in (plain, conveyor, single))
     # each round's own ratio: the machine's speed drifts between rounds more than within one
     paired = [c_ / p_ for c_, p_ in zip(conveyor, plain, strict=True)]
