@@ -63,6 +63,12 @@ def noop(i):
 HZ = os.sysconf("SC_CLK_TCK")
 PARTS = ("worker main", "pool", "PostgreSQL", "Redis", "client", "idle")
 HELD = "held"  # the median time (ms) a pool process holds a message: see _held_ms
+COLUMNS = (*PARTS, HELD)
+LABELS = {
+    "plain": "plain, 2 processes",
+    "conveyor": "Conveyor, 2 processes",
+    "single": "Conveyor, 1 process",
+}
 
 
 def _processes() -> dict[int, tuple[int, float]]:
@@ -226,7 +232,12 @@ async def conveyor_submit(
 
 
 def conveyor_round(
-    n: int, broker: str, pg: PostgresServer, processes: int, work: Path, redis_server: int
+    n: int,
+    broker: str,
+    pg: PostgresServer,
+    processes: int,
+    work: Path,
+    servers: tuple[int, int],
 ) -> tuple[float, dict[str, float]]:
     settings = Settings(
         engine="celery",
@@ -252,7 +263,7 @@ def conveyor_round(
         work / "conveyor.log",
     )
     try:
-        meter = CpuMeter(worker.pid, _postmaster(pg), redis_server)
+        meter = CpuMeter(worker.pid, *servers)
         rate, used = asyncio.run(conveyor_submit(n, settings, meter))
     finally:
         stop(worker)
@@ -269,22 +280,16 @@ def main() -> None:
     broker = RedisServer(work / "redis").start()
     assert broker.process is not None
     servers = (_postmaster(pg), broker.process.pid)
-    runs: dict[str, list[tuple[float, dict[str, float]]]] = {
-        "plain": [],
-        "conveyor": [],
-        "single": [],
-    }
+    runs: dict[str, list[tuple[float, dict[str, float]]]] = {side: [] for side in LABELS}
     try:
         for index in range(options.rounds):
             # which side goes first alternates: the machine's speed drifts within a round too
             if index % 2 == 0:
                 runs["plain"].append(plain_round(options.n, broker.url(), 2, work, servers))
-            runs["conveyor"].append(
-                conveyor_round(options.n, broker.url(), pg, 2, work, servers[1])
-            )
+            runs["conveyor"].append(conveyor_round(options.n, broker.url(), pg, 2, work, servers))
             if index % 2 == 1:
                 runs["plain"].append(plain_round(options.n, broker.url(), 2, work, servers))
-            runs["single"].append(conveyor_round(options.n, broker.url(), pg, 1, work, servers[1]))
+            runs["single"].append(conveyor_round(options.n, broker.url(), pg, 1, work, servers))
             print(
                 f"round: plain {runs['plain'][-1][0]:.0f}/s, "
                 f"conveyor {runs['conveyor'][-1][0]:.0f}/s, "
@@ -299,9 +304,7 @@ def main() -> None:
 
 
 def report(n: int, rounds: int, runs: dict[str, list[tuple[float, dict[str, float]]]]) -> None:
-    plain, conveyor, single = (
-        [rate for rate, _ in runs[side]] for side in ("plain", "conveyor", "single")
-    )
+    plain, conveyor, single = ([rate for rate, _ in runs[side]] for side in LABELS)
     p, c, s = (statistics.median(x) for x in (plain, conveyor, single))
     # each round's own ratio: the machine's speed drifts between rounds more than within one
     paired = [c_ / p_ for c_, p_ in zip(conveyor, plain, strict=True)]
@@ -319,12 +322,10 @@ def report(n: int, rounds: int, runs: dict[str, list[tuple[float, dict[str, floa
         "\nCPU time per task (ms; medians), the time both cores sat idle, and how long a pool"
         "\nprocess held each message (ms; median):"
     )
-    print("  " + " " * 22 + "".join(f"{part:>12}" for part in (*PARTS, HELD)))
-    labels = {"plain": "plain, 2 processes", "conveyor": "Conveyor, 2 processes"}
-    for side, label in {**labels, "single": "Conveyor, 1 process"}.items():
+    print("  " + " " * 22 + "".join(f"{part:>12}" for part in COLUMNS))
+    for side, label in LABELS.items():
         cells = "".join(
-            f"{statistics.median(used[part] for _, used in runs[side]):12.2f}"
-            for part in (*PARTS, HELD)
+            f"{statistics.median(used[part] for _, used in runs[side]):12.2f}" for part in COLUMNS
         )
         print(f"  {label:22}{cells}")
 
