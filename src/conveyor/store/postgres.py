@@ -208,6 +208,11 @@ class PostgresStore:
                 timeout=self._connect_timeout_s,
                 command_timeout=60,
                 reset=_keep_session,
+                # Every query here is served by an index that reads rows in the order asked for.
+                # A bitmap scan reads all matching rows first: after a plain VACUUM of a backlog
+                # (rows counted, no column statistics), the planner took one for each claim and
+                # sorted every queued task (50-100 ms a claim with 60,000 queued, 0.6 ms without).
+                server_settings={"enable_bitmapscan": "off"},
             )
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"cannot open the PostgreSQL store: {exc}") from exc
