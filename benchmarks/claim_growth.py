@@ -53,25 +53,23 @@ async def run(url: str, postmaster: int, n: int, block: int, vacuum_every: int |
     store = PostgresStore(url)
     await store.open()
     now = time.time()
-    ids = [uuid7() for _ in range(n)]
-    for start in range(0, n, 500):
-        await asyncio.gather(
-            *(
-                store.insert(
-                    TaskRecord(
-                        id=task_id,
-                        name="demo.echo",
-                        status=TaskStatus.QUEUED,
-                        args={"value": 1},
-                        created_at=now,
-                        run_at=now,
-                    ),
-                    args_json='{"value": 1}',
-                    max_queued=None,
-                )
-                for task_id in ids[start : start + 500]
-            )
+    records = [
+        TaskRecord(
+            id=uuid7(),
+            name="demo.echo",
+            status=TaskStatus.QUEUED,
+            args={"value": 1},
+            created_at=now,
+            run_at=now,
         )
+        for _ in range(n)
+    ]
+    for start in range(0, n, 500):  # grouped into multi-row inserts, as submissions are
+        chunk = records[start : start + 500]
+        await asyncio.gather(
+            *(store.insert(r, args_json='{"value": 1}', max_queued=None) for r in chunk)
+        )
+    ids = [record.id for record in records]
     vacuum = await asyncpg.connect(url)
     # The first vacuum visits every freshly loaded page: it runs before the clock starts. Each
     # vacuum also analyzes, as autovacuum does after a bulk of changes.
@@ -112,7 +110,7 @@ def main() -> None:
             f"PostgreSQL CPU per claim (µs), for each block of {options.block:,} claims "
             f"({options.n:,} tasks):"
         )
-        asyncio.run(no_autovacuum(pg.create_database()))
+        asyncio.run(no_autovacuum(pg.url()))
         for vacuum_every in (None, options.vacuum_every):
             url = pg.create_database()
             asyncio.run(run(url, _postmaster(pg), options.n, options.block, vacuum_every))

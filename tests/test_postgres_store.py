@@ -39,6 +39,20 @@ async def sql(url: str, statement: str, *args: Any) -> list[asyncpg.Record]:
         await conn.close()
 
 
+CLAIM_TYPES = "text, text, text, float8, text, text, text, text, text, text, int"
+
+
+async def explain(conn: asyncpg.Connection, statement: str, types: str, params: str) -> str:
+    """The plan ``conn`` makes for ``statement`` prepared with ``types`` and run with ``params``
+    (SQL literals), under its current ``plan_cache_mode``."""
+    await conn.execute(f"PREPARE explained ({types}) AS {statement}")
+    try:
+        rows = await conn.fetch(f"EXPLAIN EXECUTE explained ({params})")
+    finally:
+        await conn.execute("DEALLOCATE explained")
+    return "\n".join(row[0] for row in rows)
+
+
 async def add(store: PostgresStore, *, delay_s: float = 0.0) -> str:
     now = time.time()
     record = TaskRecord(
@@ -233,13 +247,10 @@ def test_outcomes_are_written_by_id_however_many_tasks_a_worker_holds(
             plans = []
             for statement, types in (
                 (_FINISH, "text, text, text, text, text, text, int"),
-                (_CLAIM_ONE, "text, text, text, float8, text, text, text, text, text, text, int"),
+                (_CLAIM_ONE, CLAIM_TYPES),
             ):
-                await conn.execute(f"PREPARE held ({types}) AS {statement}")
                 blanks = ", ".join(["NULL"] * (types.count(",") + 1))
-                rows = await conn.fetch(f"EXPLAIN EXECUTE held ({blanks})")
-                plans.append("\n".join(row[0] for row in rows))
-                await conn.execute("DEALLOCATE held")
+                plans.append(await explain(conn, statement, types, blanks))
             return plans
         finally:
             await conn.close()
@@ -267,17 +278,11 @@ def test_a_claim_reads_the_queue_in_order_after_a_vacuum_without_analyze(
         await sql(url, "VACUUM conveyor_tasks")
         async with store._conn() as conn:  # the store's own connections and their settings
             first = await conn.fetchval("SELECT id FROM conveyor_tasks ORDER BY seq LIMIT 1")
+            params = f"'{first}', 'demo.echo', 'w', 30, " + ", ".join(["NULL"] * 7)
             plans = []
             for mode in ("force_custom_plan", "force_generic_plan"):
                 await conn.execute(f"SET plan_cache_mode = {mode}")
-                types = "text, text, text, float8, text, text, text, text, text, text, int"
-                await conn.execute(f"PREPARE backlog ({types}) AS {_CLAIM_ONE}")
-                rows = await conn.fetch(
-                    f"EXPLAIN EXECUTE backlog ('{first}', 'demo.echo', 'w', 30, "
-                    "NULL, NULL, NULL, NULL, NULL, NULL, NULL)"
-                )
-                await conn.execute("DEALLOCATE backlog")
-                plans.append("\n".join(row[0] for row in rows))
+                plans.append(await explain(conn, _CLAIM_ONE, CLAIM_TYPES, params))
             await conn.execute("RESET plan_cache_mode")
         return "\n\n".join(plans)
 
