@@ -11,6 +11,9 @@
 - where the two cores go: each run's CPU time per task, from ``/proc``, for the worker's main
   process (Celery's consumer), its pool processes, PostgreSQL, Redis and this client, and the
   time both cores sat idle (medians over the rounds);
+- how long each of those parts waited for a core (``/proc/<pid>/task/<tid>/schedstat``: time
+  ready to run while both cores were busy): every wake-up on a message's path (the pool
+  process, its event loop thread, the PostgreSQL backend of its claim) waits its turn there;
 - how long a pool process holds each message (the median of Celery's "succeeded in" log
   lines): with prefetch 1, Celery's main process has at most one message per pool process, so
   this time is part of every message's round trip.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import statistics
@@ -33,6 +37,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import redis
 
@@ -64,6 +69,8 @@ HZ = os.sysconf("SC_CLK_TCK")
 PARTS = ("worker main", "pool", "PostgreSQL", "Redis", "client", "idle")
 HELD = "held"  # the median time (ms) a pool process holds a message: see _held_ms
 COLUMNS = (*PARTS, HELD)
+PROCESSES = PARTS[:-1]  # the parts that are processes: each has its time waiting for a core
+WAITED = {part: f"{part} waited" for part in PROCESSES}
 LABELS = {
     "plain": "plain, 2 processes",
     "conveyor": "Conveyor, 2 processes",
@@ -71,9 +78,18 @@ LABELS = {
 }
 
 
-def _processes() -> dict[int, tuple[int, float]]:
-    """Each process's parent and CPU seconds so far (user and system, all its threads)."""
-    found: dict[int, tuple[int, float]] = {}
+class Usage(NamedTuple):
+    """One process's parent, and its threads' CPU time and run-queue wait so far (seconds)."""
+
+    parent: int
+    cpu_s: float
+    waited_s: float
+
+
+def _processes() -> dict[int, Usage]:
+    """Every process's :class:`Usage`. CPU is user and system time; the wait is the time its
+    threads were ready to run while every core was busy (``schedstat``'s second field)."""
+    found: dict[int, Usage] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -81,8 +97,21 @@ def _processes() -> dict[int, tuple[int, float]]:
             fields = (entry / "stat").read_text().rpartition(")")[2].split()
         except OSError:  # it ended meanwhile
             continue
-        found[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / HZ)
+        cpu_s = (int(fields[11]) + int(fields[12])) / HZ
+        found[int(entry.name)] = Usage(int(fields[1]), cpu_s, _waited_s(entry))
     return found
+
+
+def _waited_s(process: Path) -> float:
+    """The run-queue wait of a process's threads (a thread that ended meanwhile counts 0)."""
+    waited_ns = 0
+    try:
+        for thread in (process / "task").iterdir():
+            with contextlib.suppress(OSError):
+                waited_ns += int((thread / "schedstat").read_text().split()[1])
+    except OSError:  # the process ended meanwhile
+        pass
+    return waited_ns / 1e9
 
 
 def _idle_s() -> float:
@@ -92,7 +121,8 @@ def _idle_s() -> float:
 
 
 class CpuMeter:
-    """CPU time per task of each part of one run, between :meth:`start` and :meth:`stop`."""
+    """CPU time (and time waiting for a core) per task of each part of one run, between
+    :meth:`start` and :meth:`stop`."""
 
     def __init__(self, worker: int, postgres: int, redis_server: int) -> None:
         self.roots = {
@@ -101,22 +131,25 @@ class CpuMeter:
             "Redis": redis_server,
             "client": os.getpid(),
         }
-        self.before: dict[int, tuple[int, float]] = {}
+        self.before: dict[int, Usage] = {}
         self.idle_before = 0.0
 
     def start(self) -> None:
         self.before, self.idle_before = _processes(), _idle_s()
 
     def stop(self, n: int) -> dict[str, float]:
-        """Milliseconds per task of each part (a process started meanwhile counts from zero)."""
+        """Milliseconds per task of each part, and of each process part's wait (under
+        ``WAITED``); a process started meanwhile counts from zero."""
         after, idle = _processes(), _idle_s()
-        used = dict.fromkeys(PARTS, 0.0)
-        for pid, (parent, cpu) in after.items():
-            part = self._part(pid, parent)
+        used = dict.fromkeys((*PARTS, *WAITED.values()), 0.0)
+        for pid, now in after.items():
+            part = self._part(pid, now.parent)
             if part is not None:
-                used[part] += cpu - self.before.get(pid, (parent, 0.0))[1]
+                then = self.before.get(pid, Usage(now.parent, 0.0, 0.0))
+                used[part] += now.cpu_s - then.cpu_s
+                used[WAITED[part]] += now.waited_s - then.waited_s
         used["idle"] = idle - self.idle_before
-        return {part: 1000 * seconds / n for part, seconds in used.items()}
+        return {key: 1000 * seconds / n for key, seconds in used.items()}
 
     def _part(self, pid: int, parent: int) -> str | None:
         for part, root in self.roots.items():
@@ -322,10 +355,21 @@ def report(n: int, rounds: int, runs: dict[str, list[tuple[float, dict[str, floa
         "\nCPU time per task (ms; medians), the time both cores sat idle, and how long a pool"
         "\nprocess held each message (ms; median):"
     )
-    print("  " + " " * 22 + "".join(f"{part:>12}" for part in COLUMNS))
+    _table(runs, {part: part for part in COLUMNS})
+    print(
+        "\nTime each part was ready to run but waited for a core (ms per task; medians): on two"
+        "\ncores shared by every part, each wake-up on a message's path waits its turn:"
+    )
+    _table(runs, WAITED)
+
+
+def _table(runs: dict[str, list[tuple[float, dict[str, float]]]], keys: dict[str, str]) -> None:
+    """One row per side: the median over its runs of each measure ``keys`` maps a header to."""
+    print("  " + " " * 22 + "".join(f"{header:>12}" for header in keys))
     for side, label in LABELS.items():
         cells = "".join(
-            f"{statistics.median(used[part] for _, used in runs[side]):12.2f}" for part in COLUMNS
+            f"{statistics.median(used[key] for _, used in runs[side]):12.2f}"
+            for key in keys.values()
         )
         print(f"  {label:22}{cells}")
 

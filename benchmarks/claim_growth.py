@@ -38,7 +38,7 @@ WORKER = "bench:1"
 
 def postgres_cpu_s(postmaster: int) -> float:
     """CPU seconds of the server's processes (its backends and its own)."""
-    return sum(cpu for parent, cpu in _processes().values() if parent == postmaster)
+    return sum(usage.cpu_s for usage in _processes().values() if usage.parent == postmaster)
 
 
 async def no_autovacuum(url: str) -> None:
