@@ -21,11 +21,9 @@ The PostgreSQL store stays the truth; the broker only carries "run task <id>" me
   worker therefore runs at most ``max_attempts`` times.
 
 Processes: ``conveyor worker`` (or ``celery -A <module>:<celery app> worker``) runs a prefork
-pool (:class:`TaskPool`, Celery's own with one change); each pool process starts its own runtime
-(event loop, store connections, runner, sweeper) after the fork, and its main thread drives that
-loop: while it waits for Celery's next message, and while it claims and runs one. The threads and
-solo pools, and ``Conveyor(run_workers=True)`` with this engine (an embedded Celery worker with
-``settings.concurrency`` threads inside the app), run the loop in a thread of its own instead.
+pool; each pool process starts its own runtime (event loop thread, store connections, runner,
+sweeper) after the fork. ``Conveyor(run_workers=True)`` with this engine runs an embedded Celery
+worker (thread pool) inside the app instead, with ``settings.concurrency`` threads.
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
-from celery.concurrency import asynpool, prefork
 from celery.exceptions import Reject
 from celery.worker.consumer import Consumer
 
@@ -95,7 +92,6 @@ def build_celery_app(yard: Conveyor) -> Celery:
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_consumer=f"{__name__}:BrokerLossConsumer",
-        worker_pool=f"{__name__}:TaskPool",  # what --pool=prefork (the default) starts
     )
     for name in yard.task_types:
         app.task(name=name, shared=False, acks_late=True, reject_on_worker_lost=True)(
@@ -133,49 +129,6 @@ class BrokerLossConsumer(Consumer):  # type: ignore[misc]
             logger.warning("closing the lost broker connection failed (%r); reconnecting", error)
 
 
-class _PoolProcess(asynpool.Worker):  # type: ignore[misc]
-    """A pool process that runs Conveyor's event loop on its main thread while it waits for
-    its next message (Celery's pool reads the next job from a pipe, blocking)."""
-
-    def after_fork(self) -> None:
-        global _POOL_PROCESS
-        _POOL_PROCESS = True  # before Celery's process init (worker_process_init) runs
-        super().after_fork()
-
-    def _make_recv_method(self, conn: Any) -> Any:
-        receive = super()._make_recv_method(conn)
-        if conn is not self.inq:
-            return receive
-        fd = conn._reader.fileno()
-
-        def run_loop_then_receive(timeout: float | None) -> Any:
-            runtime = _INLINE_RUNTIME
-            if runtime is not None and not runtime.loop.is_closed():
-                runtime.run_until_readable(fd)
-            return receive(timeout)
-
-        return run_loop_then_receive
-
-
-class _AsynPool(asynpool.AsynPool):  # type: ignore[misc]
-    Worker = _PoolProcess
-
-
-class TaskPool(prefork.TaskPool):  # type: ignore[misc]
-    """Celery's prefork pool, whose processes run Conveyor's event loop on their main thread.
-
-    A message is then claimed and run on the thread Celery hands it to, with no hand-over to
-    a loop thread and back: two fewer thread wake-ups per message, each of which waits for a
-    core when the machine is busy (measured on two cores with 10,000 no-op tasks: about 10 %
-    more tasks per second, the pool processes' wait for a core 0.79 → 0.53 ms per task)."""
-
-    Pool = _AsynPool
-
-
-_POOL_PROCESS = False  # this process is one of TaskPool's
-_INLINE_RUNTIME: CeleryEngine | None = None  # its runtime, whose loop its main thread drives
-
-
 def _message_handler(yard: Conveyor, name: str) -> Any:
     def run(task_id: str) -> None:
         if not isinstance(task_id, str) or len(task_id) > 100:
@@ -205,9 +158,8 @@ def runtime_for(yard: Conveyor) -> CeleryEngine:
 def _forget_runtimes_after_fork() -> None:
     """A forked process (a prefork pool process) has none of its parent's runtimes: their loop
     threads stayed behind."""
-    global _RUNTIMES_LOCK, _INLINE_RUNTIME
+    global _RUNTIMES_LOCK
     _RUNTIMES.clear()
-    _INLINE_RUNTIME = None
     _RUNTIMES_LOCK = threading.Lock()
 
 
@@ -215,22 +167,8 @@ os.register_at_fork(after_in_child=_forget_runtimes_after_fork)
 
 
 def _start_worker_runtime(yard: Conveyor) -> CeleryEngine:
-    """Start ``yard`` to run tasks for Celery: in a :class:`TaskPool` process, on an event
-    loop its main thread drives; otherwise on one in a thread of its own (uvloop when
-    installed, as uvicorn uses: asyncpg's round trips cost less on it).
-
-    The main thread's loop is asyncio's own: uvloop, run from the main thread, sets up its
-    signal wake-up again on each run, and puts the descriptors it watches (here, the pool's
-    job pipe, which Celery reads blocking) in non-blocking mode."""
-    global _INLINE_RUNTIME
-    if _POOL_PROCESS and threading.current_thread() is threading.main_thread():
-        loop = asyncio.new_event_loop()
-        loop.run_until_complete(yard.start_for_celery_worker())
-        engine = yard.engine
-        assert isinstance(engine, CeleryEngine)
-        engine.inline = True
-        _INLINE_RUNTIME = engine
-        return engine
+    """Start ``yard`` on an event loop in a thread of its own, to run tasks for Celery (uvloop
+    when installed, as uvicorn uses: asyncpg's round trips cost less on it)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it on Linux
@@ -256,12 +194,6 @@ def stop_runtime(yard: Conveyor) -> None:
     if runtime.consuming or runtime.stopping:  # an embedded worker stops with its Conveyor
         return
     grace_s = yard.settings.shutdown_grace_s + 5.0
-    if runtime.inline:
-        try:
-            runtime.loop.run_until_complete(asyncio.wait_for(yard.stop(), grace_s))
-        except Exception:
-            logger.exception("Conveyor's runtime did not stop cleanly")
-        return
     try:
         asyncio.run_coroutine_threadsafe(yard.stop(), runtime.loop).result(grace_s)
     except Exception:
@@ -281,8 +213,8 @@ def install_worker_hooks(yard: Conveyor) -> None:
             raise
 
     def on_ready(sender: Any = None, **_: Any) -> None:
-        if not isinstance(getattr(sender, "pool", None), prefork.TaskPool):
-            # solo and threads pools run tasks in this process
+        pool = getattr(getattr(sender, "pool", None), "__module__", "")
+        if not pool.endswith("prefork"):  # solo and threads pools run tasks in this process
             runtime_for(yard)
 
     def on_shutdown(**_: Any) -> None:
@@ -413,7 +345,6 @@ class CeleryEngine:
         self._worker_thread: threading.Thread | None = None
         self.runner: Runner | None = None
         self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
-        self.inline = False  # the thread that calls handle drives the loop (see TaskPool)
         types = yard.task_types
         self._limits = {n: t.options.concurrency for n, t in types.items() if t.options.concurrency}
         if execute:
@@ -557,12 +488,9 @@ class CeleryEngine:
     # running one message -----------------------------------------------------------------------
 
     def handle(self, name: str, task_id: str) -> bool:
-        """:meth:`run_message`, from the thread Celery runs the message on: on this thread when
-        it drives the loop (:attr:`inline`), else on the loop's thread, waited for. The answer
-        then comes back through a ``SimpleQueue``, which costs less per message than
-        ``run_coroutine_threadsafe``'s future (a condition and a lock)."""
-        if self.inline:
-            return self.loop.run_until_complete(self.run_message(name, task_id))
+        """From a thread other than the loop's (a pool process's main thread): :meth:`run_message`
+        on the loop, waited for. The answer comes back through a ``SimpleQueue``, which costs less
+        per message than ``run_coroutine_threadsafe``'s future (a condition and a lock)."""
         answer: queue.SimpleQueue[bool | BaseException] = queue.SimpleQueue()
 
         def reply(task: asyncio.Task[bool]) -> None:
@@ -579,21 +507,6 @@ class CeleryEngine:
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
-
-    def run_until_readable(self, fd: int) -> None:
-        """Run the loop (on this thread, :attr:`inline`) until ``fd`` can be read."""
-        loop = self.loop
-        readable = loop.create_future()
-
-        def ready() -> None:
-            if not readable.done():
-                readable.set_result(None)
-
-        loop.add_reader(fd, ready)
-        try:
-            loop.run_until_complete(readable)
-        finally:
-            loop.remove_reader(fd)
 
     async def run_message(self, name: str, task_id: str) -> bool:
         """Claim and run the task a message names; False to hand the message back to the broker
