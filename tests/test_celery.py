@@ -4,6 +4,7 @@ real Redis and PostgreSQL servers, killed and restarted mid-batch."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -339,6 +340,32 @@ def test_celery_own_tools_see_the_workers(deploy: Any) -> None:
     assert "1 node online" in inspect.stdout
     for name in ("demo.echo", "demo.sleep", "images.transform"):
         assert name in inspect.stdout
+
+
+def test_celery_own_worker_command_runs_the_tasks(deploy: Any) -> None:
+    """`celery -A conveyor.celery_app worker`, Celery's own command with its default pool, runs
+    the tasks in the prefork pool processes that `celery inspect stats` lists."""
+    deployment = deploy()
+    deployment.api()
+    args = ["-A", "conveyor.celery_app", "worker", "--concurrency=2", "--loglevel=INFO"]
+    worker = Process(args, deployment.env, ready=" ready.", module="celery")
+    deployment.processes.append(worker)
+    stats = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "conveyor.celery_app", "inspect", "stats", "-j"],
+        env=deployment.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert stats.returncode == 0, stats.stdout + stats.stderr
+    (node,) = json.loads(stats.stdout).values()
+    assert node["pool"]["implementation"] == "celery.concurrency.prefork:TaskPool"
+    pool = set(node["pool"]["processes"])
+    assert len(pool) == 2
+    with deployment.client() as client:
+        ids = submit(client, 20)
+        assert_all_completed_once(deployment, client, ids)
+    assert {pid_of(row[3]) for row in deployment.rows()} <= pool
 
 
 def test_flower_sees_the_workers_and_their_task_types(deploy: Any) -> None:
