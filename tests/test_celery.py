@@ -60,8 +60,21 @@ class Deployment:
         args = ["worker", "--pool", "prefork", "--processes", str(processes)]
         return self._start([*args, "--app", app] if app else args, ready=" ready.")
 
-    def _start(self, args: list[str], ready: str) -> Process:
-        process = Process(args, self.env, ready)
+    def celery_worker(self, *args: str) -> Process:
+        """Celery's own `celery -A conveyor.celery_app worker` command."""
+        return self._start(
+            ["-A", "conveyor.celery_app", "worker", *args], ready=" ready.", module="celery"
+        )
+
+    def celery(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`celery -A conveyor.celery_app <args>` (inspect, ...), run to its end."""
+        command = [sys.executable, "-m", "celery", "-A", "conveyor.celery_app", *args]
+        done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    def _start(self, args: list[str], ready: str, module: str = "conveyor") -> Process:
+        process = Process(args, self.env, ready, module=module)
         self.processes.append(process)
         return process
 
@@ -329,14 +342,7 @@ def test_postgres_down_answers_503_and_recovers(
 def test_celery_own_tools_see_the_workers(deploy: Any) -> None:
     deployment = deploy()
     deployment.worker(processes=1)
-    inspect = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "conveyor.celery_app", "inspect", "registered"],
-        env=deployment.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert inspect.returncode == 0, inspect.stdout + inspect.stderr
+    inspect = deployment.celery("inspect", "registered")
     assert "1 node online" in inspect.stdout
     for name in ("demo.echo", "demo.sleep", "images.transform"):
         assert name in inspect.stdout
@@ -347,18 +353,8 @@ def test_celery_own_worker_command_runs_the_tasks(deploy: Any) -> None:
     the tasks in the prefork pool processes that `celery inspect stats` lists."""
     deployment = deploy()
     deployment.api()
-    args = ["-A", "conveyor.celery_app", "worker", "--concurrency=2", "--loglevel=INFO"]
-    worker = Process(args, deployment.env, ready=" ready.", module="celery")
-    deployment.processes.append(worker)
-    stats = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "conveyor.celery_app", "inspect", "stats", "-j"],
-        env=deployment.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert stats.returncode == 0, stats.stdout + stats.stderr
-    (node,) = json.loads(stats.stdout).values()
+    deployment.celery_worker("--concurrency=2", "--loglevel=INFO")
+    (node,) = json.loads(deployment.celery("inspect", "stats", "-j").stdout).values()
     assert node["pool"]["implementation"] == "celery.concurrency.prefork:TaskPool"
     pool = set(node["pool"]["processes"])
     assert len(pool) == 2
