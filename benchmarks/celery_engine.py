@@ -15,9 +15,10 @@
 - how long each of those parts waited for a core (``/proc/<pid>/task/<tid>/schedstat``: time
   ready to run while both cores were busy): every wake-up on a message's path (the pool
   process, its event loop thread, the PostgreSQL backend of its claim) waits its turn there;
-- how long a pool process holds each message (the median of Celery's "succeeded in" log
-  lines): with prefetch 1, Celery's main process has at most one message per pool process, so
-  this time is part of every message's round trip.
+- how long each message's task ran in its pool process (the median of Celery's "succeeded in"
+  log lines; for Conveyor, the claim and the run; for the plain no-op, next to nothing): with
+  prefetch 1, Celery's main process has at most one message per pool process, so this time is
+  part of every message's round trip.
 
 Run: `.venv/bin/python benchmarks/celery_engine.py` (starts its own PostgreSQL and Redis).
 PostgreSQL runs as in the tests (fsync and synchronous_commit off): the figures measure CPU and
@@ -66,7 +67,7 @@ def noop(i):
 HZ = os.sysconf("SC_CLK_TCK")
 PARTS = ("worker main", "pool", "PostgreSQL", "Redis", "client", "idle")
 SUCCEEDED = b" succeeded in "  # what Celery logs (INFO) for each task that ran, and how long
-HELD = "held"  # the median time (ms) a pool process holds a message: see _held_ms
+HELD = "held"  # the median time (ms) a message's task ran in its pool process: see _held_ms
 COLUMNS = (*PARTS, HELD)
 PROCESSES = PARTS[:-1]  # the parts that are processes: each has its time waiting for a core
 WAITED = {part: f"{part} waited" for part in PROCESSES}
@@ -161,8 +162,9 @@ class CpuMeter:
         return None
 
 
-def wait_logged(log: Path, n: int) -> None:
-    """Wait until the worker has logged ``n`` tasks as succeeded (reading only what is new)."""
+def wait_logged(worker: subprocess.Popen[bytes], log: Path, n: int) -> None:
+    """Wait until ``worker`` has logged ``n`` tasks as succeeded (reading only what is new);
+    raise if it exits first."""
     done = offset = 0
     with log.open("rb") as lines:
         while True:
@@ -173,11 +175,13 @@ def wait_logged(log: Path, n: int) -> None:
             offset += whole
             if done >= n:
                 return
+            if worker.poll() is not None:
+                raise RuntimeError(f"the worker exited after {done} of {n} tasks")
             time.sleep(0.01)
 
 
 def _held_ms(log: Path) -> float:
-    """The median time a pool process spent on a message, from the worker's log."""
+    """The median time a message's task ran in its pool process, from the worker's log."""
     lines = re.findall(SUCCEEDED.decode() + r"([0-9.e-]+)s", log.read_text())
     return 1000 * statistics.median(float(seconds) for seconds in lines)
 
@@ -242,7 +246,7 @@ def plain_round(
         with client.producer_or_acquire() as producer:
             for i in range(n):
                 client.send_task("noop", args=(i,), queue=queue, producer=producer)
-        wait_logged(work / "plain.log", n)
+        wait_logged(worker, work / "plain.log", n)
         rate = n / (time.perf_counter() - started)
         used = meter.stop(n)
     finally:
