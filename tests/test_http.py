@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -248,3 +251,62 @@ def test_cli_help_is_clear() -> None:
 def test_serve_refuses_public_bind_without_keys() -> None:
     result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "CONVEYOR_API_KEYS" in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "expected"),
+    [
+        pytest.param(
+            ["serve"],
+            {"CONVEYOR_ENGINE": "celery"},
+            "the celery engine needs a PostgreSQL store",
+            id="celery-on-sqlite",
+        ),
+        pytest.param(
+            ["worker", "--app", "tests.worker_yard:yard"],
+            {"CONVEYOR_ENGINE": "celery", "CONVEYOR_DATABASE_URL": "sqlite:///./var/x.db"},
+            "(SQLite is a file on one machine)",
+            id="celery-on-sqlite-in-an-app-module",
+        ),
+        pytest.param(
+            ["worker"],
+            {"CONVEYOR_ENGINE": "celery", "CONVEYOR_DATABASE_URL": "postgresql://u:secret@db/x"},
+            "the celery engine needs a broker: set CONVEYOR_BROKER_URL=redis://",
+            id="celery-without-broker",
+        ),
+        pytest.param(
+            ["serve"],
+            {"CONVEYOR_LEASE_S": "0.1"},
+            "CONVEYOR_LEASE_S: Input should be greater than 0.5 (got '0.1')",
+            id="out-of-range",
+        ),
+        pytest.param(
+            ["serve"],
+            {"CONVEYOR_DATABASE_URL": "mysql://u:secret@db/x"},
+            "CONVEYOR_DATABASE_URL: database_url must start with sqlite:/// or postgresql://",
+            id="unknown-store",
+        ),
+        pytest.param(
+            ["serve"],
+            {"CONVEYOR_API_KEYS": "alpha:secret,beta:"},
+            "malformed CONVEYOR_API_KEYS entry 'beta:'",
+            id="malformed-keys",
+        ),
+    ],
+)
+def test_bad_settings_stop_the_command_with_one_clear_line(
+    command: list[str], env: dict[str, str], expected: str, tmp_path: Path
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "conveyor", *command],
+        env={**clean, "PYTHONPATH": os.pathsep.join(sys.path), **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert expected in done.stderr, done.stderr
+    assert done.stderr.startswith("conveyor: ") and "Traceback" not in done.stderr
+    assert "secret" not in done.stderr, "a password or key was printed"

@@ -17,12 +17,14 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .core import Conveyor
-from .settings import Settings
+from .errors import ConfigurationError
+from .settings import Settings, describe_errors
 
 app = typer.Typer(
     help="Conveyor: durable background tasks for FastAPI.",
@@ -355,4 +357,16 @@ def cancel(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ConfigurationError as exc:
+        errors.print(f"conveyor: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:  # a model of the app's own: its traceback helps
+            raise
+        for line in describe_errors(exc):
+            errors.print(
+                f"conveyor: invalid settings: {line}", markup=False, highlight=False, soft_wrap=True
+            )
+        raise SystemExit(2) from None

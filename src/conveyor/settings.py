@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
@@ -129,3 +129,21 @@ class Settings(BaseSettings):
                 raise ConfigurationError(f"malformed CONVEYOR_API_KEYS entry {item!r}")
             keys[key] = tenant
         return keys
+
+
+_SECRET_PARTS = ("key", "url")  # API keys, and URLs that may carry a password
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One line per problem of a :class:`Settings` validation error, naming its environment
+    variable: ``CONVEYOR_LEASE_S: Input should be greater than 0.5 (got '0.1')``."""
+    lines = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:
+            lines.append(message)
+            continue
+        field = str(error["loc"][0])
+        shown = "" if any(part in field for part in _SECRET_PARTS) else f" (got {error['input']!r})"
+        lines.append(f"CONVEYOR_{field.upper()}: {message}{shown}")
+    return lines
