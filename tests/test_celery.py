@@ -19,9 +19,10 @@ import asyncpg
 import httpx
 import pytest
 
-from conveyor import Conveyor, Settings
+from conveyor import Conveyor, Settings, TaskRecord, TaskStatus
 from conveyor.service import create_app
 
+from . import worker_yard
 from .conftest import LiveServer, follow, free_port
 from .services import PostgresServer, RedisServer
 from .test_crash import Process
@@ -80,6 +81,20 @@ class Deployment:
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+
+    def client_yard(self) -> Conveyor:
+        """A Conveyor on this deployment's store and broker that runs no tasks, with the task
+        types of ``tests.worker_yard`` (whose workers run them)."""
+        settings = Settings(
+            engine="celery",
+            database_url=self.database_url,
+            broker_url=self.env["CONVEYOR_BROKER_URL"],
+            celery_queue=self.env["CONVEYOR_CELERY_QUEUE"],
+            data_dir=self.env["CONVEYOR_DATA_DIR"],
+        )
+        client = Conveyor(settings, run_workers=False)
+        worker_yard.register(client)
+        return client
 
     def rows(self) -> list[tuple[str, str, int, str]]:
         async def fetch() -> list[tuple[str, str, int, str]]:
@@ -197,21 +212,10 @@ def test_a_concurrency_limit_holds_across_workers(deploy: Any) -> None:
     as the store saw it: no instant lies in more than two [started_at, finished_at] spans."""
     deployment = deploy()
     for _ in range(2):
-        deployment.worker(processes=2, app="tests.limited_yard:yard")
+        deployment.worker(processes=2, app="tests.worker_yard:yard")
 
     async def submit_and_wait() -> None:
-        from .limited_yard import limited_sleep
-
-        settings = Settings(
-            engine="celery",
-            database_url=deployment.database_url,
-            broker_url=deployment.env["CONVEYOR_BROKER_URL"],
-            celery_queue=deployment.env["CONVEYOR_CELERY_QUEUE"],
-            data_dir=deployment.env["CONVEYOR_DATA_DIR"],
-        )
-        client = Conveyor(settings, run_workers=False)
-        client.task(name="limited.sleep", concurrency=2)(limited_sleep.fn)
-        async with client:
+        async with deployment.client_yard() as client:
             handles = [await client.submit("limited.sleep", {"seconds": 0.2}) for _ in range(12)]
             for record, _ in handles:
                 assert (await client.wait(record.id, timeout_s=60)).status.value == "completed"
@@ -268,6 +272,34 @@ def test_kill_9_one_prefork_child(deploy: Any) -> None:
     killed = next(t for t in finals if t["id"] == victim[0])
     assert killed["attempts"] == 2, "re-run once after its lease expired"
     assert worker.popen.poll() is None, "the worker replaced its pool process and lives on"
+
+
+def test_a_task_that_kills_its_worker_runs_at_most_max_attempts_times(
+    deploy: Any, tmp_path: Path
+) -> None:
+    """Each run ends its pool process; Celery hands the message back (``acks_late``, rejected on
+    a lost worker), and Conveyor's attempt counter ends the loop: two runs (``retries=1``), then
+    ``failed: WorkerLost``, and the worker lives on to run the next task."""
+    deployment = deploy()
+    worker = deployment.worker(processes=1, app="tests.worker_yard:yard")
+    log = tmp_path / "crash-runs.log"
+
+    async def crash_then_sleep() -> tuple[TaskRecord, TaskRecord]:
+        async with deployment.client_yard() as client:
+            crashed, _ = await client.submit("crash.worker", {"log": str(log)})
+            failed = await client.wait(crashed.id, timeout_s=90)
+            # queued behind every message the crashes handed back: it runs once they are gone
+            after, _ = await client.submit("limited.sleep", {"seconds": 0})
+            return failed, await client.wait(after.id, timeout_s=60)
+
+    failed, after = asyncio.run(crash_then_sleep())
+    assert failed.status is TaskStatus.FAILED and failed.attempts == failed.max_attempts == 2
+    assert failed.error is not None and failed.error["type"] == "WorkerLost"
+    runs = log.read_text().split()
+    assert len(runs) == 2 and len(set(runs)) == 2, f"runs in pool processes {runs}"
+    assert after.status is TaskStatus.COMPLETED
+    assert log.read_text().split() == runs, "a handed-back message ran the failed task again"
+    assert worker.popen.poll() is None, "the worker replaced its pool process each time"
 
 
 def test_restart_redis_mid_batch(deploy: Any, tmp_path: Path) -> None:

@@ -1,13 +1,29 @@
-"""A Conveyor with a type limited to 2 running tasks, for workers started with
-``conveyor worker --app tests.limited_yard:yard`` (settings from the CONVEYOR_* environment)."""
+"""Task types for workers started with ``conveyor worker --app tests.worker_yard:yard``
+(settings from the CONVEYOR_* environment); a test's client registers the same ones."""
 
 import asyncio
+import os
+from pathlib import Path
 
 from conveyor import Conveyor, Settings
 
-yard = Conveyor(Settings())
 
-
-@yard.task(name="limited.sleep", concurrency=2)
 async def limited_sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
+
+
+def crash_worker(log: str) -> None:
+    """Notes its run in ``log``, then ends the Celery pool process it runs in, as a segfault or
+    the kernel's OOM killer would: no exception, no outcome, only a dead process."""
+    with Path(log).open("a") as file:
+        file.write(f"{os.getpid()}\n")
+    os._exit(1)
+
+
+def register(yard: Conveyor) -> None:
+    yard.task(name="limited.sleep", concurrency=2)(limited_sleep)
+    yard.task(name="crash.worker", retries=1)(crash_worker)
+
+
+yard = Conveyor(Settings())
+register(yard)
