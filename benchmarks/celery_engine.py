@@ -11,7 +11,9 @@
 - scaling: the Conveyor run with 1 and 2 prefork worker processes;
 - where the two cores go: each run's CPU time per task, from ``/proc``, for the worker's main
   process (Celery's consumer), its pool processes, PostgreSQL, Redis and this client, and the
-  time both cores sat idle (medians over the rounds);
+  time both cores sat idle, and the time the hypervisor gave them to other guests while this
+  one had work ("stolen", /proc/stat's steal: how noisy the machine was; medians over the
+  rounds, and each round's own);
 - how long each of those parts waited for a core (``/proc/<pid>/task/<tid>/schedstat``: time
   ready to run while both cores were busy): every wake-up on a message's path (the pool
   process, its event loop thread, the PostgreSQL backend of its claim) waits its turn there;
@@ -65,11 +67,12 @@ def noop(i):
 
 
 HZ = os.sysconf("SC_CLK_TCK")
-PARTS = ("worker main", "pool", "PostgreSQL", "Redis", "client", "idle")
+PROCESSES = ("worker main", "pool", "PostgreSQL", "Redis", "client")  # each has its wait too
+# idle: both cores sat idle; stolen: the hypervisor ran something else on them (machine noise)
+PARTS = (*PROCESSES, "idle", "stolen")
 SUCCEEDED = b" succeeded in "  # what Celery logs (INFO) for each task that ran, and how long
 HELD = "held"  # the median time (ms) a message's task ran in its pool process: see _held_ms
 COLUMNS = (*PARTS, HELD)
-PROCESSES = PARTS[:-1]  # the parts that are processes: each has its time waiting for a core
 WAITED = {part: f"{part} waited" for part in PROCESSES}
 LABELS = {
     "plain": "plain, 2 processes",
@@ -114,10 +117,11 @@ def _waited_s(process: Path) -> float:
     return waited_ns / 1e9
 
 
-def _idle_s() -> float:
-    """Seconds the machine's cores have sat idle (idle and iowait, summed over cores)."""
-    fields = Path("/proc/stat").read_text().split(maxsplit=6)
-    return (int(fields[4]) + int(fields[5])) / HZ
+def _idle_and_stolen_s() -> tuple[float, float]:
+    """Seconds the machine's cores have sat idle (idle and iowait), and seconds the hypervisor
+    gave them to another guest while this one had work (steal), summed over cores."""
+    fields = Path("/proc/stat").read_text().split(maxsplit=9)
+    return (int(fields[4]) + int(fields[5])) / HZ, int(fields[8]) / HZ
 
 
 class CpuMeter:
@@ -132,15 +136,16 @@ class CpuMeter:
             "client": os.getpid(),
         }
         self.before: dict[int, Usage] = {}
-        self.idle_before = 0.0
+        self.idle_before = self.stolen_before = 0.0
 
     def start(self) -> None:
-        self.before, self.idle_before = _processes(), _idle_s()
+        self.before = _processes()
+        self.idle_before, self.stolen_before = _idle_and_stolen_s()
 
     def stop(self, n: int) -> dict[str, float]:
         """Milliseconds per task of each part, and of each process part's wait (under
         ``WAITED``); a process started meanwhile counts from zero."""
-        after, idle = _processes(), _idle_s()
+        after, (idle, stolen) = _processes(), _idle_and_stolen_s()
         used = dict.fromkeys((*PARTS, *WAITED.values()), 0.0)
         for pid, now in after.items():
             part = self._part(pid, now.parent)
@@ -149,6 +154,7 @@ class CpuMeter:
                 used[part] += now.cpu_s - then.cpu_s
                 used[WAITED[part]] += now.waited_s - then.waited_s
         used["idle"] = idle - self.idle_before
+        used["stolen"] = stolen - self.stolen_before
         return {key: 1000 * seconds / n for key, seconds in used.items()}
 
     def _part(self, pid: int, parent: int) -> str | None:
@@ -340,9 +346,12 @@ def main() -> None:
                 runs["plain"].append(plain_round(options.n, broker.url(), 2, work, servers))
             runs["single"].append(conveyor_round(options.n, broker.url(), pg, 1, work, servers))
             print(
-                f"round: plain {runs['plain'][-1][0]:.0f}/s, "
-                f"conveyor {runs['conveyor'][-1][0]:.0f}/s, "
-                f"conveyor 1 process {runs['single'][-1][0]:.0f}/s",
+                "round: "
+                + ", ".join(
+                    f"{label} {runs[side][-1][0]:.0f}/s ({runs[side][-1][1]['stolen']:.2f} ms "
+                    "stolen per task)"
+                    for side, label in LABELS.items()
+                ),
                 flush=True,
             )
         report(options.n, options.rounds, runs)
@@ -368,8 +377,8 @@ def report(n: int, rounds: int, runs: dict[str, list[tuple[float, dict[str, floa
     )
     print(f"  Conveyor on Celery, 1 process   {s:7.0f} tasks/s   2 vs 1: {c / s:.2f}x")
     print(
-        "\nCPU time per task (ms; medians), the time both cores sat idle, and how long a pool"
-        "\nprocess held each message (ms; median):"
+        "\nCPU time per task (ms; medians), the time both cores sat idle or were stolen by the"
+        "\nhypervisor, and how long a pool process held each message (ms; median):"
     )
     _table(runs, {part: part for part in COLUMNS})
     print(
