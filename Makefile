@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/images.py
 	$(PY) benchmarks/csvstats.py
 	$(PY) benchmarks/celery_engine.py
+	$(PY) benchmarks/celery_floor.py
 	$(PY) benchmarks/claim_growth.py
 
 clean:

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,6 +67,7 @@ def noop(i):
 """
 
 
+SEND_GROUP = 200  # the Conveyor client submits this many tasks at once: the plain one sends alike
 HZ = os.sysconf("SC_CLK_TCK")
 PROCESSES = ("worker main", "pool", "PostgreSQL", "Redis", "client")  # each has its wait too
 # idle: both cores sat idle; stolen: the hypervisor ran something else on them (machine noise)
@@ -218,11 +220,22 @@ def stop(worker: subprocess.Popen[bytes]) -> None:
 
 
 def plain_round(
-    n: int, broker: str, processes: int, work: Path, servers: tuple[int, int]
+    n: int,
+    broker: str,
+    processes: int,
+    work: Path,
+    servers: tuple[int, int],
+    *,
+    task: str = "noop",
+    app: str = PLAIN_APP,
+    env: dict[str, str] | None = None,
+    before_send: Callable[[range], None] | None = None,
 ) -> tuple[float, dict[str, float]]:
+    """N ``task`` messages (argument: their number) through a plain Celery worker running
+    ``app``; ``before_send`` is called with each group of numbers before they are sent."""
     queue = f"plain-{uuid.uuid4().hex[:8]}"
-    (work / "plain_app.py").write_text(PLAIN_APP)
-    env = {**os.environ, "BROKER": broker, "QUEUE": queue, "PYTHONPATH": str(work)}
+    (work / "plain_app.py").write_text(app)
+    env = {**os.environ, **(env or {}), "BROKER": broker, "QUEUE": queue, "PYTHONPATH": str(work)}
     worker = start_worker(
         [
             sys.executable,
@@ -250,8 +263,12 @@ def plain_round(
         meter.start()
         started = time.perf_counter()
         with client.producer_or_acquire() as producer:
-            for i in range(n):
-                client.send_task("noop", args=(i,), queue=queue, producer=producer)
+            for start in range(0, n, SEND_GROUP):
+                numbers = range(start, min(n, start + SEND_GROUP))
+                if before_send is not None:
+                    before_send(numbers)
+                for i in numbers:
+                    client.send_task(task, args=(i,), queue=queue, producer=producer)
         wait_logged(worker, work / "plain.log", n)
         rate = n / (time.perf_counter() - started)
         used = meter.stop(n)
@@ -268,9 +285,9 @@ async def conveyor_submit(
     async with yard:
         meter.start()
         started = time.perf_counter()
-        for chunk in range(0, n, 200):
+        for chunk in range(0, n, SEND_GROUP):
             handles = await asyncio.gather(
-                *(echo.submit(i) for i in range(chunk, min(n, chunk + 200)))
+                *(echo.submit(i) for i in range(chunk, min(n, chunk + SEND_GROUP)))
             )
         submitted = time.perf_counter() - started
         # Tasks of one priority run in submission order: watch the last one (a lookup by id,
@@ -325,18 +342,34 @@ def conveyor_round(
     return rate, {**used, HELD: _held_ms(work / "conveyor.log")}
 
 
-def main() -> None:
+def rounds_and_size() -> argparse.Namespace:
+    """The command line of a run: ``-n`` tasks per side and round, ``--rounds``."""
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=5)
-    options = parser.parse_args()
+    return parser.parse_args()
+
+
+@contextlib.contextmanager
+def bench_servers() -> Iterator[tuple[Path, PostgresServer, RedisServer, tuple[int, int]]]:
+    """A working folder, PostgreSQL and Redis for a run, and the two servers' pids (the
+    ``servers`` the rounds' CPU meters read); stopped and removed at the end."""
     work = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
     pg = PostgresServer().start()
     broker = RedisServer(work / "redis").start()
     assert broker.process is not None
-    servers = (_postmaster(pg), broker.process.pid)
-    runs: dict[str, list[tuple[float, dict[str, float]]]] = {side: [] for side in LABELS}
     try:
+        yield work, pg, broker, (_postmaster(pg), broker.process.pid)
+    finally:
+        broker.stop()
+        pg.stop()
+        pg.remove()
+
+
+def main() -> None:
+    options = rounds_and_size()
+    runs: dict[str, list[tuple[float, dict[str, float]]]] = {side: [] for side in LABELS}
+    with bench_servers() as (work, pg, broker, servers):
         for index in range(options.rounds):
             # which side goes first alternates: the machine's speed drifts within a round too
             if index % 2 == 0:
@@ -355,10 +388,6 @@ def main() -> None:
                 flush=True,
             )
         report(options.n, options.rounds, runs)
-    finally:
-        broker.stop()
-        pg.stop()
-        pg.remove()
 
 
 def report(n: int, rounds: int, runs: dict[str, list[tuple[float, dict[str, float]]]]) -> None:
