@@ -83,6 +83,10 @@ LABELS = {
 }
 
 
+# One side's run: tasks per second, and what it used (ms per task of each part, and ``HELD``)
+Result = tuple[float, dict[str, float]]
+
+
 class Usage(NamedTuple):
     """One process's parent, and its threads' CPU time and run-queue wait so far (seconds)."""
 
@@ -230,7 +234,7 @@ def plain_round(
     app: str = PLAIN_APP,
     env: dict[str, str] | None = None,
     before_send: Callable[[range], None] | None = None,
-) -> tuple[float, dict[str, float]]:
+) -> Result:
     """N ``task`` messages (argument: their number) through a plain Celery worker running
     ``app``; ``before_send`` is called with each group of numbers before they are sent."""
     queue = f"plain-{uuid.uuid4().hex[:8]}"
@@ -277,9 +281,7 @@ def plain_round(
     return rate, {**used, HELD: _held_ms(work / "plain.log")}
 
 
-async def conveyor_submit(
-    n: int, settings: Settings, meter: CpuMeter
-) -> tuple[float, dict[str, float]]:
+async def conveyor_submit(n: int, settings: Settings, meter: CpuMeter) -> Result:
     yard = build_yard(settings, run_workers=False)
     echo = yard.task_types["demo.echo"]
     async with yard:
@@ -310,7 +312,7 @@ def conveyor_round(
     processes: int,
     work: Path,
     servers: tuple[int, int],
-) -> tuple[float, dict[str, float]]:
+) -> Result:
     settings = Settings(
         engine="celery",
         database_url=pg.create_database(),
@@ -368,7 +370,7 @@ def bench_servers() -> Iterator[tuple[Path, PostgresServer, RedisServer, tuple[i
 
 def main() -> None:
     options = rounds_and_size()
-    runs: dict[str, list[tuple[float, dict[str, float]]]] = {side: [] for side in LABELS}
+    runs: dict[str, list[Result]] = {side: [] for side in LABELS}
     with bench_servers() as (work, pg, broker, servers):
         for index in range(options.rounds):
             # which side goes first alternates: the machine's speed drifts within a round too
@@ -390,7 +392,7 @@ def main() -> None:
         report(options.n, options.rounds, runs)
 
 
-def report(n: int, rounds: int, runs: dict[str, list[tuple[float, dict[str, float]]]]) -> None:
+def report(n: int, rounds: int, runs: dict[str, list[Result]]) -> None:
     plain, conveyor, single = ([rate for rate, _ in runs[side]] for side in LABELS)
     p, c, s = (statistics.median(x) for x in (plain, conveyor, single))
     # each round's own ratio: the machine's speed drifts between rounds more than within one
@@ -417,7 +419,7 @@ def report(n: int, rounds: int, runs: dict[str, list[tuple[float, dict[str, floa
     _table(runs, WAITED)
 
 
-def _table(runs: dict[str, list[tuple[float, dict[str, float]]]], keys: dict[str, str]) -> None:
+def _table(runs: dict[str, list[Result]], keys: dict[str, str]) -> None:
     """One row per side: the median over its runs of each measure ``keys`` maps a header to."""
     print("  " + " " * 22 + "".join(f"{header:>12}" for header in keys))
     for side, label in LABELS.items():

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -43,6 +42,7 @@ from celery_engine import (  # noqa: E402
     HELD,
     PLAIN_APP,
     PROCESSES,
+    Result,
     bench_servers,
     conveyor_round,
     plain_round,
@@ -51,7 +51,7 @@ from celery_engine import (  # noqa: E402
 from tests.services import PostgresServer  # noqa: E402
 
 # The plain app's tasks that write to PostgreSQL: each pool process connects once, from the
-# event loop thread it starts (FLOOR_DSN unset: the plain no-op's worker connects nowhere).
+# event loop thread it starts.
 FLOOR_TASKS = """
 import asyncio, threading
 import asyncpg, uvloop
@@ -61,10 +61,9 @@ LINK = {}
 
 @signals.worker_process_init.connect
 def connect(**_):
-    if os.environ.get("FLOOR_DSN"):
-        LINK["loop"] = loop = uvloop.new_event_loop()
-        threading.Thread(target=loop.run_forever, daemon=True).start()
-        LINK["conn"] = run(asyncpg.connect(os.environ["FLOOR_DSN"]))
+    LINK["loop"] = loop = uvloop.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    LINK["conn"] = run(asyncpg.connect(os.environ["FLOOR_DSN"]))
 
 def run(coroutine):
     return asyncio.run_coroutine_threadsafe(coroutine, LINK["loop"]).result()
@@ -93,7 +92,6 @@ SIDES = {
     "least": "+ least bookkeeping",
     "conveyor": "Conveyor on Celery",
 }
-Result = tuple[float, dict[str, float]]
 
 
 class FloorDatabase:
@@ -127,13 +125,11 @@ class FloorDatabase:
 def floor_round(
     side: str, n: int, broker: str, pg: PostgresServer, work: Path, servers: tuple[int, int]
 ) -> Result:
-    app = PLAIN_APP + FLOOR_TASKS
-    if side == "plain":
-        return plain_round(n, broker, 2, work, servers, app=app)
+    if side == "plain":  # the very run of celery_engine.py
+        return plain_round(n, broker, 2, work, servers)
     if side == "conveyor":
         return conveyor_round(n, broker, pg, 2, work, servers)
     database = FloorDatabase(pg, rows=n if side == "one_write" else 0)
-    before_send: Callable[[range], None] | None = database.insert if side == "least" else None
     try:
         return plain_round(
             n,
@@ -142,9 +138,9 @@ def floor_round(
             work,
             servers,
             task=side,
-            app=app,
+            app=PLAIN_APP + FLOOR_TASKS,
             env={"FLOOR_DSN": database.url},
-            before_send=before_send,
+            before_send=database.insert if side == "least" else None,
         )
     finally:
         database.close()
