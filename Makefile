@@ -35,18 +35,17 @@ test: $(STAMP) services
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-	$(PY) benchmarks/run.py
-	$(PY) benchmarks/images.py
-	$(PY) benchmarks/csvstats.py
-	$(PY) benchmarks/celery_engine.py
-	$(PY) benchmarks/celery_floor.py
-	$(PY) benchmarks/claim_growth.py
+	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.images
+	$(PY) -m benchmarks.csvstats
+	$(PY) -m benchmarks.celery_engine
 
 clean:
 	rm -rf $(VENV) var

@@ -1,23 +1,18 @@
 from __future__ import annotations
 
-import json
-import socket
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from conveyor import Conveyor, Settings
-from conveyor.status import TaskStatus
 
-from . import tasks
-from .services import PostgresServer, RabbitMQServer, RedisServer
+from .support import tasks
+from .support.live import LiveServer
+from .support.services import PostgresServer, RabbitMQServer, RedisServer
 
 # "celery" uses Redis as the broker, "celery-amqp" RabbitMQ; both use PostgreSQL.
 ENGINES = ["local", "celery", "celery-amqp"]
@@ -126,84 +121,6 @@ async def yard(make_yard: Callable[..., Conveyor]) -> AsyncIterator[Conveyor]:
         thread_gate.set()
     tasks.ASYNC_GATES.clear()
     tasks.THREAD_GATES.clear()
-
-
-async def wait_for_status(
-    yard: Conveyor, task_id: str, status: TaskStatus, timeout_s: float = 10.0
-) -> None:
-    """Wait (on change notifications) until the task reaches ``status``."""
-    import anyio
-
-    with anyio.fail_after(timeout_s):
-        async for record in yard.watch(task_id):
-            if record.status is status:
-                return
-    raise AssertionError(f"task {task_id} ended without reaching {status}")
-
-
-def follow(
-    client: httpx.Client, task_id: str
-) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
-    """Read the task's event stream to its end (the task is then terminal): the final task JSON
-    and every ``(event, data)`` the stream sent."""
-    events: list[tuple[str, dict[str, Any]]] = []
-    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
-        assert stream.status_code == 200
-        assert stream.headers["content-type"].startswith("text/event-stream")
-        kind = ""
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line.partition(":")[2].strip()
-            elif line.startswith("data:"):
-                events.append((kind, json.loads(line.partition(":")[2])))
-    task: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
-    return task, events
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, telling when its socket is bound (or that startup failed)."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: Any = None) -> None:
-        try:
-            await super().startup(sockets)
-        finally:
-            self.ready.set()
-
-
-class LiveServer:
-    """A FastAPI app served by a real uvicorn on a loopback port, in a thread."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
-        )
-        self.server = _Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        if not self.server.ready.wait(30) or not self.server.started:
-            raise RuntimeError("uvicorn did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
-
-    def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=20.0, **kwargs)
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ from fastapi import FastAPI
 
 from conveyor.service import create_app
 
-from .conftest import LiveServer, follow
-from .test_http import service_settings
+from .support.live import LiveServer, follow, service_settings
 
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
 JSON = "application/json"

@@ -22,9 +22,9 @@ import pytest
 from conveyor import Conveyor, Settings, TaskRecord, TaskStatus
 from conveyor.service import create_app
 
-from . import worker_yard
-from .conftest import LiveServer, follow, free_port
-from .services import PostgresServer, RedisServer
+from .support import worker_yard
+from .support.live import LiveServer, follow, free_port
+from .support.services import PostgresServer, RedisServer
 from .test_crash import Process
 
 pytestmark = pytest.mark.timeout(300)
@@ -84,7 +84,7 @@ class Deployment:
 
     def client_yard(self) -> Conveyor:
         """A Conveyor on this deployment's store and broker that runs no tasks, with the task
-        types of ``tests.worker_yard`` (whose workers run them)."""
+        types of ``tests.support.worker_yard`` (whose workers run them)."""
         settings = Settings(
             engine="celery",
             database_url=self.database_url,
@@ -212,7 +212,7 @@ def test_a_concurrency_limit_holds_across_workers(deploy: Any) -> None:
     as the store saw it: no instant lies in more than two [started_at, finished_at] spans."""
     deployment = deploy()
     for _ in range(2):
-        deployment.worker(processes=2, app="tests.worker_yard:yard")
+        deployment.worker(processes=2, app="tests.support.worker_yard:yard")
 
     async def submit_and_wait() -> None:
         async with deployment.client_yard() as client:
@@ -281,7 +281,7 @@ def test_a_task_that_kills_its_worker_runs_at_most_max_attempts_times(
     a lost worker), and Conveyor's attempt counter ends the loop: two runs (``retries=1``), then
     ``failed: WorkerLost``, and the worker lives on to run the next task."""
     deployment = deploy()
-    worker = deployment.worker(processes=1, app="tests.worker_yard:yard")
+    worker = deployment.worker(processes=1, app="tests.support.worker_yard:yard")
     log = tmp_path / "crash-runs.log"
 
     async def crash_then_sleep() -> tuple[TaskRecord, TaskRecord]:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import follow, free_port
+from .support.live import follow, free_port
 
 pytestmark = pytest.mark.timeout(300)
 

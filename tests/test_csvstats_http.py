@@ -18,8 +18,7 @@ from fastapi import FastAPI
 
 from conveyor.service import create_app
 
-from .conftest import LiveServer, follow
-from .test_http import service_settings
+from .support.live import LiveServer, follow, service_settings
 
 CSV = b"city,temp,rain\nOslo,3.5,true\nRome,17.25,false\nOslo,4.0,\nLima,,true\n"
 

@@ -10,8 +10,8 @@ import pytest
 from conveyor import Conveyor, TaskFailed, TaskStatus
 from conveyor.errors import InvalidArguments, QueueFull, TaskStateConflict, UnknownTaskType
 
-from . import tasks
-from .conftest import wait_for_status
+from .support import tasks
+from .support.live import wait_for_status
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from .conftest import LiveServer, follow
+from .support.live import LiveServer, follow
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_readme_first_example_runs(
 def test_resize_image_tutorial(example: Any) -> None:
     import base64
 
-    from .images import RED, close, encode, open_bytes, quadrants
+    from .support.images import RED, close, encode, open_bytes, quadrants
 
     _, client = example("resize_image")
     photo = encode(quadrants(400, 300), "JPEG", quality=95)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,27 +10,12 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from typer.testing import CliRunner
 
-from conveyor import Settings
-from conveyor.cli import app as cli
 from conveyor.service import create_app
 
-from .conftest import LiveServer, follow
+from .support.live import LiveServer, follow, service_settings
 
 JSON = {"content-type": "application/json"}
-
-
-def service_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "data_dir": tmp_path,
-        "lease_s": 2.0,
-        "poll_s": 0.02,
-        "shutdown_grace_s": 0.5,
-        "process_workers": 1,
-        "process_warmup": False,
-    }
-    return Settings(**(values | overrides))
 
 
 @pytest.fixture
@@ -213,100 +195,3 @@ def test_tenants_are_isolated(serve: Callable[[FastAPI], LiveServer], tmp_path: 
         a = submit(alpha, "demo.echo", {"value": 1}, headers=key).json()
         b = submit(beta, "demo.echo", {"value": 1}, headers=key).json()
         assert a["id"] != b["id"]
-
-
-def test_cli_submit_wait_status_list_cancel(server: LiveServer) -> None:
-    runner = CliRunner()
-    url = ["--url", server.url]
-    result = runner.invoke(cli, ["submit", "demo.sleep", "seconds=0.2", "steps=2", "--wait", *url])
-    assert result.exit_code == 0, result.output
-    assert '"status": "completed"' in result.output
-    task_id = json.loads(result.stdout[result.stdout.index("{") :])["id"]
-    status = runner.invoke(cli, ["status", task_id], env={"CONVEYOR_URL": server.url})
-    assert status.exit_code == 0 and task_id in status.output
-    failed = runner.invoke(cli, ["submit", "demo.fail", "message=oops", "--wait", *url])
-    assert failed.exit_code == 1 and "oops" in failed.output
-    queued = runner.invoke(cli, ["submit", "demo.echo", "value=[1,2]", "--delay-s", "3600", *url])
-    queued_id = json.loads(queued.stdout)["id"]
-    cancelled = runner.invoke(cli, ["cancel", queued_id, *url])
-    assert cancelled.exit_code == 0 and '"status": "cancelled"' in cancelled.output
-    listing = runner.invoke(cli, ["list", "--status", "cancelled", *url])
-    assert listing.exit_code == 0 and "demo.echo" in listing.output
-    bad = runner.invoke(cli, ["submit", "demo.sleep", "seconds=abc", *url])
-    assert bad.exit_code == 1 and "seconds" in bad.output
-    missing = runner.invoke(cli, ["status", "00000000-0000-0000-0000-000000000000", *url])
-    assert missing.exit_code == 1 and "404" in missing.output
-
-
-def test_cli_help_is_clear() -> None:
-    runner = CliRunner()
-    top = runner.invoke(cli, ["--help"])
-    assert top.exit_code == 0
-    for command in ["serve", "worker", "submit", "status", "list", "cancel"]:
-        assert command in top.output
-        sub = runner.invoke(cli, [command, "--help"])
-        assert sub.exit_code == 0 and "Usage" in sub.output
-
-
-def test_serve_refuses_public_bind_without_keys() -> None:
-    result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0"])
-    assert result.exit_code == 2 and "CONVEYOR_API_KEYS" in result.output
-
-
-@pytest.mark.parametrize(
-    ("command", "env", "expected"),
-    [
-        pytest.param(
-            ["serve"],
-            {"CONVEYOR_ENGINE": "celery"},
-            "the celery engine needs a PostgreSQL store",
-            id="celery-on-sqlite",
-        ),
-        pytest.param(
-            ["worker", "--app", "tests.worker_yard:yard"],
-            {"CONVEYOR_ENGINE": "celery", "CONVEYOR_DATABASE_URL": "sqlite:///./var/x.db"},
-            "(SQLite is a file on one machine)",
-            id="celery-on-sqlite-in-an-app-module",
-        ),
-        pytest.param(
-            ["worker"],
-            {"CONVEYOR_ENGINE": "celery", "CONVEYOR_DATABASE_URL": "postgresql://u:secret@db/x"},
-            "the celery engine needs a broker: set CONVEYOR_BROKER_URL=redis://",
-            id="celery-without-broker",
-        ),
-        pytest.param(
-            ["serve"],
-            {"CONVEYOR_LEASE_S": "0.1"},
-            "CONVEYOR_LEASE_S: Input should be greater than 0.5 (got '0.1')",
-            id="out-of-range",
-        ),
-        pytest.param(
-            ["serve"],
-            {"CONVEYOR_DATABASE_URL": "mysql://u:secret@db/x"},
-            "CONVEYOR_DATABASE_URL: database_url must start with sqlite:/// or postgresql://",
-            id="unknown-store",
-        ),
-        pytest.param(
-            ["serve"],
-            {"CONVEYOR_API_KEYS": "alpha:secret,beta:"},
-            "malformed CONVEYOR_API_KEYS entry 'beta:'",
-            id="malformed-keys",
-        ),
-    ],
-)
-def test_bad_settings_stop_the_command_with_one_clear_line(
-    command: list[str], env: dict[str, str], expected: str, tmp_path: Path
-) -> None:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "conveyor", *command],
-        env={**clean, "PYTHONPATH": os.pathsep.join(sys.path), **env},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert expected in done.stderr, done.stderr
-    assert done.stderr.startswith("conveyor: ") and "Traceback" not in done.stderr
-    assert "secret" not in done.stderr, "a password or key was printed"

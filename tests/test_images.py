@@ -18,7 +18,7 @@ from conveyor.jobs.images import (
     transform,
 )
 
-from .images import (
+from .support.images import (
     BLUE,
     GREEN,
     RED,

@@ -15,9 +15,8 @@ from fastapi import FastAPI
 
 from conveyor.service import create_app
 
-from .conftest import LiveServer, follow
-from .images import RED, animated_gif, close, encode, open_bytes, png_header_only, quadrants
-from .test_http import service_settings
+from .support.images import RED, animated_gif, close, encode, open_bytes, png_header_only, quadrants
+from .support.live import LiveServer, follow, service_settings
 
 JPEG = encode(quadrants(400, 200), "JPEG", quality=95)
 

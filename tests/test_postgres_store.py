@@ -14,9 +14,12 @@ from conveyor.errors import StoreUnavailable
 from conveyor.ids import uuid7
 from conveyor.record import TaskRecord
 from conveyor.status import TaskStatus
-from conveyor.store.postgres import _CLAIM_ONE, _FINISH, SCHEMA_VERSION, PostgresStore
+from conveyor.store.postgres import PostgresStore
+from conveyor.store.postgres_ledger import CLAIM_ONE
+from conveyor.store.postgres_schema import SCHEMA_VERSION
+from conveyor.store.postgres_sql import FINISH
 
-from .services import PostgresServer
+from .support.services import PostgresServer
 
 
 def run(work: Callable[[PostgresStore, str], Awaitable[Any]], url: str) -> Any:
@@ -98,7 +101,7 @@ def test_a_version_1_store_is_migrated(postgres: PostgresServer) -> None:
         index = await sql(
             url, "SELECT 1 FROM pg_indexes WHERE indexname = $1", "conveyor_tasks_unpublished"
         )
-        due = await store.due_for_publish(stale_s=None, limits={})
+        due = await store.publication_ledger().due_for_publish(stale_s=None, limits={})
         trigger = await sql(url, "SELECT prosrc FROM pg_proc WHERE proname = 'conveyor_notify'")
         return [row[0] for row in version], len(index), due, trigger[0][0]
 
@@ -127,13 +130,24 @@ def test_the_sweeper_is_told_what_to_send_once(postgres: PostgresServer) -> None
             url, "UPDATE conveyor_tasks SET run_at = 1, published_at = 1 WHERE id = $1", stale
         )
 
-        first = {row[0] for row in await store.due_for_publish(stale_s=None, limits={})}
+        first = {
+            row[0]
+            for row in await store.publication_ledger().due_for_publish(stale_s=None, limits={})
+        }
         assert first == {lost}, "only the unsent due task: not the delayed, not the stale one"
-        assert await store.due_for_publish(stale_s=None, limits={}) == [], "marked sent"
-        with_stale = {row[0] for row in await store.due_for_publish(stale_s=60, limits={})}
+        assert await store.publication_ledger().due_for_publish(stale_s=None, limits={}) == [], (
+            "marked sent"
+        )
+        with_stale = {
+            row[0]
+            for row in await store.publication_ledger().due_for_publish(stale_s=60, limits={})
+        }
         assert with_stale == {stale}, "an old message is re-sent on the stale sweep"
         await sql(url, "UPDATE conveyor_tasks SET run_at = run_at - 3601 WHERE id = $1", delayed)
-        due_now = {row[0] for row in await store.due_for_publish(stale_s=None, limits={})}
+        due_now = {
+            row[0]
+            for row in await store.publication_ledger().due_for_publish(stale_s=None, limits={})
+        }
         assert due_now == {delayed}, "a delayed task is sent once it falls due"
         assert sent not in first | with_stale | due_now
 
@@ -147,7 +161,7 @@ async def statuses(url: str, *task_ids: str) -> list[str]:
 
 
 async def claim(store: PostgresStore, task_id: str, worker: str = "w:1") -> TaskRecord | None:
-    return await store.claim_one(
+    return await store.publication_ledger().claim_one(
         task_id, name="demo.echo", worker_id=worker, limit=None, lease_s=30
     )
 
@@ -218,7 +232,7 @@ def test_an_outcome_survives_a_claim_that_fails(postgres: PostgresServer) -> Non
         assert running is not None
         finishing = await finish_later(store, running, 3)
         with pytest.raises(StoreUnavailable):  # a lease the statement cannot take
-            await store.claim_one(
+            await store.publication_ledger().claim_one(
                 second,
                 name="demo.echo",
                 worker_id="w:1",
@@ -246,8 +260,8 @@ def test_outcomes_are_written_by_id_however_many_tasks_a_worker_holds(
             await conn.execute("SET plan_cache_mode = force_generic_plan")
             plans = []
             for statement, types in (
-                (_FINISH, "text, text, text, text, text, text, int"),
-                (_CLAIM_ONE, CLAIM_TYPES),
+                (FINISH, "text, text, text, text, text, text, int"),
+                (CLAIM_ONE, CLAIM_TYPES),
             ):
                 blanks = ", ".join(["NULL"] * (types.count(",") + 1))
                 plans.append(await explain(conn, statement, types, blanks))
@@ -276,13 +290,13 @@ def test_a_claim_reads_the_queue_in_order_after_a_vacuum_without_analyze(
             "FROM generate_series(1, 60000)",
         )
         await sql(url, "VACUUM conveyor_tasks")
-        async with store._conn() as conn:  # the store's own connections and their settings
+        async with store.connection() as conn:  # the store's own connections and their settings
             first = await conn.fetchval("SELECT id FROM conveyor_tasks ORDER BY seq LIMIT 1")
             params = f"'{first}', 'demo.echo', 'w', 30, " + ", ".join(["NULL"] * 7)
             plans = []
             for mode in ("force_custom_plan", "force_generic_plan"):
                 await conn.execute(f"SET plan_cache_mode = {mode}")
-                plans.append(await explain(conn, _CLAIM_ONE, CLAIM_TYPES, params))
+                plans.append(await explain(conn, CLAIM_ONE, CLAIM_TYPES, params))
             await conn.execute("RESET plan_cache_mode")
         return "\n\n".join(plans)
 

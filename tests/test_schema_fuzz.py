@@ -13,8 +13,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from conveyor.service import create_app
 
-from .conftest import LiveServer
-from .test_http import service_settings
+from .support.live import LiveServer, service_settings
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,8 @@ from collections.abc import Callable
 import anyio
 import pytest
 from pydantic import BaseModel
-from typer.testing import CliRunner
 
 from conveyor import Conveyor, Settings, TaskContext, TaskStatus
-from conveyor.cli import app as cli
-from conveyor.cli import load_yard
 from conveyor.errors import ConfigurationError, TaskTypeError
 
 pytestmark = pytest.mark.anyio
@@ -117,30 +114,6 @@ def test_task_without_context_and_default_names() -> None:
     assert task.name.endswith("add") and not task.takes_context
     assert task.options.executor == "thread"
     assert task.bind(1) == {"a": 1, "b": 2}
-
-
-@pytest.mark.parametrize(
-    ("target", "message"),
-    [
-        pytest.param("nomodule", "module:attribute", id="no-colon"),
-        pytest.param("no_such_module_xyz:yard", "cannot import", id="missing-module"),
-        pytest.param("conveyor:nothing", "no attribute", id="missing-attribute"),
-        pytest.param("conveyor:Settings", "not a Conveyor", id="wrong-type"),
-    ],
-)
-def test_worker_app_import_errors(target: str, message: str) -> None:
-    import typer
-
-    with pytest.raises(typer.BadParameter, match=message):
-        load_yard(target)
-    result = CliRunner().invoke(cli, ["worker", "--app", target])
-    assert result.exit_code == 2 and message in result.output
-
-
-def test_worker_app_import_string() -> None:
-    from examples import limited_concurrency
-
-    assert load_yard("examples.limited_concurrency:yard") is limited_concurrency.yard
 
 
 def test_submit_schema_lists_each_task_type_with_inlined_arguments(

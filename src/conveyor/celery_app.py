@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .cli import load_yard
+from .loader import load_yard
 from .service import build_yard
 from .settings import Settings
 

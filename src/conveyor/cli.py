@@ -6,7 +6,6 @@ A thin shell over public functions; every option is also settable as ``CONVEYOR_
 from __future__ import annotations
 
 import asyncio
-import importlib
 import ipaddress
 import json
 import logging
@@ -24,6 +23,7 @@ from rich.table import Table
 
 from .core import Conveyor
 from .errors import ConfigurationError
+from .loader import load_yard
 from .settings import Settings, describe_errors
 
 app = typer.Typer(
@@ -73,25 +73,16 @@ def _settings(concurrency: int | None, data_dir: Path | None) -> Settings:
     return Settings(**overrides)
 
 
-def load_yard(import_string: str) -> Conveyor:
-    """Import ``module:attribute`` and return the Conveyor instance it names."""
-    module_name, sep, attribute = import_string.partition(":")
-    if not sep or not module_name or not attribute:
-        raise typer.BadParameter(f"expected module:attribute, got {import_string!r}")
+def _yard(app_path: str | None, concurrency: int | None, data_dir: Path | None) -> Conveyor:
+    """The instance named by ``--app``, or the built-in service's."""
+    if app_path is None:
+        from .service import build_yard
+
+        return build_yard(_settings(concurrency, data_dir))
     try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise typer.BadParameter(f"cannot import module {module_name!r}: {exc}") from exc
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise typer.BadParameter(
-                f"module {module_name!r} has no attribute {attribute!r}"
-            ) from None
-    if not isinstance(target, Conveyor):
-        raise typer.BadParameter(f"{import_string} is a {type(target).__name__}, not a Conveyor")
-    return target
+        return load_yard(app_path)
+    except ConfigurationError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
 
 def _is_loopback(host: str) -> bool:
@@ -164,39 +155,34 @@ def worker(
     With CONVEYOR_ENGINE=celery this is a Celery worker (prefork by default) consuming
     Conveyor's queue; `celery -A conveyor.celery_app worker` starts the same worker.
     """
-    from .service import build_yard
-
     _configure_logging(log_level)
-    yard = load_yard(app_path) if app_path else build_yard(_settings(concurrency, data_dir))
+    yard = _yard(app_path, concurrency, data_dir)
     if yard.settings.engine == "celery":
-        if pool not in ("prefork", "threads", "solo"):
-            raise typer.BadParameter("--pool must be prefork, threads or solo")
-        size = yard.settings.concurrency
-        if pool == "prefork":
-            size = processes or os.cpu_count() or 1
-        yard.celery_app().worker_main(
-            [
-                "worker",
-                f"--pool={pool}",
-                f"--concurrency={size}",
-                f"--queues={yard.settings.celery_queue}",
-                f"--loglevel={log_level.upper()}",
-                "--without-mingle",
-                "--without-gossip",
-            ]
+        from .engines.celery_worker import run_celery_worker
+
+        size = (
+            (processes or os.cpu_count() or 1) if pool == "prefork" else yard.settings.concurrency
+        )
+        run_celery_worker(
+            yard.celery_app(),
+            queue=yard.settings.celery_queue,
+            pool=pool,
+            concurrency=size,
+            log_level=log_level,
         )
         return
+    asyncio.run(_run_until_signalled(yard))
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        async with yard:
-            logging.getLogger("conveyor").info("worker running; Ctrl-C to stop")
-            await stop.wait()
 
-    asyncio.run(run())
+async def _run_until_signalled(yard: Conveyor) -> None:
+    """Run ``yard``'s workers until SIGINT or SIGTERM, then stop them gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with yard:
+        logging.getLogger("conveyor").info("worker running; Ctrl-C to stop")
+        await stop.wait()
 
 
 def _client(url: str, api_key: str | None) -> httpx.Client:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 from . import serialization
 from .blobs import BlobStore
 from .context import TaskContext
+from .engines import Engine, open_engine
 from .errors import (
     ConfigurationError,
     InvalidArguments,
@@ -33,8 +34,6 @@ from .task import UNSET, Executor, TaskOptions, TaskType
 if TYPE_CHECKING:
     from celery import Celery
     from fastapi import APIRouter
-
-    from .engines.base import Engine
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -149,7 +148,9 @@ class Conveyor:
                 idempotent=idempotent,
                 public=public,
             )
-            task_type: TaskType[Any, Any] = TaskType(fn, name=task_name, options=options, yard=self)
+            task_type: TaskType[Any, Any] = TaskType(
+                fn, name=task_name, options=options, submitter=self
+            )
             self.task_types[task_name] = task_type
             return task_type
 
@@ -198,16 +199,11 @@ class Conveyor:
             await store.open()
             self._store = store
             self._subscribed = False
-            if self.settings.engine == "celery":
-                from .engines.celery import CeleryEngine
-
-                self._engine = CeleryEngine(self, execute=self.run_workers, consume=consume)
-                await self._engine.start()
-            elif self.run_workers:
-                from .engines.local import LocalEngine
-
-                self._engine = LocalEngine(self)
-                await self._engine.start()
+            celery = self.celery_app() if self.settings.engine == "celery" else None
+            engine = open_engine(self, run_workers=self.run_workers, consume=consume, celery=celery)
+            if engine is not None:
+                self._engine = engine
+                await engine.start()
         except BaseException:
             await self.stop()
             raise
@@ -224,7 +220,7 @@ class Conveyor:
         then ``celery -A yourmodule:celery_app worker`` (or ``inspect``, or Flower).
         """
         if self._celery is None:
-            from .engines.celery import build_celery_app, install_worker_hooks
+            from .engines.celery_worker import build_celery_app, install_worker_hooks
 
             self._celery = build_celery_app(self)
             install_worker_hooks(self)

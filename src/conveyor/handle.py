@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from .errors import TaskFailed, TaskStateConflict
 from .record import TaskRecord
 from .status import TaskStatus
 
-if TYPE_CHECKING:
-    from .core import Conveyor
-
 R = TypeVar("R")
+
+
+class TaskAccess(Protocol):
+    """What a handle needs to follow its task (``Conveyor`` is one)."""
+
+    async def get(self, task_id: str, *, owner: str | None = None) -> TaskRecord: ...
+
+    async def wait(
+        self, task_id: str, *, owner: str | None = None, timeout_s: float | None = None
+    ) -> TaskRecord: ...
+
+    async def cancel(self, task_id: str, *, owner: str | None = None) -> TaskRecord: ...
 
 
 class TaskHandle(Generic[R]):
     """A submitted task: ``await handle.wait()``, ``.result()``, ``.cancel()``, ``.status()``."""
 
-    def __init__(self, task_id: str, yard: Conveyor, *, owner: str | None = None) -> None:
+    def __init__(self, task_id: str, tasks: TaskAccess, *, owner: str | None = None) -> None:
         self.id = task_id
-        self._yard = yard
+        self._tasks = tasks
         self._owner = owner
 
     def __repr__(self) -> str:
@@ -27,11 +36,11 @@ class TaskHandle(Generic[R]):
 
     async def status(self) -> TaskRecord:
         """The task's current record."""
-        return await self._yard.get(self.id, owner=self._owner)
+        return await self._tasks.get(self.id, owner=self._owner)
 
     async def wait(self, timeout_s: float | None = None) -> TaskRecord:
         """Wait until the task is terminal; its record. Raises ``WaitTimeout``."""
-        return await self._yard.wait(self.id, owner=self._owner, timeout_s=timeout_s)
+        return await self._tasks.wait(self.id, owner=self._owner, timeout_s=timeout_s)
 
     async def result(self, timeout_s: float | None = None) -> R:
         """Wait for the task and return its result; ``TaskFailed`` if it failed."""
@@ -47,4 +56,4 @@ class TaskHandle(Generic[R]):
 
     async def cancel(self) -> TaskRecord:
         """Cancel the task (queued: at once; running: requested)."""
-        return await self._yard.cancel(self.id, owner=self._owner)
+        return await self._tasks.cancel(self.id, owner=self._owner)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, get_type_hints
+from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from .context import TaskContext
 from .errors import InvalidArguments, TaskTypeError
-
-if TYPE_CHECKING:
-    from .core import Conveyor
-    from .handle import TaskHandle
+from .handle import TaskAccess, TaskHandle
+from .record import TaskRecord
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -81,16 +79,33 @@ def validated(model: type[M], payload: Any, *, location: tuple[str | int, ...], 
         raise InvalidArguments(message, details=validation_details(exc, location)) from exc
 
 
+class Submitter(TaskAccess, Protocol):
+    """What a task type needs to submit runs of itself (``Conveyor`` is one)."""
+
+    async def submit_validated(
+        self,
+        task_type: TaskType[Any, Any],
+        args: dict[str, Any],
+        *,
+        owner: str,
+        priority: int | None,
+        delay_s: float | None,
+        timeout_s: float | None,
+        idempotency_key: str | None,
+        task_id: str | None = None,
+    ) -> tuple[TaskRecord, bool]: ...
+
+
 class TaskType(Generic[P, R]):
     """A registered task function. Submit runs of it with ``await task.submit(...)``."""
 
     def __init__(
-        self, fn: Callable[..., Any], *, name: str, options: TaskOptions, yard: Conveyor
+        self, fn: Callable[..., Any], *, name: str, options: TaskOptions, submitter: Submitter
     ) -> None:
         self.fn = fn
         self.name = name
         self.options = options
-        self._yard = yard
+        self._submitter = submitter
         self.module = fn.__module__
         self.qualname = fn.__qualname__
         self.takes_context, self.args_model = _argument_model(fn, name)
@@ -172,9 +187,8 @@ class Submission(Generic[P, R]):
         self._owner = owner
 
     async def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
-        from .handle import TaskHandle
-
-        record, _ = await self._type._yard.submit_validated(
+        submitter = self._type._submitter
+        record, _ = await submitter.submit_validated(
             self._type,
             self._type.bind(*args, **kwargs),
             owner=self._owner,
@@ -183,7 +197,7 @@ class Submission(Generic[P, R]):
             timeout_s=self._timeout_s,
             idempotency_key=self._idempotency_key,
         )
-        return TaskHandle(record.id, self._type._yard, owner=self._owner)
+        return TaskHandle(record.id, submitter, owner=self._owner)
 
 
 def _argument_model(fn: Callable[..., Any], name: str) -> tuple[bool, type[BaseModel]]:

@@ -1,19 +1,50 @@
-"""The contract every engine implements; the store, not the engine, is the truth."""
+"""The contract every engine implements, and the narrow host it runs for.
+
+The store, not the engine, is the truth: an engine claims tasks from it, runs them and records
+their outcomes there, so several engines in several processes may share one store.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
+from ..blobs import BlobStore
 from ..record import TaskRecord
+from ..settings import Settings
+from ..store import Store
+from ..task import TaskType
+
+
+class EngineHost(Protocol):
+    """What an engine (and its runner) needs of the instance it runs tasks for.
+
+    ``Conveyor`` is one; an engine never sees more of it than this.
+    """
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def blobs(self) -> BlobStore: ...
+
+    @property
+    def task_types(self) -> Mapping[str, TaskType[Any, Any]]: ...
+
+    def notify(self, task_id: str) -> None:
+        """Wake whoever waits on this task in this process."""
+        ...
 
 
 class Engine(Protocol):
     """Claims tasks from the store and runs them.
 
-    ``wake`` is a hint that work is waiting; ``submitted`` tells of a task committed in this
-    process (the Celery engine publishes its message); ``cancel_local`` asks
-    the engine to stop a running task it holds. Everything else goes through the store, so several
-    engines in several processes may share one store.
+    ``submitted`` tells of a task committed in this process (the local engine wakes its
+    dispatcher; the Celery engine publishes its message); ``cancel_local`` asks the engine to stop
+    a running task it holds. Everything else goes through the store.
     """
 
     async def start(self) -> None: ...
@@ -21,8 +52,6 @@ class Engine(Protocol):
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; drain up to ``grace_s``; re-queue what is still running."""
         ...
-
-    def wake(self) -> None: ...
 
     def submitted(self, record: TaskRecord, *, retried: bool = False) -> None:
         """A task was committed in this process (or re-queued by an explicit retry)."""

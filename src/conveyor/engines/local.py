@@ -12,30 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 from ..errors import ConveyorError
 from ..record import TaskRecord
+from .base import EngineHost
 from .runner import Runner, new_worker_id, recover, recovery_interval_s
-
-if TYPE_CHECKING:
-    from ..core import Conveyor
 
 logger = logging.getLogger("conveyor.engine")
 
 
 class LocalEngine:
-    """Runs the tasks of one Conveyor instance inside this process."""
+    """Runs the tasks of one instance inside this process."""
 
-    def __init__(self, yard: Conveyor) -> None:
-        self.yard = yard
-        self.settings = yard.settings
+    def __init__(self, host: EngineHost) -> None:
+        self.host = host
+        self.settings = host.settings
         self.worker_id = new_worker_id()
         self._wake = asyncio.Event()
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
         self.runner = Runner(
-            yard,
+            host,
             worker_id=self.worker_id,
             threads=self.settings.concurrency,
             process_workers=self.settings.process_workers,
@@ -46,7 +43,7 @@ class LocalEngine:
 
     async def start(self) -> None:
         self.runner.bind()
-        await recover(self.yard)
+        await recover(self.host)
         await self.runner.warm()  # before claiming: no task waits for a spawn
         self._loops = [
             asyncio.create_task(self._dispatch_loop(), name="conveyor-dispatch"),
@@ -66,9 +63,6 @@ class LocalEngine:
         await asyncio.gather(*self._loops[1:], return_exceptions=True)
         await self.runner.close()
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def submitted(self, record: TaskRecord, *, retried: bool = False) -> None:
         self._wake.set()
 
@@ -78,10 +72,10 @@ class LocalEngine:
     # loops -------------------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
-        types = self.yard.task_types
+        types = self.host.task_types
         names = list(types)
         limits = {name: t.options.concurrency for name, t in types.items() if t.options.concurrency}
-        store = self.yard.store
+        store = self.host.store
         running = self.runner.running
         while not self._stopping:
             free = self.settings.concurrency - len(running)
@@ -112,5 +106,5 @@ class LocalEngine:
         interval = recovery_interval_s(self.settings.lease_s)
         while True:
             await asyncio.sleep(interval)
-            if await recover(self.yard):
+            if await recover(self.host):
                 self._wake.set()

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import serialization
 from ..backoff import retry_delay_s
@@ -32,11 +32,9 @@ from ..errors import ConveyorError, TaskCancelled
 from ..record import TaskRecord
 from ..status import TaskStatus
 from ..task import TaskType
+from .base import EngineHost
 from .processes import ChildTaskError, ProcessPool
 from .progress import ProgressWriter
-
-if TYPE_CHECKING:
-    from ..core import Conveyor
 
 logger = logging.getLogger("conveyor.engine")
 
@@ -53,10 +51,10 @@ def recovery_interval_s(lease_s: float) -> float:
     return min(max(lease_s / 4, 0.25), 5.0)
 
 
-async def recover(yard: Conveyor) -> bool:
+async def recover(host: EngineHost) -> bool:
     """Recover the tasks whose lease expired; whether any was put back in the queue."""
     try:
-        recovered = await yard.store.recover_expired()
+        recovered = await host.store.recover_expired()
     except ConveyorError as exc:
         logger.error("recovery failed: %s", exc)
         return False
@@ -67,7 +65,7 @@ async def recover(yard: Conveyor) -> bool:
             record.name,
             record.status.value,
         )
-        yard.notify(record.id)
+        host.notify(record.id)
     return bool(recovered)
 
 
@@ -100,7 +98,7 @@ class Runner:
     """Executes claimed tasks in this process and records their outcomes in the store.
 
     Args:
-        yard: the Conveyor whose task types and store are used.
+        host: the instance whose task types, store and blobs are used.
         worker_id: the claim token's owner (the id the store leases tasks to).
         threads: size of the thread pool for sync tasks.
         process_workers: children for ``executor="process"`` tasks.
@@ -110,15 +108,15 @@ class Runner:
 
     def __init__(
         self,
-        yard: Conveyor,
+        host: EngineHost,
         *,
         worker_id: str,
         threads: int,
         process_workers: int,
         on_settled: Callable[[TaskRecord], None] = lambda record: None,
     ) -> None:
-        self.yard = yard
-        self.settings = yard.settings
+        self.host = host
+        self.settings = host.settings
         self.worker_id = worker_id
         self.running: dict[str, _Running] = {}
         self._on_settled = on_settled
@@ -137,19 +135,19 @@ class Runner:
     async def warm(self) -> None:
         """Start the worker processes now if some task type needs them."""
         if self.settings.process_warmup and any(
-            t.options.executor == "process" for t in self.yard.task_types.values()
+            t.options.executor == "process" for t in self.host.task_types.values()
         ):
             await self._processes.warm()
 
     def launch(self, record: TaskRecord) -> asyncio.Task[None]:
         """Run a claimed record; the returned task ends once its outcome is recorded."""
-        run = _Running(record, self.yard.task_types[record.name])
+        run = _Running(record, self.host.task_types[record.name])
         run.progress = ProgressWriter(
             functools.partial(self._write_progress, record), self._spawn_background
         )
         self.running[record.id] = run
         run.task = asyncio.create_task(self._execute(run), name=f"conveyor:{record.id}")
-        self.yard.notify(record.id)
+        self.host.notify(record.id)
         return run.task
 
     async def executed(self, task_id: str) -> None:
@@ -177,7 +175,7 @@ class Runner:
             if not self.running:
                 continue
             try:
-                for task_id in await self.yard.store.heartbeat(
+                for task_id in await self.host.store.heartbeat(
                     self.worker_id, self.settings.lease_s
                 ):
                     self.cancel_local(task_id)
@@ -196,7 +194,7 @@ class Runner:
         logger.warning("re-queueing %d task(s) still running at shutdown", len(left))
         for run in left:
             try:
-                await self.yard.store.requeue(
+                await self.host.store.requeue(
                     run.record.id,
                     self.worker_id,
                     run.record.attempts,
@@ -237,7 +235,7 @@ class Runner:
                 run.progress.close()
             self.running.pop(record.id, None)
             self._on_settled(record)
-            self.yard.notify(record.id)
+            self.host.notify(record.id)
 
     async def _attempt(self, run: _Running) -> None:
         record, task_type = run.record, run.task_type
@@ -248,7 +246,7 @@ class Runner:
             max_attempts=record.max_attempts,
             reporter=functools.partial(self._report_progress, run),
             cancel_event=run.cancel_event,
-            blobs=self.yard.blobs,
+            blobs=self.host.blobs,
         )
         timeout = asyncio.timeout(record.timeout_s)
         try:
@@ -303,7 +301,7 @@ class Runner:
                 task_type.qualname,
                 record.args,
                 task=(record.id, record.name, record.attempts, record.max_attempts),
-                blob_root=str(self.yard.blobs.root),
+                blob_root=str(self.host.blobs.root),
                 on_progress=functools.partial(self._report_progress, run),
             )
         kwargs = task_type.call_kwargs(record.args)
@@ -330,7 +328,7 @@ class Runner:
         error: dict[str, Any] | None = None,
     ) -> None:
         record = run.record
-        recorded = await self.yard.store.finish(
+        recorded = await self.host.store.finish(
             record.id,
             self.worker_id,
             record.attempts,
@@ -368,7 +366,7 @@ class Runner:
                 error["type"],
                 delay,
             )
-            await self.yard.store.requeue(
+            await self.host.store.requeue(
                 record.id,
                 self.worker_id,
                 record.attempts,
@@ -399,10 +397,10 @@ class Runner:
         self, record: TaskRecord, percent: float, message: str | None
     ) -> None:
         try:
-            await self.yard.store.set_progress(
+            await self.host.store.set_progress(
                 record.id, self.worker_id, record.attempts, percent, message
             )
         except ConveyorError as exc:
             logger.warning("progress of task %s not stored: %s", record.id, exc)
             return
-        self.yard.notify(record.id)
+        self.host.notify(record.id)

@@ -1,4 +1,5 @@
-"""The contract every store implements (SQLite now; PostgreSQL beside it later)."""
+"""The contracts of stores: task records (every store) and the publication ledger (PostgreSQL,
+for the Celery engine). Every implementation passes one suite, ``tests/test_store_contract.py``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ class Store(Protocol):
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def publication_ledger(self) -> PublicationLedger | None:
+        """The ledger of broker messages kept beside the tasks (None: this store has none, and
+        the Celery engine refuses it)."""
+        ...
 
     def subscribe(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(task_id)`` when another process changes a task (``""``: changes may
@@ -73,7 +79,13 @@ class Store(Protocol):
         blob_json: str | None = None,
         error: dict[str, Any] | None = None,
     ) -> bool:
-        """Record the outcome of an attempt; False when the claim is no longer this worker's."""
+        """Record the outcome of an attempt; False when the claim is no longer this worker's.
+
+        Returns once the outcome is committed. A store may hold it briefly to write it together
+        with this process's next claim (PostgreSQL: up to 5 ms, with
+        :meth:`PublicationLedger.claim_one`); until then the task stays ``running`` under its
+        lease, so a process that dies meanwhile leaves it to lease recovery.
+        """
         ...
 
     async def requeue(
@@ -104,3 +116,29 @@ class Store(Protocol):
     async def delete(self, task_id: str, *, owner: str | None) -> None: ...
 
     async def count_by_status(self) -> dict[str, int]: ...
+
+
+class PublicationLedger(Protocol):
+    """Which queued tasks have a broker message in flight (the Celery engine's bookkeeping).
+
+    The store stays the truth: a message only names a task, and a task without a live message
+    is found here and published again.
+    """
+
+    async def claim_one(
+        self, task_id: str, *, name: str, worker_id: str, limit: int | None, lease_s: float
+    ) -> TaskRecord | None:
+        """Claim for the task a message names (the best queued task of its type); None when
+        the message is to be dropped (its task finished, cancelled, running, or not yet due)."""
+        ...
+
+    async def due_for_publish(
+        self, *, stale_s: float | None, limits: Mapping[str, int], n: int = 1000
+    ) -> list[tuple[str, str, int]]:
+        """``(id, name, priority)`` of queued, due tasks whose message must be sent (never sent
+        since they became due, or with ``stale_s``, sent longer ago); marks them sent."""
+        ...
+
+    async def mark_unpublished(self, task_id: str) -> None:
+        """Its message could not be sent: the next sweep sends it."""
+        ...

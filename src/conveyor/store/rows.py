@@ -80,3 +80,35 @@ def list_query(
     params.append(limit)
     page = f"ORDER BY seq DESC LIMIT {placeholder(len(params))}"
     return f"SELECT {COLUMNS} FROM {table} {clause} {page}", params
+
+
+def choose_claims(candidates: Sequence[tuple[str, str]], room: dict[str, int], n: int) -> list[str]:
+    """Up to ``n`` ids from ``(id, name)`` candidates in queue order, skipping types with no
+    ``room`` left under their concurrency limit (``room`` is consumed)."""
+    chosen: list[str] = []
+    for task_id, name in candidates:
+        if name in room:
+            if room[name] <= 0:
+                continue
+            room[name] -= 1
+        chosen.append(task_id)
+        if len(chosen) == n:
+            break
+    return chosen
+
+
+def recovery_statements(table: str, *, now: str, lost: str) -> tuple[str, str, str]:
+    """Lease recovery, one portable statement per outcome, each returning the changed rows:
+    a task whose cancel was requested ends ``cancelled``; one with attempts left goes back to
+    the queue; the rest fail with ``WorkerLost``. ``now`` is the SQL for the current time, and
+    ``lost`` the parameter carrying ``WORKER_LOST`` (the first statement does not use it)."""
+    expired = f"status = 'running' AND lease_expires_at < {now}"
+    return (
+        f"UPDATE {table} SET status = 'cancelled', finished_at = {now}, "
+        f"lease_expires_at = NULL WHERE {expired} AND cancel_requested RETURNING {COLUMNS}",
+        f"UPDATE {table} SET status = 'queued', run_at = {now}, error = {lost}, "
+        f"worker_id = NULL, lease_expires_at = NULL WHERE {expired} AND attempts < max_attempts "
+        f"RETURNING {COLUMNS}",
+        f"UPDATE {table} SET status = 'failed', error = {lost}, finished_at = {now}, "
+        f"lease_expires_at = NULL WHERE {expired} RETURNING {COLUMNS}",
+    )

@@ -1,42 +1,32 @@
 """The SQLite store: queue and state in one WAL-mode file.
 
-Writes are grouped (group commit): the requests made during one turn of the event loop run in one
-transaction, and each caller's future resolves only after that commit. With
-``synchronous=NORMAL`` a commit does not wait for the disk, so the batch runs on the event loop's
-own connection (measured: a thread hand-off per batch cost 15-25 % of ``POST /tasks`` throughput),
-and reads of single records run there too. Whenever the file is locked by another process (or
-``synchronous=FULL`` makes commits wait for the disk), batches go to a writer thread that waits
-for the lock instead of the loop. The writer thread also checkpoints the WAL, which the loop's
-connection never does. List queries run on a small read pool.
-
+The file is reached through :class:`~conveyor.store.sqlite_commit.GroupCommit`: the writes made
+during one turn of the event loop share one transaction, committed before any caller resumes.
 Several processes may share the file (``conveyor serve`` plus ``conveyor worker``): each write
 transaction is ``BEGIN IMMEDIATE``, so a claim is atomic across processes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from ..errors import (
-    ConveyorError,
-    QueueFull,
-    StoreUnavailable,
-    TaskNotFound,
-    TaskStateConflict,
-)
+from ..errors import QueueFull, TaskNotFound
 from ..record import TaskRecord
-from ..status import RETRYABLE, TERMINAL, TaskStatus
-from .rows import COLUMNS, WORKER_LOST, dump, list_query, record_from_row
-
-T = TypeVar("T")
+from ..status import TaskStatus, cancel_outcome, require_deletable, require_retryable
+from .rows import (
+    COLUMNS,
+    WORKER_LOST,
+    choose_claims,
+    dump,
+    list_query,
+    record_from_row,
+    recovery_statements,
+)
+from .sqlite_commit import GroupCommit
 
 SCHEMA_VERSION = 2
 _SCHEMA = """
@@ -77,34 +67,12 @@ CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
 
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
 _MIGRATIONS: dict[int, str] = {2: "ALTER TABLE tasks ADD COLUMN result_blob TEXT"}
-_MAX_BATCH = 512
 _QUEUED_RECOUNT_S = 0.25
-_CHECKPOINT_S = 1.0
-
-
-class _Busy(Exception):
-    """The file is write-locked by another connection; ``done`` ran, ``rest`` did not."""
-
-    def __init__(self, done: list[Any], rest: list[Any]) -> None:
-        super().__init__("database is locked")
-        self.done = done
-        self.rest = rest
+_RECOVERY = recovery_statements("tasks", now="?1", lost="?2")
 
 
 def _placeholders(n: int) -> str:
     return ",".join("?" * n)
-
-
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA foreign_keys=ON")
-    return conn
-
-
-_Request = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 
 
 class SQLiteStore:
@@ -112,177 +80,27 @@ class SQLiteStore:
 
     def __init__(self, path: Path | str, *, synchronous: str = "NORMAL", readers: int = 2) -> None:
         self.path = Path(path)
-        self._synchronous = synchronous
-        self._inline = synchronous != "FULL"
-        self._loop_conn: sqlite3.Connection | None = None
-        self._pending: list[_Request] = []
-        self._readers = readers
-        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._read_pool: ThreadPoolExecutor | None = None
-        self._local = threading.local()
-        self._read_conns: list[sqlite3.Connection] = []
-        self._read_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._db = GroupCommit(self.path, synchronous=synchronous, readers=readers)
+        self._write = self._db.write
+        self._read = self._db.read
         self._queued_count = 0
         self._queued_counted_at = 0.0
 
     # lifecycle ---------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._writer is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = _connect(self.path, self._synchronous)
-            _migrate(conn)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
-        self._writer = threading.Thread(
-            target=self._write_loop, args=(conn,), name="conveyor-sqlite-writer", daemon=True
-        )
-        self._writer.start()
-        self._read_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="conveyor-read")
-        loop_conn = _connect(self.path, self._synchronous)
-        loop_conn.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the event loop
-        loop_conn.execute("PRAGMA wal_autocheckpoint=0")  # the writer thread checkpoints
-        self._loop_conn = loop_conn
+        if not self._db.is_open:
+            self._db.open(_migrate)
 
     async def close(self) -> None:
-        if self._writer is None:
-            return
-        if self._pending:
-            self._flush()
-        self._requests.put(None)
-        await asyncio.to_thread(self._writer.join)
-        self._writer = None
-        if self._loop_conn is not None:
-            self._loop_conn.close()
-            self._loop_conn = None
-        assert self._read_pool is not None
-        self._read_pool.shutdown(wait=True)
-        self._read_pool = None
-        with self._read_lock:
-            for conn in self._read_conns:
-                conn.close()
-            self._read_conns.clear()
-        self._local = threading.local()
+        await self._db.close()
 
     def subscribe(self, callback: Callable[[str], None]) -> None:
         """SQLite has no cross-process notifications: waiters in other processes poll."""
 
-    # plumbing ----------------------------------------------------------------------------------
-
-    def _write(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        if self._writer is None or self._loop is None:
-            raise StoreUnavailable("the store is not open")
-        future: asyncio.Future[T] = self._loop.create_future()
-        if self._inline:
-            if not self._pending:
-                self._loop.call_soon(self._flush)
-            self._pending.append((op, future))
-        else:
-            self._requests.put((op, future))
-        return future
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        assert self._loop_conn is not None
-        try:
-            outcomes = self._run_batch(self._loop_conn, batch, busy_raises=True)
-        except _Busy as busy:  # another process holds the lock: the writer thread waits for it
-            outcomes = busy.done
-            for item in busy.rest:
-                self._requests.put(item)
-        _deliver(outcomes)
-
-    def _write_loop(self, conn: sqlite3.Connection) -> None:
-        checkpointed = time.monotonic()
-        try:
-            while True:
-                try:
-                    first = self._requests.get(timeout=_CHECKPOINT_S)
-                    idle = False
-                except queue.Empty:
-                    first, idle = None, True
-                if time.monotonic() - checkpointed >= _CHECKPOINT_S:
-                    _checkpoint(conn)
-                    checkpointed = time.monotonic()
-                if idle:
-                    continue
-                if first is None:
-                    return
-                batch = [first]
-                stop = False
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        item = self._requests.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    batch.append(item)
-                outcomes = self._run_batch(conn, batch)
-                assert self._loop is not None
-                try:
-                    self._loop.call_soon_threadsafe(_deliver, outcomes)
-                except RuntimeError:  # the loop is closed: nobody is waiting any more
-                    return
-                if stop:
-                    return
-        finally:
-            _checkpoint(conn)
-            conn.close()
-
-    def _run_batch(
-        self, conn: sqlite3.Connection, batch: list[_Request], *, busy_raises: bool = False
-    ) -> list[tuple[asyncio.Future[Any], bool, Any]]:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if busy_raises and exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise _Busy([], batch) from exc
-            return [(future, False, _translate(exc)) for _, future in batch]
-        try:
-            results = [(future, True, op(conn)) for op, future in batch]
-            conn.execute("COMMIT")
-            return results
-        except Exception as exc:  # one request failed: undo the batch, then run each alone
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if len(batch) == 1:
-                return [(batch[0][1], False, _translate(exc))]
-        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        for index, item in enumerate(batch):
-            try:
-                outcomes.extend(self._run_batch(conn, [item], busy_raises=busy_raises))
-            except _Busy as busy:
-                raise _Busy(outcomes, batch[index:]) from busy
-        return outcomes
-
-    def _read_conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = _connect(self.path, self._synchronous)
-            conn.execute("PRAGMA query_only=ON")
-            self._local.conn = conn
-            with self._read_lock:
-                self._read_conns.append(conn)
-        return conn
-
-    async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        if self._read_pool is None or self._loop is None:
-            raise StoreUnavailable("the store is not open")
-
-        def run() -> T:
-            try:
-                return op(self._read_conn())
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"SQLite read failed: {exc}") from exc
-
-        return await self._loop.run_in_executor(self._read_pool, run)
+    def publication_ledger(self) -> None:
+        """SQLite serves only the embedded engine, which publishes nothing."""
+        return None
 
     # writes ------------------------------------------------------------------------------------
 
@@ -365,15 +183,7 @@ class SQLiteStore:
                 "ORDER BY priority DESC, run_at, seq LIMIT ?",
                 (now, *eligible, n * 4 if remaining else n),
             ).fetchall()
-            chosen: list[str] = []
-            for task_id, name in rows:
-                if name in remaining:
-                    if remaining[name] <= 0:
-                        continue
-                    remaining[name] -= 1
-                chosen.append(task_id)
-                if len(chosen) == n:
-                    break
+            chosen = choose_claims(rows, remaining, n)
             if not chosen:
                 return []
             claimed = conn.execute(
@@ -475,27 +285,14 @@ class SQLiteStore:
         return await self._write(op)
 
     async def recover_expired(self) -> list[TaskRecord]:
+        cancelled, requeued, failed = _RECOVERY
         lost = dump(WORKER_LOST)
 
         def op(conn: sqlite3.Connection) -> list[TaskRecord]:
             now = time.time()
-            expired = "status = 'running' AND lease_expires_at < ?"
-            rows = conn.execute(
-                "UPDATE tasks SET status = 'cancelled', finished_at = ?, lease_expires_at = NULL "
-                f"WHERE {expired} AND cancel_requested = 1 RETURNING {COLUMNS}",
-                (now, now),
-            ).fetchall()
-            rows += conn.execute(
-                "UPDATE tasks SET status = 'queued', run_at = ?, error = ?, worker_id = NULL, "
-                f"lease_expires_at = NULL WHERE {expired} AND attempts < max_attempts "
-                f"RETURNING {COLUMNS}",
-                (now, lost, now),
-            ).fetchall()
-            rows += conn.execute(
-                "UPDATE tasks SET status = 'failed', error = ?, finished_at = ?, "
-                f"lease_expires_at = NULL WHERE {expired} RETURNING {COLUMNS}",
-                (lost, now, now),
-            ).fetchall()
+            rows = conn.execute(cancelled, (now,)).fetchall()
+            rows += conn.execute(requeued, (now, lost)).fetchall()
+            rows += conn.execute(failed, (now, lost)).fetchall()
             return [record_from_row(row) for row in rows]
 
         return await self._write(op)
@@ -503,16 +300,12 @@ class SQLiteStore:
     async def cancel(self, task_id: str, *, owner: str | None) -> TaskRecord:
         def op(conn: sqlite3.Connection) -> TaskRecord:
             current = _fetch(conn, task_id, owner)
-            if current.status is TaskStatus.QUEUED:
+            if cancel_outcome(task_id, current.status) is TaskStatus.CANCELLED:
                 sql = "status = 'cancelled', finished_at = ?"
                 params: tuple[Any, ...] = (time.time(),)
                 self._queued_count -= 1
-            elif current.status is TaskStatus.RUNNING:
-                sql, params = "cancel_requested = 1", ()
             else:
-                raise TaskStateConflict(
-                    f"task {task_id} is already {current.status.value}; it cannot be cancelled"
-                )
+                sql, params = "cancel_requested = 1", ()
             row = conn.execute(
                 f"UPDATE tasks SET {sql} WHERE id = ? RETURNING {COLUMNS}", (*params, task_id)
             ).fetchone()
@@ -523,11 +316,7 @@ class SQLiteStore:
     async def retry(self, task_id: str, *, owner: str | None, attempts: int) -> TaskRecord:
         def op(conn: sqlite3.Connection) -> TaskRecord:
             current = _fetch(conn, task_id, owner)
-            if current.status not in RETRYABLE:
-                raise TaskStateConflict(
-                    f"task {task_id} is {current.status.value}; only failed or cancelled tasks "
-                    "can be retried"
-                )
+            require_retryable(task_id, current.status)
             row = conn.execute(
                 "UPDATE tasks SET status = 'queued', max_attempts = attempts + ?, run_at = ?, "
                 "result = NULL, result_blob = NULL, error = NULL, progress = 0, message = NULL, "
@@ -544,10 +333,7 @@ class SQLiteStore:
     async def delete(self, task_id: str, *, owner: str | None) -> None:
         def op(conn: sqlite3.Connection) -> None:
             current = _fetch(conn, task_id, owner)
-            if current.status not in TERMINAL:
-                raise TaskStateConflict(
-                    f"task {task_id} is {current.status.value}; cancel it or wait until it ends"
-                )
+            require_deletable(task_id, current.status)
             conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
 
         await self._write(op)
@@ -555,9 +341,9 @@ class SQLiteStore:
     # reads -------------------------------------------------------------------------------------
 
     async def get(self, task_id: str, *, owner: str | None = None) -> TaskRecord:
-        if self._inline and self._loop_conn is not None:
+        if self._db.inline and self._db.loop_conn is not None:
             try:  # a point read by primary key: cheaper here than a thread hand-off
-                return _fetch(self._loop_conn, task_id, owner)
+                return _fetch(self._db.loop_conn, task_id, owner)
             except sqlite3.OperationalError:
                 pass  # locked during WAL recovery: read from the pool, which may wait
         return await self._read(lambda conn: _fetch(conn, task_id, owner))
@@ -599,16 +385,6 @@ def _fetch(conn: sqlite3.Connection, task_id: str, owner: str | None) -> TaskRec
     return record_from_row(row)
 
 
-def _translate(exc: Exception) -> Exception:
-    if isinstance(exc, ConveyorError):
-        return exc
-    if isinstance(exc, sqlite3.Error):
-        failure = StoreUnavailable(f"SQLite write failed: {exc}")
-        failure.__cause__ = exc
-        return failure
-    return exc
-
-
 def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -628,20 +404,3 @@ def _migrate(conn: sqlite3.Connection) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-
-
-def _checkpoint(conn: sqlite3.Connection) -> None:
-    try:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-    except sqlite3.Error:  # a checkpoint is an optimisation; the next one catches up
-        pass
-
-
-def _deliver(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    for future, ok, value in outcomes:
-        if future.done():
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)

@@ -1,4 +1,4 @@
-"""Task types for workers started with ``conveyor worker --app tests.worker_yard:yard``
+"""Task types for workers started with ``conveyor worker --app tests.support.worker_yard:yard``
 (settings from the CONVEYOR_* environment); a test's client registers the same ones."""
 
 import asyncio

@@ -19,8 +19,8 @@ from ..errors import (
     UnsupportedMediaType,
 )
 from ..ids import uuid7
+from ..jobs.csvstats import CsvOptions, check_readable, csv_statistics, statistics_csv
 from ..task import validated
-from .csvstats import CsvOptions, check_readable, csv_statistics, statistics_csv
 
 if TYPE_CHECKING:
     from ..core import Conveyor

@@ -25,8 +25,8 @@ from ..blobs import BlobResult, safe_filename
 from ..context import TaskContext
 from ..errors import ConveyorError, InvalidArguments, PayloadTooLarge, UnsupportedMediaType
 from ..ids import uuid7
+from ..jobs.images import EXTENSIONS, Pipeline, inspect_image, transform
 from ..task import validated
-from .images import EXTENSIONS, Pipeline, inspect_image, transform
 
 if TYPE_CHECKING:
     from ..core import Conveyor

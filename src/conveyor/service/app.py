@@ -8,10 +8,10 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from . import __version__
-from .core import Conveyor
+from .. import __version__
+from ..core import Conveyor
+from ..settings import Settings
 from .demo import register_demo_tasks
-from .settings import Settings
 
 logger = logging.getLogger("conveyor.service")
 
@@ -21,11 +21,11 @@ def build_yard(settings: Settings, *, run_workers: bool = True) -> Conveyor:
     yard = Conveyor(settings, run_workers=run_workers)
     register_demo_tasks(yard)
     if _available("PIL", "conveyor[images]", "the image service"):
-        from .jobs.images_api import register_image_tasks
+        from .images import register_image_tasks
 
         register_image_tasks(yard)
     if _available("duckdb", "conveyor[csv]", "the CSV statistics service"):
-        from .jobs.csvstats_api import register_csv_tasks
+        from .csvstats import register_csv_tasks
 
         register_csv_tasks(yard)
     return yard
@@ -55,11 +55,11 @@ def create_app(
     app.state.yard = yard
     app.include_router(yard.router())
     if "images.transform" in yard.task_types:
-        from .jobs.images_api import build_image_router
+        from .images import build_image_router
 
         app.include_router(build_image_router(yard))
     if "csv.stats" in yard.task_types:
-        from .jobs.csvstats_api import build_csv_router
+        from .csvstats import build_csv_router
 
         app.include_router(build_csv_router(yard))
 

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from .context import TaskContext
-from .core import Conveyor
+from ..context import TaskContext
+from ..core import Conveyor
 
 
 def count_primes(n: int) -> int:

@@ -1,0 +1,263 @@
+"""The store contract, run unchanged on every implementation (SQLite and PostgreSQL).
+
+Each test drives a store directly, as an engine and the API do: the state rules, the claim token
+that guards every write ending an attempt, leases and their recovery.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from conveyor.errors import QueueFull, TaskNotFound, TaskStateConflict
+from conveyor.ids import uuid7
+from conveyor.record import TaskRecord
+from conveyor.status import TaskStatus
+from conveyor.store import Store
+from conveyor.store.postgres import PostgresStore
+from conveyor.store.sqlite import SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+WORKER = "host:1:aaaa"
+OTHER = "host:2:bbbb"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    opened: Store
+    if request.param == "sqlite":
+        opened = SQLiteStore(tmp_path / "tasks.db")
+    else:
+        opened = PostgresStore(request.getfixturevalue("postgres").create_database())
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def add(
+    store: Store,
+    name: str = "t.echo",
+    *,
+    owner: str = "",
+    priority: int = 0,
+    delay_s: float = 0.0,
+    max_attempts: int = 1,
+    key: str | None = None,
+    max_queued: int | None = None,
+) -> TaskRecord:
+    now = time.time()
+    record = TaskRecord(
+        id=uuid7(),
+        name=name,
+        status=TaskStatus.QUEUED,
+        args={"value": 1},
+        owner=owner,
+        priority=priority,
+        max_attempts=max_attempts,
+        created_at=now,
+        run_at=now + delay_s,
+        idempotency_key=key,
+    )
+    stored, _ = await store.insert(record, args_json='{"value":1}', max_queued=max_queued)
+    return stored
+
+
+async def claim(
+    store: Store,
+    n: int = 1,
+    *,
+    worker: str = WORKER,
+    names: tuple[str, ...] = ("t.echo", "t.other"),
+    limits: dict[str, int] | None = None,
+    lease_s: float = 30.0,
+) -> list[TaskRecord]:
+    return await store.claim(
+        worker_id=worker, names=names, limits=limits or {}, n=n, lease_s=lease_s
+    )
+
+
+async def test_claim_takes_due_tasks_best_priority_first_under_a_lease(store: Store) -> None:
+    low = await add(store, priority=0)
+    high = await add(store, priority=5)
+    await add(store, delay_s=3600)
+    first = await claim(store, 2)
+    assert [r.id for r in first] == [high.id, low.id]
+    for record in first:
+        assert record.status is TaskStatus.RUNNING and record.attempts == 1
+        assert record.worker_id == WORKER
+        assert record.lease_expires_at is not None and record.lease_expires_at > time.time()
+    assert await claim(store, 5) == [], "a delayed task is not due"
+    counts = await store.count_by_status()
+    assert counts["running"] == 2 and counts["queued"] == 1
+
+
+async def test_claim_keeps_a_per_type_limit_across_workers(store: Store) -> None:
+    for _ in range(3):
+        await add(store, "t.other")
+    await add(store, "t.echo")
+    limits = {"t.other": 1}
+    mine = await claim(store, 4, limits=limits)
+    assert sorted(r.name for r in mine) == ["t.echo", "t.other"]
+    assert await claim(store, 4, worker=OTHER, limits=limits) == [], "t.other is at its limit"
+
+
+async def test_an_outcome_is_recorded_only_under_the_claim_token(store: Store) -> None:
+    await add(store)
+    (running,) = await claim(store)
+    stale = [(OTHER, running.attempts), (WORKER, running.attempts + 1)]
+    for worker, attempt in stale:
+        assert not await store.finish(
+            running.id, worker, attempt, status=TaskStatus.COMPLETED, result_json="1"
+        )
+    assert (await store.get(running.id)).status is TaskStatus.RUNNING
+    assert await store.finish(
+        running.id, WORKER, running.attempts, status=TaskStatus.COMPLETED, result_json='"ok"'
+    )
+    done = await store.get(running.id)
+    assert done.status is TaskStatus.COMPLETED and done.result == "ok" and done.progress == 100
+    assert done.finished_at is not None
+    assert not await store.finish(
+        running.id, WORKER, running.attempts, status=TaskStatus.FAILED, error={"type": "X"}
+    ), "a terminal task never changes again"
+
+
+async def test_progress_is_written_only_by_the_holder(store: Store) -> None:
+    await add(store)
+    (running,) = await claim(store)
+    assert not await store.set_progress(running.id, OTHER, 1, 50.0, "not mine")
+    assert await store.set_progress(running.id, WORKER, 1, 40.0, "mine")
+    current = await store.get(running.id)
+    assert (current.progress, current.message) == (40.0, "mine")
+
+
+async def test_requeue_puts_a_held_task_back_for_a_retry_or_a_drain(store: Store) -> None:
+    await add(store, max_attempts=3)
+    (running,) = await claim(store)
+    error = {"type": "ValueError", "message": "again", "traceback": None}
+    assert (
+        await store.requeue(running.id, OTHER, 1, run_at=0, error=error, refund_attempt=False)
+        is None
+    )
+    retried = await store.requeue(
+        running.id, WORKER, 1, run_at=time.time(), error=error, refund_attempt=False
+    )
+    assert retried is not None and retried.status is TaskStatus.QUEUED
+    assert retried.attempts == 1 and retried.error == error and retried.worker_id is None
+    (again,) = await claim(store)
+    assert again.attempts == 2
+    drained = await store.requeue(
+        again.id, WORKER, 2, run_at=time.time(), error=None, refund_attempt=True
+    )
+    assert drained is not None and drained.attempts == 1, "a drain refunds the attempt"
+
+
+async def test_heartbeat_renews_leases_and_reports_cancel_requests(store: Store) -> None:
+    await add(store)
+    await add(store)
+    first, second = await claim(store, 2, lease_s=5.0)
+    assert await store.heartbeat(WORKER, 60.0) == []
+    renewed = await store.get(first.id)
+    assert renewed.lease_expires_at is not None
+    assert first.lease_expires_at is not None
+    assert renewed.lease_expires_at > first.lease_expires_at + 30
+    requested = await store.cancel(second.id, owner=None)
+    assert requested.status is TaskStatus.RUNNING and requested.cancel_requested
+    assert await store.heartbeat(WORKER, 60.0) == [second.id]
+    assert await store.heartbeat(OTHER, 60.0) == []
+
+
+async def test_recovery_requeues_fails_or_cancels_what_an_expired_lease_held(
+    store: Store,
+) -> None:
+    retryable = await add(store, "t.echo", max_attempts=2)
+    last = await add(store, "t.other", max_attempts=1)
+    await claim(store, 2, lease_s=0.05)
+    cancelled = await add(store, "t.echo", max_attempts=2)
+    await claim(store, lease_s=0.05)
+    await store.cancel(cancelled.id, owner=None)
+    await anyio.sleep(0.2)
+    recovered = {r.id: r for r in await store.recover_expired()}
+    assert set(recovered) == {retryable.id, last.id, cancelled.id}
+    assert recovered[retryable.id].status is TaskStatus.QUEUED
+    assert recovered[retryable.id].error is not None
+    assert recovered[retryable.id].error["type"] == "WorkerLost"
+    assert recovered[last.id].status is TaskStatus.FAILED
+    assert recovered[last.id].error == recovered[retryable.id].error
+    assert recovered[cancelled.id].status is TaskStatus.CANCELLED
+    assert await store.recover_expired() == [], "each lost task is recovered once"
+    (again,) = await claim(store)
+    assert again.id == retryable.id and again.attempts == 2
+
+
+async def test_cancel_follows_the_state_rules(store: Store) -> None:
+    queued = await add(store)
+    cancelled = await store.cancel(queued.id, owner=None)
+    assert cancelled.status is TaskStatus.CANCELLED and cancelled.finished_at is not None
+    with pytest.raises(TaskStateConflict, match="already cancelled; it cannot be cancelled"):
+        await store.cancel(queued.id, owner=None)
+    assert (await store.count_by_status())["queued"] == 0
+
+
+async def test_retry_and_delete_follow_the_state_rules(store: Store) -> None:
+    await add(store)
+    (running,) = await claim(store)
+    with pytest.raises(TaskStateConflict, match="only failed or cancelled tasks can be retried"):
+        await store.retry(running.id, owner=None, attempts=2)
+    with pytest.raises(TaskStateConflict, match="cancel it or wait until it ends"):
+        await store.delete(running.id, owner=None)
+    error = {"type": "ValueError", "message": "no", "traceback": None}
+    assert await store.finish(running.id, WORKER, 1, status=TaskStatus.FAILED, error=error)
+    retried = await store.retry(running.id, owner=None, attempts=2)
+    assert retried.status is TaskStatus.QUEUED and retried.error is None
+    assert retried.max_attempts == retried.attempts + 2
+    (again,) = await claim(store)
+    assert again.attempts == 2
+    assert await store.finish(again.id, WORKER, 2, status=TaskStatus.COMPLETED, result_json="1")
+    await store.delete(again.id, owner=None)
+    with pytest.raises(TaskNotFound):
+        await store.get(again.id)
+
+
+async def test_idempotency_keys_and_tenants(store: Store) -> None:
+    first = await add(store, owner="alpha", key="order-17")
+    record = TaskRecord(
+        id=uuid7(),
+        name="t.echo",
+        status=TaskStatus.QUEUED,
+        args={},
+        owner="alpha",
+        created_at=time.time(),
+        run_at=time.time(),
+        idempotency_key="order-17",
+    )
+    same, created = await store.insert(record, args_json="{}", max_queued=None)
+    assert not created and same.id == first.id
+    other = await add(store, owner="beta", key="order-17")
+    assert other.id != first.id, "keys are per tenant"
+    with pytest.raises(TaskNotFound):
+        await store.get(first.id, owner="beta")
+    with pytest.raises(TaskNotFound):
+        await store.cancel(first.id, owner="beta")
+    assert [r.id for r in await store.list_tasks(owner="beta")] == [other.id]
+
+
+async def test_a_full_queue_refuses_new_tasks(store: Store) -> None:
+    await add(store, max_queued=2)
+    await add(store, max_queued=2)
+    with pytest.raises(QueueFull):
+        await add(store, max_queued=2)
+
+
+async def test_listing_is_newest_first_with_a_cursor(store: Store) -> None:
+    ids = [(await add(store, "t.echo" if i % 2 else "t.other")).id for i in range(5)]
+    page = await store.list_tasks(owner=None, limit=2)
+    assert [r.id for r in page] == ids[::-1][:2]
+    rest = await store.list_tasks(owner=None, limit=10, before_seq=page[-1].seq)
+    assert [r.id for r in rest] == ids[::-1][2:]
+    echoes = await store.list_tasks(owner=None, name="t.echo", status=TaskStatus.QUEUED)
+    assert [r.id for r in echoes] == [ids[3], ids[1]]
