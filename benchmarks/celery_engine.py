@@ -22,7 +22,7 @@
   prefetch 1, Celery's main process has at most one message per pool process, so this time is
   part of every message's round trip.
 
-Run: `.venv/bin/python benchmarks/celery_engine.py` (starts its own PostgreSQL and Redis).
+Run: `.venv/bin/python -m benchmarks.celery_engine` (starts its own PostgreSQL and Redis).
 PostgreSQL runs as in the tests (fsync and synchronous_commit off): the figures measure CPU and
 round trips, not the disk, whose cost on each commit depends on the machine.
 """
@@ -42,15 +42,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
+from tests.support.services import PostgresServer, RedisServer
 
-from tests.services import PostgresServer, RedisServer  # noqa: E402
+from conveyor import Settings, TaskStatus
+from conveyor.service import build_yard
 
-from conveyor import Settings, TaskStatus  # noqa: E402
-from conveyor.service import build_yard  # noqa: E402
+from .support import HZ, ROOT, Usage, postmaster_pid, processes
 
 PLAIN_APP = """
 import os
@@ -68,7 +66,6 @@ def noop(i):
 
 
 SEND_GROUP = 200  # the Conveyor client submits this many tasks at once: the plain one sends alike
-HZ = os.sysconf("SC_CLK_TCK")
 PROCESSES = ("worker main", "pool", "PostgreSQL", "Redis", "client")  # each has its wait too
 # idle: both cores sat idle; stolen: the hypervisor ran something else on them (machine noise)
 PARTS = (*PROCESSES, "idle", "stolen")
@@ -85,42 +82,6 @@ LABELS = {
 
 # One side's run: tasks per second, and what it used (ms per task of each part, and ``HELD``)
 Result = tuple[float, dict[str, float]]
-
-
-class Usage(NamedTuple):
-    """One process's parent, and its threads' CPU time and run-queue wait so far (seconds)."""
-
-    parent: int
-    cpu_s: float
-    waited_s: float
-
-
-def _processes() -> dict[int, Usage]:
-    """Every process's :class:`Usage`. CPU is user and system time; the wait is the time its
-    threads were ready to run while every core was busy (``schedstat``'s second field)."""
-    found: dict[int, Usage] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:  # it ended meanwhile
-            continue
-        cpu_s = (int(fields[11]) + int(fields[12])) / HZ
-        found[int(entry.name)] = Usage(int(fields[1]), cpu_s, _waited_s(entry))
-    return found
-
-
-def _waited_s(process: Path) -> float:
-    """The run-queue wait of a process's threads (a thread that ended meanwhile counts 0)."""
-    waited_ns = 0
-    try:
-        for thread in (process / "task").iterdir():
-            with contextlib.suppress(OSError):
-                waited_ns += int((thread / "schedstat").read_text().split()[1])
-    except OSError:  # the process ended meanwhile
-        pass
-    return waited_ns / 1e9
 
 
 def _idle_and_stolen_s() -> tuple[float, float]:
@@ -145,13 +106,13 @@ class CpuMeter:
         self.idle_before = self.stolen_before = 0.0
 
     def start(self) -> None:
-        self.before = _processes()
+        self.before = processes()
         self.idle_before, self.stolen_before = _idle_and_stolen_s()
 
     def stop(self, n: int) -> dict[str, float]:
         """Milliseconds per task of each part, and of each process part's wait (under
         ``WAITED``); a process started meanwhile counts from zero."""
-        after, (idle, stolen) = _processes(), _idle_and_stolen_s()
+        after, (idle, stolen) = processes(), _idle_and_stolen_s()
         used = dict.fromkeys((*PARTS, *WAITED.values()), 0.0)
         for pid, now in after.items():
             part = self._part(pid, now.parent)
@@ -196,10 +157,6 @@ def _held_ms(log: Path) -> float:
     """The median time a message's task ran in its pool process, from the worker's log."""
     lines = re.findall(SUCCEEDED.decode() + r"([0-9.e-]+)s", log.read_text())
     return 1000 * statistics.median(float(seconds) for seconds in lines)
-
-
-def _postmaster(pg: PostgresServer) -> int:
-    return int((pg.data / "postmaster.pid").read_text().split()[0])
 
 
 def start_worker(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -329,7 +286,7 @@ def conveyor_round(
         "CONVEYOR_CELERY_QUEUE": settings.celery_queue,
         "CONVEYOR_DATA_DIR": str(work),
         "CONVEYOR_LOG_LEVEL": "info",
-        "PYTHONPATH": str(HERE.parent),
+        "PYTHONPATH": str(ROOT),
     }
     worker = start_worker(
         [sys.executable, "-m", "conveyor", "worker", "--processes", str(processes)],
@@ -361,7 +318,7 @@ def bench_servers() -> Iterator[tuple[Path, PostgresServer, RedisServer, tuple[i
     broker = RedisServer(work / "redis").start()
     assert broker.process is not None
     try:
-        yield work, pg, broker, (_postmaster(pg), broker.process.pid)
+        yield work, pg, broker, (postmaster_pid(pg.data), broker.process.pid)
     finally:
         broker.stop()
         pg.stop()

@@ -11,7 +11,7 @@ empty cells): the direct library call vs the same file through `POST /csv-stats`
   to the host, which faults it in again when the page cache next takes it.
 
 Rounds alternate the two; medians (and ranges) are printed.
-Run with `python benchmarks/csvstats.py [--rows N] [--rounds K]`.
+Run with `.venv/bin/python -m benchmarks.csvstats [--rows N] [--rounds K]`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ from pathlib import Path
 import duckdb
 import httpx
 
-sys.path.insert(0, str(Path(__file__).parent))
-from run import _serve, free_port  # type: ignore[import-not-found]
+from .support import free_port, serve
 
 GENERATE = """
 COPY (
@@ -169,7 +168,7 @@ def main() -> None:
             "CONVEYOR_MAX_UPLOAD_BYTES": str(4 * 1024**3),
         }
         command = [sys.executable, "-m", "conveyor", "serve", "--log-level", "warning"]
-        server = _serve([*command, "--no-access-log", "--port", str(port)], port, env)
+        server = serve([*command, "--no-access-log", "--port", str(port)], port, env)
         direct_s: list[float] = []
         uploads: list[float] = []
         e2e: list[float] = []

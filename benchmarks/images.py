@@ -6,7 +6,7 @@
 - end to end: `conveyor serve` with its workers while a client in another process uploads, timed
   from the first upload to the last result (the uploads share the 2 cores with the decoding).
 
-Run with `make bench` (or `python benchmarks/images.py --images 200`).
+Run with `make bench` (or `.venv/bin/python -m benchmarks.images --images 200`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import httpx
 from PIL import Image, ImageChops, ImageFilter
-from run import _serve, free_port  # type: ignore[import-not-found]
+
+from .support import free_port, serve
 
 OPERATIONS = json.dumps([{"op": "thumbnail", "width": 256, "height": 256}])
 
@@ -121,7 +122,7 @@ def service(folder: Path, paths: list[Path], uploaders: int, *, workers: bool) -
     }
     command = [sys.executable, "-m", "conveyor", "serve", "--log-level", "warning"]
     flag = "--workers" if workers else "--no-workers"
-    server = _serve([*command, flag, "--no-access-log", "--port", str(port)], port, env)
+    server = serve([*command, flag, "--no-access-log", "--port", str(port)], port, env)
     try:
         asyncio.run(upload_all(f"http://127.0.0.1:{port}", paths, uploaders, wait=workers))
     finally:
@@ -165,5 +166,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     main()

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,13 +24,7 @@ from pathlib import Path
 from conveyor import Settings, TaskStatus
 from conveyor.service import build_yard
 
-HERE = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from .support import free_port, serve
 
 
 async def end_to_end(n: int, data_dir: Path, concurrency: int) -> float:
@@ -63,18 +56,6 @@ async def latency(n: int, data_dir: Path) -> tuple[float, float]:
                 samples.append(elapsed)
     samples.sort()
     return statistics.median(samples) * 1e3, samples[int(len(samples) * 0.99)] * 1e3
-
-
-def _serve(args: list[str], port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return process
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"server on port {port} did not start")
 
 
 def _wrk(url: str, seconds: int, body: str) -> tuple[float, str]:
@@ -122,7 +103,7 @@ def http(seconds: int, rounds: int, data_dir: Path) -> dict[str, tuple[float, st
         *[sys.executable, "-m", "conveyor", "serve", "--log-level", "warning", "--no-access-log"]
     ]
     targets = {
-        "bare FastAPI endpoint": ([*uvicorn, "--app-dir", str(HERE), "bare_app:app"], "/bare"),
+        "bare FastAPI endpoint": ([*uvicorn, "benchmarks.bare_app:app"], "/bare"),
         "API only": ([*conveyor, "--no-workers"], "/tasks"),
         "API + workers": ([*conveyor, "--workers"], "/tasks"),
     }
@@ -132,7 +113,7 @@ def http(seconds: int, rounds: int, data_dir: Path) -> dict[str, tuple[float, st
         for label, (command, _) in targets.items():
             port = free_port()
             label_env = env | {"CONVEYOR_DATA_DIR": str(data_dir / label.replace(" ", ""))}
-            servers[label] = (_serve([*command, "--port", str(port)], port, label_env), port)
+            servers[label] = (serve([*command, "--port", str(port)], port, label_env), port)
         for _ in range(rounds):
             for label, (_, path) in targets.items():
                 port = servers[label][1]

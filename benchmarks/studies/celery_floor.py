@@ -21,7 +21,7 @@ own, as Conveyor's do. Each round runs all four (the order reverses every other 
 medians, each round's own ratio to plain Celery, how long a pool process held each message, and
 the CPU time per task of each part.
 
-Run: `.venv/bin/python benchmarks/celery_floor.py [-n 10000] [--rounds 5]` (starts its own
+Run: `.venv/bin/python -m benchmarks.studies.celery_floor [-n 10000] [--rounds 5]` (starts its own
 PostgreSQL and Redis).
 """
 
@@ -29,16 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
 from pathlib import Path
 
 import asyncpg
+from tests.support.services import PostgresServer
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from celery_engine import (  # noqa: E402
+from ..celery_engine import (
     HELD,
     PLAIN_APP,
     PROCESSES,
@@ -48,7 +44,6 @@ from celery_engine import (  # noqa: E402
     plain_round,
     rounds_and_size,
 )
-from tests.services import PostgresServer  # noqa: E402
 
 # The plain app's tasks that write to PostgreSQL: each pool process connects once, from the
 # event loop thread it starts.

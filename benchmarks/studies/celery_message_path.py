@@ -10,7 +10,7 @@ does, submits N ``demo.echo`` tasks, then feeds their ids in turn, in alternatin
   which shows what the hand-over itself costs per message.
 
 It prints the process's CPU time (both threads) and the wall time per message; PostgreSQL's
-own CPU is not counted. Run: `.venv/bin/python benchmarks/celery_message_path.py [-n N]`.
+own CPU is not counted. Run: `.venv/bin/python -m benchmarks.studies.celery_message_path [-n N]`.
 """
 
 from __future__ import annotations
@@ -18,20 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
+from tests.support.services import PostgresServer, RedisServer
 
-from tests.services import PostgresServer, RedisServer  # noqa: E402
-
-from conveyor import Settings  # noqa: E402
-from conveyor.engines import celery as celery_engine  # noqa: E402
-from conveyor.service import build_yard  # noqa: E402
+from conveyor import Settings
+from conveyor.engines import celery_worker
+from conveyor.service import build_yard
 
 
 async def submit(settings: Settings, n: int) -> list[str]:
@@ -67,7 +63,7 @@ def main() -> None:
         )
         ids = asyncio.run(submit(settings, args.n))
         yard = build_yard(settings, run_workers=True)
-        runtime = celery_engine.runtime_for(yard)  # as a pool process starts it
+        runtime = celery_worker.runtime_for(yard)  # as a pool process starts it
         figures: dict[str, list[tuple[float, float]]] = {"handed over": [], "on the loop": []}
         rounds = 4
         for r in range(rounds):
@@ -88,7 +84,7 @@ def main() -> None:
             wall_ms = 1000 * (time.perf_counter() - wall) / len(part)
             figures[way].append((cpu_ms, wall_ms))
             print(f"round {r + 1}, {way}: {cpu_ms:.3f} ms CPU, {wall_ms:.3f} ms wall per message")
-        celery_engine.stop_runtime(yard)
+        celery_worker.stop_runtime(yard)
         print(f"\n{len(ids)} demo.echo messages, one pool process's runtime, medians:")
         for way, rows in figures.items():
             cpu_ms = statistics.median(c for c, _ in rows)

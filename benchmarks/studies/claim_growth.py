@@ -7,7 +7,7 @@ vacuum removes them. Prints PostgreSQL's CPU time per claim for each block of cl
 vacuum, then with ``VACUUM ANALYZE conveyor_tasks`` every ``--vacuum-every`` claims (the
 vacuums' own CPU included).
 
-Run: `.venv/bin/python benchmarks/claim_growth.py [-n 100000] [--block 10000]`
+Run: `.venv/bin/python -m benchmarks.studies.claim_growth [-n 100000] [--block 10000]`
 (starts its own PostgreSQL, configured as in the tests).
 """
 
@@ -15,30 +15,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
-from pathlib import Path
 
 import asyncpg
+from tests.support.services import PostgresServer
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+from conveyor.ids import uuid7
+from conveyor.record import TaskRecord
+from conveyor.status import TaskStatus
+from conveyor.store.postgres import PostgresStore
 
-from celery_engine import _postmaster, _processes  # noqa: E402
-from tests.services import PostgresServer  # noqa: E402
-
-from conveyor.ids import uuid7  # noqa: E402
-from conveyor.record import TaskRecord  # noqa: E402
-from conveyor.status import TaskStatus  # noqa: E402
-from conveyor.store.postgres import PostgresStore  # noqa: E402
+from ..support import postmaster_pid, processes
 
 WORKER = "bench:1"
 
 
 def postgres_cpu_s(postmaster: int) -> float:
     """CPU seconds of the server's processes (its backends and its own)."""
-    return sum(usage.cpu_s for usage in _processes().values() if usage.parent == postmaster)
+    return sum(usage.cpu_s for usage in processes().values() if usage.parent == postmaster)
 
 
 async def no_autovacuum(url: str) -> None:
@@ -81,7 +75,7 @@ async def run(url: str, postmaster: int, n: int, block: int, vacuum_every: int |
         for index, task_id in enumerate(ids[start : start + block], start):
             if vacuum_every and index and index % vacuum_every == 0:
                 await vacuum.execute("VACUUM ANALYZE conveyor_tasks")
-            record = await store.claim_one(
+            record = await store.publication_ledger().claim_one(
                 task_id, name="demo.echo", worker_id=WORKER, limit=None, lease_s=30.0
             )
             assert record is not None
@@ -113,7 +107,7 @@ def main() -> None:
         asyncio.run(no_autovacuum(pg.url()))
         for vacuum_every in (None, options.vacuum_every):
             url = pg.create_database()
-            asyncio.run(run(url, _postmaster(pg), options.n, options.block, vacuum_every))
+            asyncio.run(run(url, postmaster_pid(pg.data), options.n, options.block, vacuum_every))
     finally:
         pg.stop()
         pg.remove()

@@ -11,7 +11,8 @@
 
 The subset is a lower bound of the work: an engine slower on it than DuckDB on everything loses.
 
-Run: `pip install pyarrow polars` then `.venv/bin/python benchmarks/csv_engines.py [--rows N]`
+Run: `pip install pyarrow polars`, then
+`.venv/bin/python -m benchmarks.studies.csv_engines [--rows N]`
 (generates the file as `benchmarks/csvstats.py` does; `--file` reuses one).
 """
 
@@ -25,8 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from csvstats import generate  # type: ignore[import-not-found]
+from ..csvstats import generate
 
 COLUMNS_CODE = """
 NUMERIC = ["id", "amount", "quantity", "ratio"]

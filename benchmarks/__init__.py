@@ -1,0 +1,1 @@
+"""Conveyor's benchmarks: run from the repository root, `python -m benchmarks.<name>`."""
