@@ -122,10 +122,10 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
     tenant = tenant_resolver(settings)
     Tenant = Annotated[str, Depends(tenant)]
 
-    def taskjson_response(record: TaskRecord) -> dict[str, Any]:
+    def task_json(record: TaskRecord) -> dict[str, Any]:
         return record.to_json(prefix)
 
-    async def requirejson_response(request: Request) -> None:
+    async def require_json_body(request: Request) -> None:
         content_type = request.headers.get("content-type", "")
         media = content_type.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
@@ -162,7 +162,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
     @raw_endpoint
     async def submit(request: Request) -> Response:
         owner = await tenant(request)
-        await requirejson_response(request)
+        await require_json_body(request)
         key = request.headers.get("idempotency-key")
         if key is not None and not _KEY.fullmatch(key):
             raise InvalidArguments(
@@ -190,9 +190,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         except ConveyorError as exc:
             raise located_in_body(exc) from None
         location = f"{prefix}/tasks/{record.id}"
-        return json_response(
-            taskjson_response(record), 202 if created else 200, {"Location": location}
-        )
+        return json_response(task_json(record), 202 if created else 200, {"Location": location})
 
     @router.get(
         "/tasks",
@@ -214,9 +212,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         )
         page = records[:limit]
         next_cursor = str(page[-1].seq) if len(records) > limit else None
-        return json_response(
-            {"items": [taskjson_response(r) for r in page], "next_cursor": next_cursor}
-        )
+        return json_response({"items": [task_json(r) for r in page], "next_cursor": next_cursor})
 
     @router.get(
         "/tasks/{task_id}",
@@ -226,7 +222,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         response_class=Response,
     )
     async def get_task(task_id: TaskId, owner: Tenant) -> Response:
-        return json_response(taskjson_response(await yard.get(str(task_id), owner=owner)))
+        return json_response(task_json(await yard.get(str(task_id), owner=owner)))
 
     @router.post(
         "/tasks/{task_id}/cancel",
@@ -236,7 +232,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         response_class=Response,
     )
     async def cancel_task(task_id: TaskId, owner: Tenant) -> Response:
-        return json_response(taskjson_response(await yard.cancel(str(task_id), owner=owner)))
+        return json_response(task_json(await yard.cancel(str(task_id), owner=owner)))
 
     @router.post(
         "/tasks/{task_id}/retry",
@@ -246,7 +242,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         response_class=Response,
     )
     async def retry_task(task_id: TaskId, owner: Tenant) -> Response:
-        return json_response(taskjson_response(await yard.retry(str(task_id), owner=owner)), 202)
+        return json_response(task_json(await yard.retry(str(task_id), owner=owner)), 202)
 
     @router.get(
         "/tasks/{task_id}/result",
@@ -300,7 +296,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
             async for current in yard.watch(record.id, owner=owner):
                 if current.status is not last_status:
                     last_status = current.status
-                    yield ServerSentEvent(event="status", data=taskjson_response(current))
+                    yield ServerSentEvent(event="status", data=task_json(current))
                 progress = (current.progress, current.message)
                 if progress != last_progress and not current.terminal:
                     last_progress = progress
