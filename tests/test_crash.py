@@ -151,3 +151,19 @@ def test_kill_9_worker_while_server_lives(spawn: Any, tmp_path: Path) -> None:
         assert_all_completed_once(client, ids, tmp_path)
     workers = {row[3] for row in stored_rows(tmp_path)}
     assert len(workers) == 2, "both the worker process and the server ran tasks"
+
+
+def test_sigterm_stops_the_server_while_a_client_follows_events(spawn: Any, tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(spawn, port, CONVEYOR_SHUTDOWN_GRACE_S="1")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        task = client.post("/tasks", json={"name": "demo.sleep", "args": {"seconds": 120}}).json()
+        with client.stream("GET", f"/tasks/{task['id']}/events") as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("event:")  # the stream is open
+            server.popen.send_signal(signal.SIGTERM)
+            # uvicorn ends by re-raising the signal it handled: a clean stop reads as SIGTERM
+            assert server.popen.wait(30) in (0, -signal.SIGTERM), "".join(server.lines[-20:])
+    assert any("Application shutdown complete" in line for line in server.lines)
+    (row,) = stored_rows(tmp_path)
+    assert row[1] == "queued", "the drained task waits for the next start"

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import uuid
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from conveyor import Conveyor, TaskFailed, TaskStatus
-from conveyor.errors import InvalidArguments, QueueFull, TaskStateConflict, UnknownTaskType
+from conveyor.errors import (
+    InvalidArguments,
+    QueueFull,
+    StoreUnavailable,
+    TaskStateConflict,
+    UnknownTaskType,
+    WaitTimeout,
+)
 
 from .support import tasks
 from .support.live import wait_for_status
@@ -311,3 +323,160 @@ async def test_many_sync_tasks_in_the_thread_pool(yard: Conveyor) -> None:
     records = [(await yard.submit("t.sync_add", {"a": i, "b": 1}))[0] for i in range(20)]
     results = [(await yard.wait(r.id, timeout_s=10)).result for r in records]
     assert results == [i + 1 for i in range(20)]
+
+
+@pytest.mark.parametrize(
+    ("name", "how", "error_type"),
+    [
+        pytest.param("t.exits", "exit", "SystemExit", id="thread-sys-exit"),
+        pytest.param("t.exits", "argparse", "SystemExit", id="thread-argparse-refusal"),
+        pytest.param("t.exits", "keyboard", "KeyboardInterrupt", id="thread-ctrl-c"),
+        pytest.param("t.async_exits", "exit", "SystemExit", id="async-sys-exit"),
+        pytest.param("t.async_exits", "keyboard", "KeyboardInterrupt", id="async-ctrl-c"),
+        pytest.param("t.async_exits", "cancelled", "CancelledError", id="async-own-cancel"),
+        pytest.param("t.cpu_exits", "exit", "SystemExit", id="process-sys-exit"),
+        pytest.param("t.cpu_exits", "argparse", "SystemExit", id="process-argparse-refusal"),
+    ],
+)
+async def test_a_task_that_exits_fails_and_the_worker_goes_on(
+    yard: Conveyor, name: str, how: str, error_type: str
+) -> None:
+    record, _ = await yard.submit(name, {"how": how})
+    done = await yard.wait(record.id, timeout_s=20)
+    assert done.status is TaskStatus.FAILED
+    assert done.error is not None and done.error["type"] == error_type
+    assert "cannot stop its worker" in done.error["message"] or error_type == "CancelledError"
+    assert done.attempts == 1, "not retried: it is no Exception (retry_on)"
+    after, _ = await yard.submit("t.echo", {"value": "still here"})
+    assert (await yard.wait(after.id, timeout_s=20)).result == "still here"
+    worker_tasks = await yard.list(status=TaskStatus.RUNNING)
+    assert worker_tasks == [], "nothing is left running"
+
+
+async def test_a_cancel_request_wins_over_a_retry(yard: Conveyor) -> None:
+    record, _ = await yard.submit("t.fail_after_gate", {"key": "cancel-beats-retry"})
+    await wait_for_status(yard, record.id, TaskStatus.RUNNING)
+    requested = await yard.cancel(record.id)
+    assert requested.cancel_requested
+    tasks.THREAD_GATES["cancel-beats-retry"].set()
+    done = await yard.wait(record.id, timeout_s=20)
+    assert done.status is TaskStatus.CANCELLED and done.attempts == 1
+
+
+async def test_timed_out_sync_tasks_leave_the_engine_running(
+    make_yard: Callable[..., Conveyor],
+) -> None:
+    keys = [f"stuck-{uuid.uuid4()}" for _ in range(3)]
+    try:
+        async with make_yard(concurrency=2) as yard:
+            stuck = [(await yard.submit("t.thread_stuck", {"key": key}))[0] for key in keys]
+            for record in stuck:
+                done = await yard.wait(record.id, timeout_s=20)
+                assert done.status is TaskStatus.FAILED
+                assert done.error is not None and done.error["type"] == "TimeoutError"
+            assert yard.abandoned_threads == 3, "the bodies still run, and are counted"
+            after, _ = await yard.submit("t.sync_add", {"a": 1, "b": 2})
+            done = await yard.wait(after.id, timeout_s=20)
+            assert done.status is TaskStatus.COMPLETED and done.result == 3
+            for key in keys:
+                tasks.THREAD_GATES[key].set()
+            with anyio.fail_after(10):
+                while yard.abandoned_threads:
+                    await anyio.sleep(0.02)
+    finally:
+        for key in keys:
+            tasks.THREAD_GATES[key].set()
+
+
+async def test_a_per_type_limit_counts_a_timed_out_body_still_running(yard: Conveyor) -> None:
+    tasks.THREAD_ACTIVE.update(now=0, max=0)
+    first_key, second_key = f"first-{uuid.uuid4()}", f"second-{uuid.uuid4()}"
+    first, _ = await yard.submit("t.thread_stuck_limited", {"key": first_key})
+    assert (await yard.wait(first.id, timeout_s=20)).status is TaskStatus.FAILED
+    tasks.THREAD_GATES[second_key].set()
+    second, _ = await yard.submit("t.thread_stuck_limited", {"key": second_key})
+    await anyio.sleep(0.5)  # room for a wrongly started second body to overlap the first
+    assert (await yard.get(second.id)).status is TaskStatus.QUEUED
+    tasks.THREAD_GATES[first_key].set()
+    done = await yard.wait(second.id, timeout_s=20)
+    assert done.status is TaskStatus.COMPLETED
+    assert tasks.THREAD_ACTIVE["max"] == 1
+
+
+async def test_shutdown_does_not_wait_for_a_stuck_thread(
+    make_yard: Callable[..., Conveyor],
+) -> None:
+    key = f"never-opens-{uuid.uuid4()}"
+    try:
+        with anyio.fail_after(10):
+            async with make_yard(shutdown_grace_s=0.2) as yard:
+                record, _ = await yard.submit("t.thread_stuck_forever", {"key": key})
+                await wait_for_status(yard, record.id, TaskStatus.RUNNING)
+        async with make_yard(run_workers=False) as reader:
+            assert (await reader.get(record.id)).status is TaskStatus.QUEUED
+    finally:
+        tasks.THREAD_GATES[key].set()
+
+
+async def test_a_process_task_times_out_on_its_run_not_its_wait_for_a_child(
+    make_yard: Callable[..., Conveyor],
+) -> None:
+    async with make_yard(process_workers=1) as yard:
+        records = [(await yard.submit("t.cpu_sleep", {"seconds": 1.2}))[0] for _ in range(4)]
+        done = [await yard.wait(r.id, timeout_s=60) for r in records]
+    assert [d.status for d in done] == [TaskStatus.COMPLETED] * 4, [d.error for d in done]
+    starts = sorted(d.started_at or 0 for d in done)
+    assert starts[-1] - starts[0] >= 3 * 1.0, "each started_at is when its child took it"
+
+
+async def test_an_idle_child_that_died_is_replaced(make_yard: Callable[..., Conveyor]) -> None:
+    async with make_yard(process_workers=1) as yard:
+        first, _ = await yard.submit("t.cpu_pid", {})
+        pid = (await yard.wait(first.id, timeout_s=30)).result
+        os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(10):
+            while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+                await anyio.sleep(0.02)
+        second, _ = await yard.submit("t.cpu_pid", {})
+        done = await yard.wait(second.id, timeout_s=30)
+    assert done.status is TaskStatus.COMPLETED, done.error
+    assert done.result != pid
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "gone"
+
+
+async def test_waiting_leaves_nothing_behind(yard: Conveyor) -> None:
+    for i in range(50):
+        record, _ = await yard.submit("t.echo", {"value": i})
+        await yard.wait(record.id, timeout_s=20)
+        async for _ in yard.watch(record.id):
+            pass
+    queued, _ = await yard.submit("t.echo", {"value": "later"}, delay_s=3600)
+    with pytest.raises(WaitTimeout):
+        await yard.wait(queued.id, timeout_s=0.05)
+    assert yard._changed == {} and yard._waiting == {}, "one entry per task ever waited on"
+
+
+async def test_an_outcome_that_cannot_be_written_is_recovered_while_the_worker_lives(
+    yard: Conveyor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = yard.store
+    finish = store.finish
+    failures: list[str] = []
+
+    async def failing_once(task_id: str, *args: Any, **kwargs: Any) -> bool:
+        if not failures:
+            failures.append(task_id)
+            raise StoreUnavailable("the database restarted at that moment")
+        return await finish(task_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "finish", failing_once)
+    record, _ = await yard.submit("t.flaky", {"key": f"lost-{uuid.uuid4()}", "failures": 0})
+    done = await yard.wait(record.id, timeout_s=30)
+    assert failures == [record.id]
+    assert done.status is TaskStatus.COMPLETED and done.attempts == 2, "recovered, then re-run"

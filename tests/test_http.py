@@ -195,3 +195,22 @@ def test_tenants_are_isolated(serve: Callable[[FastAPI], LiveServer], tmp_path: 
         a = submit(alpha, "demo.echo", {"value": 1}, headers=key).json()
         b = submit(beta, "demo.echo", {"value": 1}, headers=key).json()
         assert a["id"] != b["id"]
+
+
+def test_health_tells_an_anonymous_caller_only_that_the_service_is_up(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path
+) -> None:
+    server = serve(create_app(service_settings(tmp_path, api_keys="alpha:ka,beta:kb")))
+    with (
+        server.client(headers={"Authorization": "Bearer ka"}) as alpha,
+        server.client(headers={"Authorization": "Bearer kb"}) as beta,
+        server.client() as anonymous,
+    ):
+        wait_done(alpha, submit(alpha, "demo.echo", {"value": 1}).json()["id"])
+        assert anonymous.get("/health").json() == {"status": "ok"}
+        wrong = anonymous.get("/health", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 200 and wrong.json() == {"status": "ok"}
+        assert alpha.get("/health").json()["tasks"]["completed"] == 1
+        own = beta.get("/health").json()
+        assert own["tasks"]["completed"] == 0, "another tenant's tasks are not counted"
+        assert own["abandoned_threads"] == 0

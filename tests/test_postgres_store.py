@@ -303,3 +303,36 @@ def test_a_claim_reads_the_queue_in_order_after_a_vacuum_without_analyze(
     plan = run(scenario, postgres.create_database())
     assert "Sort" not in plan, plan
     assert "conveyor_tasks_ready_by_name" in plan, plan
+
+
+def test_the_database_clock_decides_when_a_task_is_due(postgres: PostgresServer) -> None:
+    """An API host whose clock runs ahead (or behind) of the database's does not delay tasks:
+    a task due now is due on the database's clock, and a delay counts from it."""
+
+    async def work(store: PostgresStore, url: str) -> None:
+        ahead = time.time() + 5.0  # the submitting host's clock, 5 s ahead
+        due_now = TaskRecord(
+            id=uuid7(),
+            name="demo.echo",
+            status=TaskStatus.QUEUED,
+            args={},
+            created_at=ahead,
+            run_at=ahead,
+        )
+        delayed = TaskRecord(
+            id=uuid7(),
+            name="demo.echo",
+            status=TaskStatus.QUEUED,
+            args={},
+            created_at=ahead,
+            run_at=ahead + 60,
+        )
+        for record in (due_now, delayed):
+            await store.insert(record, args_json="{}", max_queued=None)
+        (db_now,) = (await sql(url, "SELECT extract(epoch from clock_timestamp())::float8"))[0]
+        assert due_now.created_at <= db_now and due_now.run_at == due_now.created_at
+        assert 59 <= delayed.run_at - db_now <= 61
+        claimed = await store.claim(worker_id="w", names=["demo.echo"], limits={}, n=5, lease_s=30)
+        assert [r.id for r in claimed] == [due_now.id]
+
+    run(work, postgres.create_database())

@@ -139,36 +139,64 @@ async def test_requeue_puts_a_held_task_back_for_a_retry_or_a_drain(store: Store
     await add(store, max_attempts=3)
     (running,) = await claim(store)
     error = {"type": "ValueError", "message": "again", "traceback": None}
-    assert (
-        await store.requeue(running.id, OTHER, 1, run_at=0, error=error, refund_attempt=False)
-        is None
-    )
+    stale = await store.requeue(running.id, OTHER, 1, delay_s=0, error=error, refund_attempt=False)
+    assert stale is None
     retried = await store.requeue(
-        running.id, WORKER, 1, run_at=time.time(), error=error, refund_attempt=False
+        running.id, WORKER, 1, delay_s=0, error=error, refund_attempt=False
     )
     assert retried is not None and retried.status is TaskStatus.QUEUED
     assert retried.attempts == 1 and retried.error == error and retried.worker_id is None
     (again,) = await claim(store)
     assert again.attempts == 2
-    drained = await store.requeue(
-        again.id, WORKER, 2, run_at=time.time(), error=None, refund_attempt=True
-    )
+    drained = await store.requeue(again.id, WORKER, 2, delay_s=0, error=None, refund_attempt=True)
     assert drained is not None and drained.attempts == 1, "a drain refunds the attempt"
+    (third,) = await claim(store)
+    later = await store.requeue(third.id, WORKER, 2, delay_s=60, error=None, refund_attempt=False)
+    assert later is not None and later.run_at >= time.time() + 50
+    assert await claim(store) == [], "a retry waits for its delay"
+
+
+@pytest.mark.parametrize("refund_attempt", [False, True], ids=["retry", "drain"])
+async def test_a_cancel_request_wins_over_a_retry_or_a_drain(
+    store: Store, refund_attempt: bool
+) -> None:
+    await add(store, max_attempts=3)
+    (running,) = await claim(store)
+    await store.cancel(running.id, owner=None)
+    error = {"type": "ConnectionError", "message": "again", "traceback": None}
+    ended = await store.requeue(
+        running.id, WORKER, 1, delay_s=0, error=error, refund_attempt=refund_attempt
+    )
+    assert ended is not None and ended.status is TaskStatus.CANCELLED
+    assert ended.finished_at is not None and ended.error is None
+    assert await claim(store) == []
+    assert (await store.count_by_status())["queued"] == 0
 
 
 async def test_heartbeat_renews_leases_and_reports_cancel_requests(store: Store) -> None:
     await add(store)
     await add(store)
     first, second = await claim(store, 2, lease_s=5.0)
-    assert await store.heartbeat(WORKER, 60.0) == []
+    assert await store.heartbeat(WORKER, [first.id, second.id], 60.0) == []
     renewed = await store.get(first.id)
     assert renewed.lease_expires_at is not None
     assert first.lease_expires_at is not None
     assert renewed.lease_expires_at > first.lease_expires_at + 30
     requested = await store.cancel(second.id, owner=None)
     assert requested.status is TaskStatus.RUNNING and requested.cancel_requested
-    assert await store.heartbeat(WORKER, 60.0) == [second.id]
-    assert await store.heartbeat(OTHER, 60.0) == []
+    assert await store.heartbeat(WORKER, [first.id, second.id], 60.0) == [second.id]
+    assert await store.heartbeat(OTHER, [first.id, second.id], 60.0) == []
+
+
+async def test_heartbeat_renews_only_what_the_worker_still_runs(store: Store) -> None:
+    await add(store)
+    await add(store)
+    held, let_go = await claim(store, 2, lease_s=0.05)
+    assert await store.heartbeat(WORKER, [held.id], 60.0) == []
+    await anyio.sleep(0.2)
+    recovered = await store.recover_expired()
+    assert [r.id for r in recovered] == [let_go.id], "a task its runner let go of expires"
+    assert (await store.get(held.id)).status is TaskStatus.RUNNING
 
 
 async def test_recovery_requeues_fails_or_cancels_what_an_expired_lease_held(

@@ -9,6 +9,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import os
 import signal
 from pathlib import Path
@@ -128,6 +129,8 @@ def serve(
         log_level=log_level.lower(),
         log_config=None,
         access_log=access_log,
+        # open event streams end after the grace period instead of holding the shutdown
+        timeout_graceful_shutdown=max(math.ceil(settings.shutdown_grace_s), 1),
     )
 
 

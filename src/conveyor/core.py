@@ -89,6 +89,7 @@ class Conveyor:
         self._store: Store | None = None
         self._engine: Engine | None = None
         self._changed: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, int] = {}  # waiters per task: an event lives while one waits
         self.blobs = BlobStore(Path(self.settings.data_dir) / "blobs")
         self._started = False
         self._celery: Celery | None = None
@@ -212,6 +213,12 @@ class Conveyor:
     def engine(self) -> Engine | None:
         """The running engine (None before start, and with the local engine without workers)."""
         return self._engine
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Sync task bodies this process still runs after their task timed out or was
+        cancelled (see the README: what a timeout means for each executor)."""
+        return self._engine.abandoned_threads if self._engine is not None else 0
 
     def celery_app(self) -> Celery:
         """The Celery app running this instance's task types (``CONVEYOR_ENGINE=celery``).
@@ -409,22 +416,34 @@ class Conveyor:
             event = self._changed[task_id] = asyncio.Event()
         return event
 
+    def _leave(self, task_id: str) -> None:
+        left = self._waiting[task_id] - 1
+        if left:
+            self._waiting[task_id] = left
+        else:
+            del self._waiting[task_id]
+            self._changed.pop(task_id, None)
+
     async def watch(self, task_id: str, *, owner: str | None = None) -> AsyncIterator[TaskRecord]:
         """Yield the task's record each time it changes, ending after a terminal state."""
         last: tuple[Any, ...] | None = None
-        while True:
-            event = self._change_event(task_id)
-            record = await self.store.get(task_id, owner=owner)
-            key = (record.status, record.progress, record.message, record.attempts)
-            if key != last:
-                last = key
-                yield record
-            if record.terminal:
-                return
-            try:
-                await asyncio.wait_for(event.wait(), _WATCH_POLL_S)
-            except TimeoutError:
-                pass
+        self._waiting[task_id] = self._waiting.get(task_id, 0) + 1
+        try:
+            while True:
+                event = self._change_event(task_id)
+                record = await self.store.get(task_id, owner=owner)
+                key = (record.status, record.progress, record.message, record.attempts)
+                if key != last:
+                    last = key
+                    yield record
+                if record.terminal:
+                    return
+                try:
+                    await asyncio.wait_for(event.wait(), _WATCH_POLL_S)
+                except TimeoutError:
+                    pass
+        finally:
+            self._leave(task_id)
 
     async def wait(
         self, task_id: str, *, owner: str | None = None, timeout_s: float | None = None
@@ -432,18 +451,22 @@ class Conveyor:
         """Wait until the task is terminal; its record. Raises ``WaitTimeout``."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        while True:
-            event = self._change_event(task_id)
-            record = await self.store.get(task_id, owner=owner)
-            if record.terminal:
-                return record
-            pause = _WATCH_POLL_S
-            if deadline is not None:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise WaitTimeout(f"task {task_id} is still {record.status.value}")
-                pause = min(pause, remaining)
-            try:
-                await asyncio.wait_for(event.wait(), pause)
-            except TimeoutError:
-                pass
+        self._waiting[task_id] = self._waiting.get(task_id, 0) + 1
+        try:
+            while True:
+                event = self._change_event(task_id)
+                record = await self.store.get(task_id, owner=owner)
+                if record.terminal:
+                    return record
+                pause = _WATCH_POLL_S
+                if deadline is not None:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise WaitTimeout(f"task {task_id} is still {record.status.value}")
+                    pause = min(pause, remaining)
+                try:
+                    await asyncio.wait_for(event.wait(), pause)
+                except TimeoutError:
+                    pass
+        finally:
+            self._leave(task_id)

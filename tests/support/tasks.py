@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -85,10 +87,68 @@ def cpu_forever(ctx: TaskContext) -> None:
         time.monotonic()
 
 
+def cpu_pid(ctx: TaskContext) -> int:
+    import os
+
+    return os.getpid()
+
+
+def cpu_sleep(ctx: TaskContext, seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
 def cpu_crash(ctx: TaskContext) -> None:
     import os
 
     os._exit(3)
+
+
+def exits(ctx: TaskContext, how: str) -> str:
+    """Ends the way a careless task can: ``sys.exit``, an argparse refusal, a Ctrl-C."""
+    if how == "exit":
+        sys.exit(2)
+    if how == "argparse":
+        parser = argparse.ArgumentParser(prog="tool", exit_on_error=True)
+        parser.add_argument("--count", type=int, required=True)
+        parser.parse_args(["--count", "many"])
+    if how == "keyboard":
+        raise KeyboardInterrupt
+    return how
+
+
+async def async_exits(ctx: TaskContext, how: str) -> str:
+    if how == "cancelled":  # cancels and awaits a helper of its own: CancelledError escapes
+        helper = asyncio.ensure_future(asyncio.sleep(3600))
+        await asyncio.sleep(0)
+        helper.cancel()
+        await helper
+    if how == "exit":
+        sys.exit("stop everything")
+    return exits(ctx, how)
+
+
+def fail_after_gate(ctx: TaskContext, key: str) -> None:
+    """Waits for its gate without looking at cancellation, then fails retryably."""
+    THREAD_GATES[key].wait(30)
+    raise ConnectionError("failed after the cancel was requested")
+
+
+THREAD_ACTIVE = {"now": 0, "max": 0}
+_THREAD_ACTIVE_LOCK = threading.Lock()
+
+
+def thread_stuck(ctx: TaskContext, key: str) -> str:
+    """Blocks until its gate opens, deaf to cancellation (a socket read without a timeout)."""
+    with _THREAD_ACTIVE_LOCK:
+        THREAD_ACTIVE["now"] += 1
+        THREAD_ACTIVE["max"] = max(THREAD_ACTIVE["max"], THREAD_ACTIVE["now"])
+    try:
+        THREAD_GATES[key].wait(60)
+    finally:
+        with _THREAD_ACTIVE_LOCK:
+            THREAD_ACTIVE["now"] -= 1
+    return key
 
 
 def register(yard: Conveyor) -> None:
@@ -109,3 +169,14 @@ def register(yard: Conveyor) -> None:
     yard.task(name="t.cpu_forever", executor="process")(cpu_forever)
     yard.task(name="t.cpu_short", executor="process", timeout_s=0.5)(cpu_forever)
     yard.task(name="t.cpu_crash", executor="process")(cpu_crash)
+    yard.task(name="t.exits", retries=1, backoff_base_s=0.0)(exits)
+    yard.task(name="t.async_exits", retries=1, backoff_base_s=0.0)(async_exits)
+    yard.task(name="t.cpu_exits", executor="process")(exits)
+    yard.task(name="t.thread_stuck", timeout_s=0.3)(thread_stuck)
+    yard.task(name="t.thread_stuck_forever")(thread_stuck)
+    yard.task(name="t.thread_stuck_limited", timeout_s=0.3, concurrency=1)(thread_stuck)
+    yard.task(name="t.cpu_pid", executor="process")(cpu_pid)
+    yard.task(name="t.cpu_sleep", executor="process", timeout_s=3.0)(cpu_sleep)
+    yard.task(name="t.fail_after_gate", retries=3, backoff_base_s=0.0, retry_on=(ConnectionError,))(
+        fail_after_gate
+    )

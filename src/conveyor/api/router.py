@@ -322,13 +322,30 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
             for t in yard.task_types.values()
         ]
 
-    @router.get("/health", summary="Liveness and readiness", responses=documented(503))
-    async def health() -> Response:
+    @router.get(
+        "/health",
+        summary="Liveness; with a key (or none configured), readiness and task counts",
+        responses=documented(503),
+    )
+    async def health(request: Request) -> Response:
+        owner: str | None = None
+        if tenants:  # an anonymous caller learns that the service is up, nothing more
+            try:
+                owner = await tenant(request)
+            except HTTPException:
+                return json_response({"status": "ok"})
         try:
-            counts = await yard.store.count_by_status()
+            counts = await yard.store.count_by_status(owner=owner)
         except ConveyorError as exc:
             return error_response(exc)
-        return json_response({"status": "ok", "engine": settings.engine, "tasks": counts})
+        return json_response(
+            {
+                "status": "ok",
+                "engine": settings.engine,
+                "tasks": counts,
+                "abandoned_threads": yard.abandoned_threads,
+            }
+        )
 
     return router
 

@@ -58,3 +58,9 @@ class Engine(Protocol):
         ...
 
     def cancel_local(self, task_id: str) -> bool: ...
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Sync task bodies still running on threads after their task ended (a timeout or a
+        cancel: Python cannot stop a thread)."""
+        ...

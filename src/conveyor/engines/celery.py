@@ -213,6 +213,10 @@ class CeleryEngine:
     def cancel_local(self, task_id: str) -> bool:
         return self.runner.cancel_local(task_id) if self.runner is not None else False
 
+    @property
+    def abandoned_threads(self) -> int:
+        return self.runner.threads.abandoned_total if self.runner is not None else 0
+
     def publish_failed(self, task_id: str) -> None:
         """From the publisher thread: let the sweeper send it again soon."""
         asyncio.run_coroutine_threadsafe(self._unpublish(task_id), self.loop)
@@ -255,12 +259,13 @@ class CeleryEngine:
         if task_type is None:
             logger.error("no task type %r in this worker: message for %s dropped", name, task_id)
             return True
+        limit = task_type.options.concurrency
         try:
             record = await self.ledger.claim_one(
                 task_id,
                 name=name,
                 worker_id=self.worker_id,
-                limit=task_type.options.concurrency,
+                limit=self.runner.limits({name: limit})[name] if limit else None,
                 lease_s=self.settings.lease_s,
             )
         except ConveyorError as exc:  # the store is down: hand the message back, slowly

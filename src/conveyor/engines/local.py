@@ -69,6 +69,10 @@ class LocalEngine:
     def cancel_local(self, task_id: str) -> bool:
         return self.runner.cancel_local(task_id)
 
+    @property
+    def abandoned_threads(self) -> int:
+        return self.runner.threads.abandoned_total
+
     # loops -------------------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
@@ -85,7 +89,7 @@ class LocalEngine:
                     claimed = await store.claim(
                         worker_id=self.worker_id,
                         names=names,
-                        limits=limits,
+                        limits=self.runner.limits(limits),
                         n=free,
                         lease_s=self.settings.lease_s,
                     )

@@ -117,11 +117,16 @@ class ProcessPool:
         task: tuple[str, str, int, int],
         blob_root: str,
         on_progress: Callable[[float, str | None], object],
+        on_start: Callable[[], object] = lambda: None,
     ) -> tuple[str, str | None]:
-        """Run the task type ``module:qualname`` in a child; ``(result JSON, blob JSON)``."""
+        """Run the task type ``module:qualname`` in a child; ``(result JSON, blob JSON)``.
+
+        ``on_start`` is called once a child is the task's: the wait for a free child before
+        it is not the task's run (its timeout starts there)."""
         async with self._slots:
-            child = self._idle.pop() if self._idle else await self._spawn()
+            child = await self._take_idle() or await self._spawn()
             self._busy.add(child)
+            on_start()
             reusable = False
             try:
                 send(child.conn, ["run", module, qualname, args, blob_root, *task])
@@ -141,6 +146,16 @@ class ProcessPool:
                     self._idle.append(child)
                 else:  # cancelled, timed out or died mid-task: never reuse
                     await asyncio.to_thread(child.kill)
+
+    async def _take_idle(self) -> _Child | None:
+        """An idle child that is still alive; a dead one (killed, or out of memory while idle)
+        is cleaned up, not handed a task."""
+        while self._idle:
+            child = self._idle.pop()
+            if child.process.is_alive():
+                return child
+            await asyncio.to_thread(child.kill)
+        return None
 
     async def warm(self) -> None:
         """Start the children now, so the first tasks do not wait for a spawn."""
@@ -233,9 +248,20 @@ def _run_in_child(
             return ["ok", *encode_result(value)]
         except serialization.JSONError as exc:
             return ["error", "TypeError", f"the result is {exc}", None, []]
-    except Exception as exc:
+    except BaseException as exc:  # sys.exit() in a task ends the task, not the child
         tb = "".join(traceback.format_exception(exc))
-        return ["error", type(exc).__name__, str(exc), tb, exception_names(type(exc))]
+        return ["error", type(exc).__name__, error_message(exc), tb, exception_names(type(exc))]
+
+
+def error_message(exc: BaseException) -> str:
+    """What went wrong, in words, also for the exceptions that would stop a process."""
+    if isinstance(exc, SystemExit):
+        return f"the task called sys.exit({exc.code!r}); a task cannot stop its worker"
+    if isinstance(exc, KeyboardInterrupt):
+        return "the task raised KeyboardInterrupt; a task cannot stop its worker"
+    if isinstance(exc, asyncio.CancelledError):
+        return "the task's own code raised CancelledError (nobody cancelled it)"
+    return str(exc)
 
 
 def exception_names(cls: type[BaseException]) -> list[str]:

@@ -20,7 +20,6 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,12 +32,14 @@ from ..record import TaskRecord
 from ..status import TaskStatus
 from ..task import TaskType
 from .base import EngineHost
-from .processes import ChildTaskError, ProcessPool
+from .processes import ChildTaskError, ProcessPool, error_message
 from .progress import ProgressWriter
+from .threads import TaskThreads
 
 logger = logging.getLogger("conveyor.engine")
 
 _MAX_TRACEBACK = 64_000
+_STARTED_LATE_S = 0.05  # a process task that waited longer for a child gets its started_at anew
 
 
 def new_worker_id() -> str:
@@ -78,7 +79,7 @@ def error_info(exc: BaseException, *, type_name: str | None = None) -> dict[str,
     tb = "".join(traceback.format_exception(exc))
     return {
         "type": type_name or type(exc).__name__,
-        "message": str(exc),
+        "message": error_message(exc),
         "traceback": tb[-_MAX_TRACEBACK:],
     }
 
@@ -100,7 +101,7 @@ class Runner:
     Args:
         host: the instance whose task types, store and blobs are used.
         worker_id: the claim token's owner (the id the store leases tasks to).
-        threads: size of the thread pool for sync tasks.
+        threads: threads kept for sync tasks between tasks (more start when all are busy).
         process_workers: children for ``executor="process"`` tasks.
         on_settled: called (on the loop) each time a task leaves this runner, or is put back in
             the queue for a retry.
@@ -122,7 +123,7 @@ class Runner:
         self._on_settled = on_settled
         self._draining = False
         self._background: set[asyncio.Task[Any]] = set()
-        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="conveyor-task")
+        self.threads = TaskThreads(keep_idle=threads)
         self._processes = ProcessPool(process_workers)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -157,6 +158,13 @@ class Runner:
         if run is not None:
             await run.executed.wait()
 
+    def limits(self, limits: dict[str, int]) -> dict[str, int]:
+        """Per-type limits less the bodies of that type still running on abandoned threads."""
+        abandoned = self.threads.abandoned
+        if not abandoned:
+            return limits
+        return {name: limit - abandoned.get(name, 0) for name, limit in limits.items()}
+
     def cancel_local(self, task_id: str) -> bool:
         run = self.running.get(task_id)
         if run is None or run.cancel_requested:
@@ -174,9 +182,9 @@ class Runner:
             await asyncio.sleep(interval)
             if not self.running:
                 continue
-            try:
+            try:  # only what this runner holds: a task it let go of is left to expire
                 for task_id in await self.host.store.heartbeat(
-                    self.worker_id, self.settings.lease_s
+                    self.worker_id, list(self.running), self.settings.lease_s
                 ):
                     self.cancel_local(task_id)
             except ConveyorError as exc:
@@ -198,7 +206,7 @@ class Runner:
                     run.record.id,
                     self.worker_id,
                     run.record.attempts,
-                    run_at=time.time(),
+                    delay_s=0.0,
                     error=run.record.error,
                     refund_attempt=True,
                 )
@@ -215,7 +223,7 @@ class Runner:
             await asyncio.wait(self._background, timeout=1.0)
             for leftover in list(self._background):
                 leftover.cancel()
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        self.threads.close()
         await self._processes.close()
 
     # one attempt -------------------------------------------------------------------------------
@@ -227,7 +235,9 @@ class Runner:
         except asyncio.CancelledError:
             if not self._draining:
                 raise
-        except Exception:  # the store failed while recording: the lease will expire and recover
+        except Exception:
+            # The store failed while recording. This runner lets go of the task: its lease is no
+            # longer renewed, so recovery re-queues (or fails) it within the documented bound.
             logger.exception("could not record the outcome of task %s", record.id)
         finally:
             run.executed.set()
@@ -248,17 +258,29 @@ class Runner:
             cancel_event=run.cancel_event,
             blobs=self.host.blobs,
         )
-        timeout = asyncio.timeout(record.timeout_s)
+        # A process task's timeout starts once a child is its own (see _call), not while it
+        # waits for one.
+        in_child = task_type.options.executor == "process"
+        timeout = asyncio.timeout(None if in_child else record.timeout_s)
         try:
             async with timeout:
                 try:
-                    result_json, blob_json = await self._call(run, ctx)
+                    result_json, blob_json = await self._call(run, ctx, timeout)
                 finally:
                     run.executed.set()
-        except asyncio.CancelledError:
-            if self._draining or not run.cancel_requested:
+        except asyncio.CancelledError as exc:
+            if self._draining:
                 raise
-            await self._finish(run, TaskStatus.CANCELLED)
+            if run.cancel_requested:
+                await self._finish(run, TaskStatus.CANCELLED)
+                return
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this attempt itself is being cancelled (the engine is stopping)
+            # raised by the task's own code (it cancelled and awaited a helper of its own)
+            await self._retry_or_fail(
+                run, error_info(exc), retryable=isinstance(exc, task_type.options.retry_on)
+            )
         except TimeoutError as exc:
             run.cancel_event.set()  # lets a sync task notice it should stop
             if timeout.expired():
@@ -285,6 +307,11 @@ class Runner:
                 return
             retryable = isinstance(exc, task_type.options.retry_on)
             await self._retry_or_fail(run, error_info(exc), retryable=retryable)
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt: the task's, not the worker's
+            if self._draining:
+                return
+            retryable = isinstance(exc, task_type.options.retry_on)
+            await self._retry_or_fail(run, error_info(exc), retryable=retryable)
         else:
             if self._draining:
                 return
@@ -292,10 +319,20 @@ class Runner:
                 run, TaskStatus.COMPLETED, result_json=result_json, blob_json=blob_json
             )
 
-    async def _call(self, run: _Running, ctx: TaskContext) -> tuple[str, str | None]:
+    async def _call(
+        self, run: _Running, ctx: TaskContext, timeout: asyncio.Timeout
+    ) -> tuple[str, str | None]:
         task_type, record = run.task_type, run.record
         executor = task_type.options.executor
         if executor == "process":
+            claimed_at = time.monotonic()
+
+            def started() -> None:
+                if record.timeout_s is not None:
+                    timeout.reschedule(asyncio.get_running_loop().time() + record.timeout_s)
+                if time.monotonic() - claimed_at > _STARTED_LATE_S:  # it waited for a child
+                    self._spawn_background(self._mark_started(record))
+
             return await self._processes.run(
                 task_type.module,
                 task_type.qualname,
@@ -303,6 +340,7 @@ class Runner:
                 task=(record.id, record.name, record.attempts, record.max_attempts),
                 blob_root=str(self.host.blobs.root),
                 on_progress=functools.partial(self._report_progress, run),
+                on_start=started,
             )
         kwargs = task_type.call_kwargs(record.args)
         fn = task_type.fn
@@ -314,8 +352,7 @@ class Runner:
                 if task_type.takes_context
                 else (functools.partial(fn, **kwargs))
             )
-            assert self._loop is not None
-            value = await self._loop.run_in_executor(self._threads, call)
+            value = await self.threads.run(call, type_name=task_type.name)
         return encode_result(value)
 
     async def _finish(
@@ -352,7 +389,10 @@ class Runner:
         self, run: _Running, error: dict[str, Any], *, retryable: bool
     ) -> None:
         record, options = run.record, run.task_type.options
-        if retryable and record.attempts < record.max_attempts and not run.cancel_requested:
+        if retryable and run.cancel_requested:  # a cancel request wins over a retry
+            await self._finish(run, TaskStatus.CANCELLED)
+            return
+        if retryable and record.attempts < record.max_attempts:
             base_s = (
                 options.backoff_base_s
                 if options.backoff_base_s is not None
@@ -366,14 +406,16 @@ class Runner:
                 error["type"],
                 delay,
             )
-            await self.host.store.requeue(
+            requeued = await self.host.store.requeue(
                 record.id,
                 self.worker_id,
                 record.attempts,
-                run_at=time.time() + delay,
+                delay_s=delay,
                 error=error,
                 refund_attempt=False,
             )
+            if requeued is not None and requeued.status is TaskStatus.CANCELLED:
+                logger.info("task %s was cancelled before its retry", record.id)
             return
         await self._finish(run, TaskStatus.FAILED, error=error)
 
@@ -392,6 +434,14 @@ class Runner:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _mark_started(self, record: TaskRecord) -> None:
+        try:
+            await self.host.store.mark_started(record.id, self.worker_id, record.attempts)
+        except ConveyorError as exc:
+            logger.warning("start time of task %s not stored: %s", record.id, exc)
+            return
+        self.host.notify(record.id)
 
     async def _write_progress(
         self, record: TaskRecord, percent: float, message: str | None

@@ -64,6 +64,10 @@ class Store(Protocol):
         respecting per-type ``limits`` across every worker sharing the store."""
         ...
 
+    async def mark_started(self, task_id: str, worker_id: str, attempt: int) -> bool:
+        """The held task's run starts now (it waited for a child process since its claim)."""
+        ...
+
     async def set_progress(
         self, task_id: str, worker_id: str, attempt: int, progress: float, message: str | None
     ) -> bool: ...
@@ -94,15 +98,20 @@ class Store(Protocol):
         worker_id: str,
         attempt: int,
         *,
-        run_at: float,
+        delay_s: float,
         error: dict[str, Any] | None,
         refund_attempt: bool,
     ) -> TaskRecord | None:
-        """Put a running task back in the queue (a retry, or a drain at shutdown)."""
+        """Put a held task back in the queue, due ``delay_s`` from now on the store's clock (a
+        retry, or a drain at shutdown); a task whose cancel was requested ends ``cancelled``
+        instead. None when the claim is no longer this worker's."""
         ...
 
-    async def heartbeat(self, worker_id: str, lease_s: float) -> list[str]:
-        """Renew the leases of this worker's running tasks; the ids whose cancel was requested."""
+    async def heartbeat(
+        self, worker_id: str, task_ids: Collection[str], lease_s: float
+    ) -> list[str]:
+        """Renew the leases of ``task_ids``, the tasks this worker really runs (a task it no
+        longer runs is left to expire); the ids whose cancel was requested."""
         ...
 
     async def recover_expired(self) -> list[TaskRecord]:
@@ -115,7 +124,9 @@ class Store(Protocol):
 
     async def delete(self, task_id: str, *, owner: str | None) -> None: ...
 
-    async def count_by_status(self) -> dict[str, int]: ...
+    async def count_by_status(self, *, owner: str | None = None) -> dict[str, int]:
+        """Tasks per status (every status present), of one tenant or (None) of all."""
+        ...
 
 
 class PublicationLedger(Protocol):

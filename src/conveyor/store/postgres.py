@@ -46,12 +46,19 @@ from .rows import (
     list_query,
     record_from_row,
     recovery_statements,
+    requeue_statement,
 )
 
 logger = logging.getLogger("conveyor.store")
 
 _QUEUED_RECOUNT_S = 0.25
 _RECOVERY = recovery_statements("conveyor_tasks", now=NOW, lost="$1")
+_REQUEUE = requeue_statement(
+    "conveyor_tasks",
+    param=lambda n: f"${n}::float8" if n == 1 else f"${n}",
+    now=NOW,
+    held=held(4, 5, 6),
+)
 
 
 class PostgresStore:
@@ -220,13 +227,13 @@ class PostgresStore:
                 return existing, False
             if max_queued is not None and await self._queued(conn) >= max_queued:
                 raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
-            seq = await conn.fetchval(
+            row = await conn.fetchrow(
                 "INSERT INTO conveyor_tasks (id, name, owner, status, priority, args, attempts, "
                 "max_attempts, timeout_s, created_at, run_at, idempotency_key, published_at) "
-                "VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, $10, $11, "
-                "CASE WHEN $10::float8 <= $9::float8 THEN $9::float8 END) "
+                "SELECT $1, $2, $3, $4, $5, $6, 0, $7, $8, k.now, k.now + $9::float8, $10, "
+                f"CASE WHEN $9::float8 <= 0 THEN k.now END FROM (SELECT {NOW} AS now) k "
                 "ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL "
-                "DO NOTHING RETURNING seq",
+                "DO NOTHING RETURNING seq, created_at, run_at",
                 record.id,
                 record.name,
                 record.owner,
@@ -235,15 +242,14 @@ class PostgresStore:
                 args_json,
                 record.max_attempts,
                 record.timeout_s,
-                record.created_at,
-                record.run_at,
+                max(record.run_at - record.created_at, 0.0),
                 record.idempotency_key,
             )
-            if seq is None:  # a concurrent submission with the same key won
+            if row is None:  # a concurrent submission with the same key won
                 winner = await _by_key(conn, record)
                 assert winner is not None
                 return winner, False
-        record.seq = seq
+        record.seq, record.created_at, record.run_at = row[0], row[1], row[2]
         self._queued_count += 1
         return record, True
 
@@ -283,10 +289,11 @@ class PostgresStore:
                 rows = await conn.fetch(
                     "INSERT INTO conveyor_tasks (id, name, owner, status, priority, args, "
                     "max_attempts, timeout_s, created_at, run_at, published_at) "
-                    "SELECT i, n, o, s, p, a, m, t, c, r, CASE WHEN r <= c THEN c END FROM unnest("
-                    "$1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], "
-                    "$7::int[], $8::float8[], $9::float8[], $10::float8[]) "
-                    "AS u(i, n, o, s, p, a, m, t, c, r) RETURNING id, seq",
+                    "SELECT i, n, o, s, p, a, m, t, k.now, k.now + d, CASE WHEN d <= 0 THEN k.now "
+                    "END FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], "
+                    "$6::text[], $7::int[], $8::float8[], $9::float8[]) "
+                    f"AS u(i, n, o, s, p, a, m, t, d) CROSS JOIN (SELECT {NOW} AS now) k "
+                    "RETURNING id, seq, created_at, run_at",
                     [r.id for r in records],
                     [r.name for r in records],
                     [r.owner for r in records],
@@ -295,18 +302,17 @@ class PostgresStore:
                     [args for _, args, _ in batch],
                     [r.max_attempts for r in records],
                     [r.timeout_s for r in records],
-                    [r.created_at for r in records],
-                    [r.run_at for r in records],
+                    [max(r.run_at - r.created_at, 0.0) for r in records],
                 )
         except Exception as exc:
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        seqs = {row[0]: row[1] for row in rows}
+        stored = {row[0]: (row[1], row[2], row[3]) for row in rows}
         self._queued_count += len(rows)
         for record, _, future in batch:
-            record.seq = seqs[record.id]
+            record.seq, record.created_at, record.run_at = stored[record.id]
             if not future.done():
                 future.set_result((record, True))
 
@@ -355,6 +361,16 @@ class PostgresStore:
         self._queued_count -= len(claimed)
         order = {task_id: i for i, task_id in enumerate(chosen)}
         return sorted((record_from_row(row) for row in claimed), key=lambda r: order[r.id])
+
+    async def mark_started(self, task_id: str, worker_id: str, attempt: int) -> bool:
+        async with self.connection() as conn:
+            status = await conn.execute(
+                f"UPDATE conveyor_tasks SET started_at = {NOW} WHERE {held(1, 2, 3)}",
+                task_id,
+                worker_id,
+                attempt,
+            )
+        return bool(status == "UPDATE 1")
 
     async def set_progress(
         self, task_id: str, worker_id: str, attempt: int, progress: float, message: str | None
@@ -440,34 +456,35 @@ class PostgresStore:
         worker_id: str,
         attempt: int,
         *,
-        run_at: float,
+        delay_s: float,
         error: dict[str, Any] | None,
         refund_attempt: bool,
     ) -> TaskRecord | None:
         async with self.connection() as conn:
             row = await conn.fetchrow(
-                "UPDATE conveyor_tasks SET status = 'queued', run_at = $1, error = $2, "
-                "worker_id = NULL, lease_expires_at = NULL, attempts = attempts - $3 "
-                f"WHERE {held(4, 5, 6)} RETURNING {COLUMNS}",
-                run_at,
-                dump(error),
-                int(refund_attempt),
-                task_id,
-                worker_id,
-                attempt,
+                _REQUEUE, delay_s, dump(error), int(refund_attempt), task_id, worker_id, attempt
             )
         if row is None:
             return None
-        self._queued_count += 1
-        return record_from_row(row)
+        record = record_from_row(row)
+        if record.status is TaskStatus.QUEUED:
+            self._queued_count += 1
+        return record
 
-    async def heartbeat(self, worker_id: str, lease_s: float) -> list[str]:
+    async def heartbeat(
+        self, worker_id: str, task_ids: Collection[str], lease_s: float
+    ) -> list[str]:
+        ids = list(task_ids)
+        if not ids:
+            return []
         async with self.connection() as conn:
             rows = await conn.fetch(
                 f"UPDATE conveyor_tasks SET lease_expires_at = {NOW} + $1 "
-                "WHERE status = 'running' AND worker_id = $2 RETURNING id, cancel_requested",
+                "WHERE id = ANY($3::text[]) AND status = 'running' AND worker_id = $2 "
+                "RETURNING id, cancel_requested",
                 lease_s,
                 worker_id,
+                ids,
             )
         return [row[0] for row in rows if row[1]]
 
@@ -543,9 +560,12 @@ class PostgresStore:
             rows = await conn.fetch(sql, *params)
         return [record_from_row(row) for row in rows]
 
-    async def count_by_status(self) -> dict[str, int]:
+    async def count_by_status(self, *, owner: str | None = None) -> dict[str, int]:
+        where, params = ("WHERE owner = $1", [owner]) if owner is not None else ("", [])
         async with self.connection() as conn:
-            rows = await conn.fetch("SELECT status, count(*) FROM conveyor_tasks GROUP BY status")
+            rows = await conn.fetch(
+                f"SELECT status, count(*) FROM conveyor_tasks {where} GROUP BY status", *params
+            )
         return {status.value: 0 for status in TaskStatus} | {row[0]: row[1] for row in rows}
 
 

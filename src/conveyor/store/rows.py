@@ -112,3 +112,20 @@ def recovery_statements(table: str, *, now: str, lost: str) -> tuple[str, str, s
         f"UPDATE {table} SET status = 'failed', error = {lost}, finished_at = {now}, "
         f"lease_expires_at = NULL WHERE {expired} RETURNING {COLUMNS}",
     )
+
+
+def requeue_statement(table: str, *, param: Callable[[int], str], now: str, held: str) -> str:
+    """Put a held task back in the queue (a retry, or a drain at shutdown), one portable
+    statement: parameters 1-3 are the delay (seconds, on the store's clock), the error and the
+    attempt refund (0 or 1); ``held`` is the claim-token condition. A task whose cancel was
+    requested ends ``cancelled`` instead: a cancel request wins over a retry and a drain."""
+    delay, error, refund = param(1), param(2), param(3)
+    return (
+        f"UPDATE {table} SET "
+        "status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END, "
+        f"finished_at = CASE WHEN cancel_requested THEN {now} END, "
+        f"run_at = {now} + {delay}, "
+        f"error = CASE WHEN cancel_requested THEN NULL ELSE {error} END, "
+        f"worker_id = NULL, lease_expires_at = NULL, attempts = attempts - {refund} "
+        f"WHERE {held} RETURNING {COLUMNS}"
+    )

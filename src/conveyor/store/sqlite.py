@@ -25,6 +25,7 @@ from .rows import (
     list_query,
     record_from_row,
     recovery_statements,
+    requeue_statement,
 )
 from .sqlite_commit import GroupCommit
 
@@ -69,6 +70,12 @@ CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
 _MIGRATIONS: dict[int, str] = {2: "ALTER TABLE tasks ADD COLUMN result_blob TEXT"}
 _QUEUED_RECOUNT_S = 0.25
 _RECOVERY = recovery_statements("tasks", now="?1", lost="?2")
+_REQUEUE = requeue_statement(
+    "tasks",
+    param=lambda n: f"?{n}",
+    now="?7",
+    held="id = ?4 AND status = 'running' AND worker_id = ?5 AND attempts = ?6",
+)
 
 
 def _placeholders(n: int) -> str:
@@ -198,6 +205,17 @@ class SQLiteStore:
 
         return await self._write(op)
 
+    async def mark_started(self, task_id: str, worker_id: str, attempt: int) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE tasks SET started_at = ? WHERE id = ? AND status = 'running' "
+                "AND worker_id = ? AND attempts = ?",
+                (time.time(), task_id, worker_id, attempt),
+            )
+            return cur.rowcount == 1
+
+        return await self._write(op)
+
     async def set_progress(
         self, task_id: str, worker_id: str, attempt: int, progress: float, message: str | None
     ) -> bool:
@@ -252,7 +270,7 @@ class SQLiteStore:
         worker_id: str,
         attempt: int,
         *,
-        run_at: float,
+        delay_s: float,
         error: dict[str, Any] | None,
         refund_attempt: bool,
     ) -> TaskRecord | None:
@@ -260,25 +278,39 @@ class SQLiteStore:
 
         def op(conn: sqlite3.Connection) -> TaskRecord | None:
             row = conn.execute(
-                "UPDATE tasks SET status = 'queued', run_at = ?, error = ?, worker_id = NULL, "
-                "lease_expires_at = NULL, attempts = attempts - ? "
-                "WHERE id = ? AND status = 'running' AND worker_id = ? AND attempts = ? "
-                f"RETURNING {COLUMNS}",
-                (run_at, error_json, int(refund_attempt), task_id, worker_id, attempt),
+                _REQUEUE,
+                (
+                    delay_s,
+                    error_json,
+                    int(refund_attempt),
+                    task_id,
+                    worker_id,
+                    attempt,
+                    time.time(),
+                ),
             ).fetchone()
             if row is None:
                 return None
-            self._queued_count += 1
-            return record_from_row(row)
+            record = record_from_row(row)
+            if record.status is TaskStatus.QUEUED:
+                self._queued_count += 1
+            return record
 
         return await self._write(op)
 
-    async def heartbeat(self, worker_id: str, lease_s: float) -> list[str]:
+    async def heartbeat(
+        self, worker_id: str, task_ids: Collection[str], lease_s: float
+    ) -> list[str]:
+        ids = list(task_ids)
+        if not ids:
+            return []
+
         def op(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute(
                 "UPDATE tasks SET lease_expires_at = ? WHERE status = 'running' "
-                "AND worker_id = ? RETURNING id, cancel_requested",
-                (time.time() + lease_s, worker_id),
+                f"AND worker_id = ? AND id IN ({_placeholders(len(ids))}) "
+                "RETURNING id, cancel_requested",
+                (time.time() + lease_s, worker_id, *ids),
             ).fetchall()
             return [task_id for task_id, cancel in rows if cancel]
 
@@ -369,10 +401,11 @@ class SQLiteStore:
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return [record_from_row(row) for row in rows]
 
-    async def count_by_status(self) -> dict[str, int]:
+    async def count_by_status(self, *, owner: str | None = None) -> dict[str, int]:
+        where, params = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
         rows = await self._read(
             lambda conn: conn.execute(
-                "SELECT status, count(*) FROM tasks GROUP BY status"
+                f"SELECT status, count(*) FROM tasks {where} GROUP BY status", params
             ).fetchall()
         )
         return {status.value: 0 for status in TaskStatus} | dict(rows)
