@@ -417,3 +417,23 @@ def test_flower_sees_the_workers_and_their_task_types(deploy: Any) -> None:
     finally:
         flower.kill()
         worker.kill()
+
+
+def test_a_task_that_calls_sys_exit_fails_and_its_pool_process_goes_on(deploy: Any) -> None:
+    deployment = deploy()
+    deployment.worker(processes=1, app="tests.support.worker_yard:yard")
+
+    async def exit_then_run() -> tuple[TaskRecord, TaskRecord, TaskRecord]:
+        async with deployment.client_yard() as client:
+            before, _ = await client.submit("pid", {})
+            before = await client.wait(before.id, timeout_s=60)
+            exited, _ = await client.submit("exit.worker", {"code": 2})
+            exited = await client.wait(exited.id, timeout_s=60)
+            after, _ = await client.submit("pid", {})
+            return before, exited, await client.wait(after.id, timeout_s=60)
+
+    before, exited, after = asyncio.run(exit_then_run())
+    assert exited.status is TaskStatus.FAILED and exited.attempts == 1
+    assert exited.error is not None and exited.error["type"] == "SystemExit"
+    assert after.status is TaskStatus.COMPLETED
+    assert after.result == before.result, "the same pool process ran the next task"

@@ -3,6 +3,7 @@
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 
 from conveyor import Conveyor, Settings
@@ -20,9 +21,20 @@ def crash_worker(log: str) -> None:
     os._exit(1)
 
 
+def exit_worker(code: int) -> int:
+    """Calls ``sys.exit`` in the pool process, as a wrapped command-line tool may."""
+    sys.exit(code)
+
+
+async def pid() -> int:
+    return os.getpid()
+
+
 def register(yard: Conveyor) -> None:
     yard.task(name="limited.sleep", concurrency=2)(limited_sleep)
     yard.task(name="crash.worker", retries=1)(crash_worker)
+    yard.task(name="exit.worker")(exit_worker)
+    yard.task(name="pid")(pid)
 
 
 yard = Conveyor(Settings())
