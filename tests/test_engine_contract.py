@@ -480,3 +480,13 @@ async def test_an_outcome_that_cannot_be_written_is_recovered_while_the_worker_l
     done = await yard.wait(record.id, timeout_s=30)
     assert failures == [record.id]
     assert done.status is TaskStatus.COMPLETED and done.attempts == 2, "recovered, then re-run"
+
+
+async def test_submit_many_commits_every_task_or_none(yard: Conveyor) -> None:
+    with pytest.raises(InvalidArguments) as refused:
+        await yard.submit_many("t.sync_add", [{"a": 1, "b": 2}, {"a": "x", "b": 2}])
+    assert refused.value.details[0]["loc"][:3] == ["items", 1, "args"]
+    assert await yard.list() == [], "the valid first item was not committed either"
+    records = await yard.submit_many("t.sync_add", [{"a": i, "b": 1} for i in range(5)])
+    results = [(await yard.wait(r.id, timeout_s=20)).result for r in records]
+    assert results == [1, 2, 3, 4, 5]

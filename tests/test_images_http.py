@@ -253,3 +253,21 @@ def test_internal_image_tasks_are_not_submittable_by_name(client: httpx.Client) 
         "/tasks", json={"name": "images.transform", "args": {"source": "x", "pipeline": {}}}
     )
     assert response.status_code == 422 and "unknown task type" in response.text
+
+
+def test_several_files_are_accepted_all_or_none(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path
+) -> None:
+    settings = service_settings(tmp_path, max_queued=3)
+    server = serve(create_app(settings, run_workers=False))
+    with server.client() as client:
+        first = upload(client, [("a.jpg", JPEG), ("b.jpg", JPEG)])
+        assert first.status_code == 202 and len(first.json()["items"]) == 2
+        refused = upload(client, [("c.jpg", JPEG), ("d.jpg", JPEG)])
+        assert refused.status_code == 429 and "Retry-After" in refused.headers
+        listed = client.get("/tasks", params={"limit": 10}).json()["items"]
+        assert len(listed) == 2, "no task of the refused request was committed"
+        blobs = [p.name for p in (tmp_path / "blobs").iterdir() if not p.name.startswith(".")]
+        assert sorted(blobs) == sorted(t["id"] for t in first.json()["items"])
+        one = upload(client, [("e.jpg", JPEG)])
+        assert one.status_code == 202, "the room left is still there"

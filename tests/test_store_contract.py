@@ -289,3 +289,28 @@ async def test_listing_is_newest_first_with_a_cursor(store: Store) -> None:
     assert [r.id for r in rest] == ids[::-1][2:]
     echoes = await store.list_tasks(owner=None, name="t.echo", status=TaskStatus.QUEUED)
     assert [r.id for r in echoes] == [ids[3], ids[1]]
+
+
+async def test_many_tasks_are_committed_together_or_not_at_all(store: Store) -> None:
+    await add(store)
+    now = time.time()
+    records = [
+        TaskRecord(
+            id=uuid7(),
+            name="t.echo",
+            status=TaskStatus.QUEUED,
+            args={"value": i},
+            created_at=now,
+            run_at=now,
+        )
+        for i in range(3)
+    ]
+    args = [f'{{"value":{i}}}' for i in range(3)]
+    with pytest.raises(QueueFull):
+        await store.insert_many(records, args_json=args, max_queued=3)
+    assert (await store.count_by_status())["queued"] == 1, "none of the three was committed"
+    stored = await store.insert_many(records, args_json=args, max_queued=4)
+    assert [r.id for r in stored] == [r.id for r in records]
+    assert all(r.seq for r in stored) and len({r.seq for r in stored}) == 3
+    assert [(await store.get(r.id)).args for r in records] == [{"value": i} for i in range(3)]
+    assert len(await claim(store, 10)) == 4

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -315,6 +315,85 @@ class Conveyor:
         idempotency_key: str | None,
         task_id: str | None = None,
     ) -> tuple[TaskRecord, bool]:
+        record, args_json = self._new_record(
+            task_type,
+            args,
+            owner=owner,
+            priority=priority,
+            delay_s=delay_s,
+            timeout_s=timeout_s,
+            idempotency_key=idempotency_key,
+            task_id=task_id,
+        )
+        stored, created = await self.store.insert(
+            record, args_json=args_json, max_queued=self.settings.max_queued
+        )
+        if created and self._engine is not None:
+            self._engine.submitted(stored)
+        return stored, created
+
+    async def submit_many(
+        self,
+        name: str,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        owner: str = "",
+        priority: int | None = None,
+        delay_s: float | None = None,
+        timeout_s: float | None = UNSET,
+        task_ids: Sequence[str] | None = None,
+        public_only: bool = False,
+    ) -> list[TaskRecord]:
+        """Submit one task per item of JSON arguments, in one transaction: every task is
+        committed, or none (``InvalidArguments`` locating the item, ``QueueFull``).
+
+        ``task_ids`` (one per item) lets a caller place the tasks' input blobs first.
+        """
+        task_type = self.task_type(name, public_only=public_only)
+        if task_ids is not None and len(task_ids) != len(items):
+            raise InvalidArguments("task_ids must name one id per item")
+        built = []
+        for index, item in enumerate(items):
+            try:
+                args = task_type.validate(item)
+            except InvalidArguments as exc:
+                exc.details = [{**d, "loc": ["items", index, *d["loc"]]} for d in exc.details]
+                raise
+            built.append(
+                self._new_record(
+                    task_type,
+                    args,
+                    owner=owner,
+                    priority=priority,
+                    delay_s=delay_s,
+                    timeout_s=timeout_s,
+                    idempotency_key=None,
+                    task_id=None if task_ids is None else task_ids[index],
+                )
+            )
+        stored = await self.store.insert_many(
+            [record for record, _ in built],
+            args_json=[args_json for _, args_json in built],
+            max_queued=self.settings.max_queued,
+        )
+        if self._engine is not None:
+            for record in stored:
+                self._engine.submitted(record)
+        return stored
+
+    def _new_record(
+        self,
+        task_type: TaskType[Any, Any],
+        args: dict[str, Any],
+        *,
+        owner: str,
+        priority: int | None,
+        delay_s: float | None,
+        timeout_s: float | None,
+        idempotency_key: str | None,
+        task_id: str | None,
+    ) -> tuple[TaskRecord, str]:
+        """A new task's record and its arguments as JSON, its options checked."""
         if delay_s is not None and not (0 <= delay_s <= MAX_DELAY_S and math.isfinite(delay_s)):
             raise InvalidArguments(f"delay_s must be between 0 and {MAX_DELAY_S:.0f}")
         if timeout_s is UNSET:
@@ -339,12 +418,7 @@ class Conveyor:
             args_json = serialization.dumps(args)
         except serialization.JSONError as exc:
             raise InvalidArguments(f"arguments of task {task_type.name!r} are {exc}") from exc
-        stored, created = await self.store.insert(
-            record, args_json=args_json, max_queued=self.settings.max_queued
-        )
-        if created and self._engine is not None:
-            self._engine.submitted(stored)
-        return stored, created
+        return record, args_json
 
     async def get(self, task_id: str, *, owner: str | None = None) -> TaskRecord:
         return await self.store.get(task_id, owner=owner)

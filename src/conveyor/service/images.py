@@ -246,24 +246,21 @@ async def _submit(
         "max_pixels": yard.settings.max_image_pixels,
     }
     if zipped:
-        jobs = [("images.transform_zip", {"sources": sources, "filenames": names, **common})]
+        name = "images.transform_zip"
+        items = [{"sources": sources, "filenames": names, **common}]
     else:
-        jobs = [
-            ("images.transform", {"source": source, "filename": name, **common})
-            for source, name in zip(sources, names, strict=True)
+        name = "images.transform"
+        items = [
+            {"source": source, "filename": filename, **common}
+            for source, filename in zip(sources, names, strict=True)
         ]
-    records = []
-    for index, (name, args) in enumerate(jobs):
-        try:
-            record, _ = await yard.submit(name, args, owner=owner, task_id=ids[index])
-        except BaseException as exc:
-            # tasks already committed stay (and keep their blobs); the rest are forgotten
-            await _forget_blobs(yard, ids[index:])
-            if isinstance(exc, ConveyorError):
-                raise located_in_body(exc) from None
-            raise
-        records.append(record)
-    return records
+    try:  # every file's task is committed, or none: a retrying client never runs one twice
+        return await yard.submit_many(name, items, owner=owner, task_ids=ids)
+    except BaseException as exc:
+        await _forget_blobs(yard, ids)
+        if isinstance(exc, ConveyorError):
+            raise located_in_body(exc) from None
+        raise
 
 
 __all__ = ["build_image_router", "register_image_tasks"]

@@ -3,7 +3,7 @@ for the Celery engine). Every implementation passes one suite, ``tests/test_stor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..record import TaskRecord
@@ -37,6 +37,13 @@ class Store(Protocol):
     ) -> tuple[TaskRecord, bool]:
         """Commit a new task (``args_json``: its arguments as strict JSON); with an idempotency
         key already used, the existing task and False."""
+        ...
+
+    async def insert_many(
+        self, records: Sequence[TaskRecord], *, args_json: Sequence[str], max_queued: int | None
+    ) -> list[TaskRecord]:
+        """Commit new tasks (without idempotency keys) in one transaction: all of them, or none
+        (``QueueFull`` when they do not all fit under ``max_queued``)."""
         ...
 
     async def get(self, task_id: str, *, owner: str | None = None) -> TaskRecord: ...

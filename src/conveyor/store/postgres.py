@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -286,35 +286,26 @@ class PostgresStore:
                 if not batch:
                     return
                 records = [record for record, _, _ in batch]
-                rows = await conn.fetch(
-                    "INSERT INTO conveyor_tasks (id, name, owner, status, priority, args, "
-                    "max_attempts, timeout_s, created_at, run_at, published_at) "
-                    "SELECT i, n, o, s, p, a, m, t, k.now, k.now + d, CASE WHEN d <= 0 THEN k.now "
-                    "END FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], "
-                    "$6::text[], $7::int[], $8::float8[], $9::float8[]) "
-                    f"AS u(i, n, o, s, p, a, m, t, d) CROSS JOIN (SELECT {NOW} AS now) k "
-                    "RETURNING id, seq, created_at, run_at",
-                    [r.id for r in records],
-                    [r.name for r in records],
-                    [r.owner for r in records],
-                    [r.status.value for r in records],
-                    [r.priority for r in records],
-                    [args for _, args, _ in batch],
-                    [r.max_attempts for r in records],
-                    [r.timeout_s for r in records],
-                    [max(r.run_at - r.created_at, 0.0) for r in records],
-                )
+                await _insert_rows(conn, records, [args for _, args, _ in batch])
         except Exception as exc:
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        stored = {row[0]: (row[1], row[2], row[3]) for row in rows}
-        self._queued_count += len(rows)
+        self._queued_count += len(batch)
         for record, _, future in batch:
-            record.seq, record.created_at, record.run_at = stored[record.id]
             if not future.done():
                 future.set_result((record, True))
+
+    async def insert_many(
+        self, records: Sequence[TaskRecord], *, args_json: Sequence[str], max_queued: int | None
+    ) -> list[TaskRecord]:
+        async with self.connection() as conn, conn.transaction():
+            if max_queued is not None and await self._queued(conn) + len(records) > max_queued:
+                raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
+            await _insert_rows(conn, records, args_json)
+        self._queued_count += len(records)
+        return list(records)
 
     async def _queued(self, conn: asyncpg.Connection) -> int:
         # Counted at most every _QUEUED_RECOUNT_S: the bound is approximate by that much.
@@ -567,6 +558,34 @@ class PostgresStore:
                 f"SELECT status, count(*) FROM conveyor_tasks {where} GROUP BY status", *params
             )
         return {status.value: 0 for status in TaskStatus} | {row[0]: row[1] for row in rows}
+
+
+async def _insert_rows(
+    conn: asyncpg.Connection, records: Sequence[TaskRecord], args_json: Sequence[str]
+) -> None:
+    """One statement for many new tasks, their times on the database's clock (the delay is what
+    the submitting host added); each record gets its ``seq`` and stored times."""
+    rows = await conn.fetch(
+        "INSERT INTO conveyor_tasks (id, name, owner, status, priority, args, "
+        "max_attempts, timeout_s, created_at, run_at, published_at) "
+        "SELECT i, n, o, s, p, a, m, t, k.now, k.now + d, CASE WHEN d <= 0 THEN k.now "
+        "END FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], "
+        "$6::text[], $7::int[], $8::float8[], $9::float8[]) "
+        f"AS u(i, n, o, s, p, a, m, t, d) CROSS JOIN (SELECT {NOW} AS now) k "
+        "RETURNING id, seq, created_at, run_at",
+        [r.id for r in records],
+        [r.name for r in records],
+        [r.owner for r in records],
+        [r.status.value for r in records],
+        [r.priority for r in records],
+        list(args_json),
+        [r.max_attempts for r in records],
+        [r.timeout_s for r in records],
+        [max(r.run_at - r.created_at, 0.0) for r in records],
+    )
+    stored = {row[0]: (row[1], row[2], row[3]) for row in rows}
+    for record in records:
+        record.seq, record.created_at, record.run_at = stored[record.id]
 
 
 async def _by_key(conn: asyncpg.Connection, record: TaskRecord) -> TaskRecord | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,32 +122,49 @@ class SQLiteStore:
                 ).fetchone()
                 if row is not None:
                     return record_from_row(row), False
-            if max_queued is not None and self._queued(conn) >= max_queued:
-                raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
-            cur = conn.execute(
-                "INSERT INTO tasks (id, name, owner, status, priority, args, attempts, "
-                "max_attempts, timeout_s, created_at, run_at, idempotency_key) "
-                "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
-                (
-                    record.id,
-                    record.name,
-                    record.owner,
-                    record.status.value,
-                    record.priority,
-                    args_json,
-                    record.max_attempts,
-                    record.timeout_s,
-                    record.created_at,
-                    record.run_at,
-                    record.idempotency_key,
-                ),
-            )
-            assert cur.lastrowid is not None
-            record.seq = cur.lastrowid
-            self._queued_count += 1
+            self._check_room(conn, 1, max_queued)
+            self._insert_row(conn, record, args_json)
             return record, True
 
         return await self._write(op)
+
+    async def insert_many(
+        self, records: Sequence[TaskRecord], *, args_json: Sequence[str], max_queued: int | None
+    ) -> list[TaskRecord]:
+        def op(conn: sqlite3.Connection) -> list[TaskRecord]:
+            self._check_room(conn, len(records), max_queued)
+            for record, args in zip(records, args_json, strict=True):
+                self._insert_row(conn, record, args)
+            return list(records)
+
+        return await self._write(op)
+
+    def _check_room(self, conn: sqlite3.Connection, n: int, max_queued: int | None) -> None:
+        if max_queued is not None and self._queued(conn) + n > max_queued:
+            raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
+
+    def _insert_row(self, conn: sqlite3.Connection, record: TaskRecord, args_json: str) -> None:
+        cur = conn.execute(
+            "INSERT INTO tasks (id, name, owner, status, priority, args, attempts, "
+            "max_attempts, timeout_s, created_at, run_at, idempotency_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                record.name,
+                record.owner,
+                record.status.value,
+                record.priority,
+                args_json,
+                record.max_attempts,
+                record.timeout_s,
+                record.created_at,
+                record.run_at,
+                record.idempotency_key,
+            ),
+        )
+        assert cur.lastrowid is not None
+        record.seq = cur.lastrowid
+        self._queued_count += 1
 
     def _queued(self, conn: sqlite3.Connection) -> int:
         # A recount per insert would cost more than the insert; other processes' inserts are seen
