@@ -104,6 +104,12 @@ def assert_clear_4xx(response: httpx.Response, status: int, *words: str) -> None
             '{"name": "demo.echo", "timeout_s": 0}', 422, ["timeout_s"], id="zero-timeout"
         ),
         pytest.param('{"name": "demo.echo", "bogus": 1}', 422, ["bogus"], id="unknown-field"),
+        pytest.param('{"name": "demo.echo", "delay_s": false}', 422, ["delay_s"], id="bool-delay"),
+        pytest.param(
+            '{"name": "demo.echo", "priority": "3"}', 422, ["priority"], id="text-priority"
+        ),
+        pytest.param('{"name": "demo.cpu", "args": {"n": true}}', 422, ["n"], id="bool-argument"),
+        pytest.param('{"name": "demo.cpu", "args": {"n": "12"}}', 422, ["n"], id="text-argument"),
         pytest.param(b'{"name": "demo.echo\xff"}', 422, ["json"], id="invalid-utf8"),
         pytest.param("\x00\x01\x02", 422, ["json"], id="binary"),
     ],
@@ -228,3 +234,26 @@ def test_auth_header_garbage(serve: Callable[[FastAPI], LiveServer], tmp_path: P
             response = c.get("/tasks", headers={"Authorization": header})
             assert_clear_4xx(response, 401, "api key")
             assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_an_integral_float_is_an_integer_as_json_schema_says(client: httpx.Client) -> None:
+    response = post_raw(client, '{"name": "demo.cpu", "args": {"n": 10.0}, "priority": 2.0}')
+    assert response.status_code == 202, response.text
+    assert response.json()["args"] == {"n": 10} and response.json()["priority"] == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        pytest.param("/tasks", "GET, POST", id="list-and-submit"),
+        pytest.param(
+            "/tasks/00000000-0000-0000-0000-000000000000", "GET, DELETE", id="get-and-delete"
+        ),
+        pytest.param("/health", "GET", id="one-method"),
+    ],
+)
+def test_method_not_allowed_names_every_method_of_the_path(
+    client: httpx.Client, path: str, allowed: str
+) -> None:
+    response = client.request("PATCH", path)
+    assert response.status_code == 405 and response.headers["allow"] == allowed

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pydantic_core
+from pydantic import BeforeValidator
 
 
 class JSONError(ValueError):
@@ -33,3 +34,15 @@ def dumps(value: Any) -> str:
         return json.dumps(value, allow_nan=False, separators=(",", ":"), default=_default)
     except (TypeError, ValueError, RecursionError) as exc:
         raise JSONError(f"not JSON-serialisable: {exc}") from exc
+
+
+def number_only(value: Any) -> Any:
+    """For a JSON number field: no quiet coercion of ``true`` or ``"5"`` (pydantic's lax mode
+    takes both) while ``5.0`` stays a valid integer, as JSON Schema says."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError(f"must be a number, not {type(value).__name__}")
+    return value
+
+
+NumberOnly = BeforeValidator(number_only)
+"""``Annotated[int, NumberOnly]``: a number field of a JSON body, exactly as its schema says."""

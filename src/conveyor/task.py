@@ -5,7 +5,18 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    Generic,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
@@ -13,6 +24,7 @@ from .context import TaskContext
 from .errors import InvalidArguments, TaskTypeError
 from .handle import TaskAccess, TaskHandle
 from .record import TaskRecord
+from .serialization import NumberOnly
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -58,6 +70,13 @@ class TaskOptions:
             "idempotent": self.idempotent,
             "public": self.public,
         }
+
+
+def _exact_numbers(hint: Any) -> Any:
+    """``hint``, made to refuse booleans and strings when it is a plain ``int`` or ``float``
+    (possibly ``Annotated`` with constraints)."""
+    base = get_args(hint)[0] if get_origin(hint) is Annotated else hint
+    return Annotated[hint, NumberOnly] if base in (int, float) else hint
 
 
 def validation_details(exc: ValidationError, prefix: tuple[str | int, ...]) -> list[dict[str, Any]]:
@@ -218,7 +237,7 @@ def _argument_model(fn: Callable[..., Any], name: str) -> tuple[bool, type[BaseM
                 "(no *args, **kwargs or positional-only)"
             )
         default = ... if param.default is param.empty else param.default
-        fields[param.name] = (hints.get(param.name, Any), default)
+        fields[param.name] = (_exact_numbers(hints.get(param.name, Any)), default)
     model_name = "".join(part.title() for part in name.replace("-", "_").split(".")) + "Args"
     config = ConfigDict(extra="forbid", allow_inf_nan=False, title=f"{name} arguments")
     try:

@@ -1,5 +1,5 @@
 """The HTTP API: a FastAPI router over a Conveyor instance."""
 
-from .errors import conveyor_exception_handler
+from .errors import conveyor_exception_handler, http_error_handler
 
-__all__ = ["conveyor_exception_handler"]
+__all__ = ["conveyor_exception_handler", "http_error_handler"]

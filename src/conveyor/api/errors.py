@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..errors import ConveyorError, QueueFull
 
@@ -63,3 +66,29 @@ async def conveyor_exception_handler(request: Request, exc: Exception) -> JSONRe
     turns Conveyor's errors (``TaskNotFound``, ``InvalidArguments``, …) into their 4xx answers."""
     assert isinstance(exc, ConveyorError)
     return error_response(exc)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's answer to an HTTP error, with a ``405``'s ``Allow`` naming every method the
+    path serves (Starlette names only those of the first route that matched the path).
+
+    ``app.add_exception_handler(HTTPException, http_error_handler)``.
+    """
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        scope = request.scope
+        probe = {"type": "http", "path": scope["path"], "root_path": scope.get("root_path", "")}
+        allowed = [
+            method
+            for method in _METHODS
+            if any(
+                route.matches({**probe, "method": method})[0] is Match.FULL
+                for route in request.app.router.routes
+            )
+        ]
+        if allowed:
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+    return await http_exception_handler(request, exc)

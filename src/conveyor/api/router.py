@@ -17,6 +17,7 @@ from ..blobs import safe_filename
 from ..core import MAX_DELAY_S
 from ..errors import ConveyorError, InvalidArguments, TaskStateConflict
 from ..record import TaskRecord
+from ..serialization import NumberOnly
 from ..status import TaskStatus
 from ..task import UNSET, validated
 from .auth import tenant_resolver
@@ -34,9 +35,12 @@ class SubmitRequest(BaseModel):
 
     name: str = Field(min_length=1, max_length=200, description="A registered task type.")
     args: dict[str, Any] = Field(default_factory=dict, description="The task's arguments.")
-    priority: int | None = Field(default=None, ge=-1000, le=1000, description="Higher first.")
-    delay_s: float | None = Field(default=None, ge=0, le=MAX_DELAY_S)
-    timeout_s: float | None = Field(default=None, gt=0, le=MAX_DELAY_S)
+    # `"delay_s": false` or `"priority": "3"` is a client's mistake, not a value
+    priority: Annotated[int | None, NumberOnly] = Field(
+        default=None, ge=-1000, le=1000, description="Higher first."
+    )
+    delay_s: Annotated[float | None, NumberOnly] = Field(default=None, ge=0, le=MAX_DELAY_S)
+    timeout_s: Annotated[float | None, NumberOnly] = Field(default=None, gt=0, le=MAX_DELAY_S)
 
 
 class TaskLinks(BaseModel):
@@ -249,8 +253,12 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         summary="The task's result",
         responses={
             200: {
-                "description": "The result: JSON, or the file a task produced",
-                "content": {"application/json": {}, "application/octet-stream": {}},
+                "description": "The result: JSON, or the file a task produced, with its own "
+                "content type (an image, a zip, a CSV, …)",
+                "content": {
+                    "application/json": {},
+                    "*/*": {"schema": {"type": "string", "format": "binary"}},
+                },
             },
             **documented(404, 409, 422),
         },

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from ..errors import ConveyorError, PayloadTooLarge, UnsupportedMediaType
+from ..serialization import NumberOnly
 
 try:
     from PIL import Image, ImageEnhance, ImageFilter, ImageOps, ImageSequence, features
@@ -51,8 +52,10 @@ class _Op(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
-Factor = Annotated[float, Field(ge=0, le=10)]
+# An operation is JSON: `"factor": true` or `"width": "2"` is a mistake to name (NumberOnly)
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE), NumberOnly]
+Factor = Annotated[float, Field(ge=0, le=10), NumberOnly]
+Coordinate = Annotated[int, NumberOnly]
 
 
 class Resize(_Op):
@@ -83,7 +86,7 @@ class Crop(_Op):
     """Crop to ``box`` = [left, top, right, bottom], or to the centred ``aspect`` ("16:9")."""
 
     op: Literal["crop"] = "crop"
-    box: tuple[int, int, int, int] | None = None
+    box: tuple[Coordinate, Coordinate, Coordinate, Coordinate] | None = None
     aspect: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,4}:[1-9][0-9]{0,4}$")] | None = None
 
     @model_validator(mode="after")
@@ -103,8 +106,8 @@ class Rotate(_Op):
     """Rotate counter-clockwise by ``degrees``; ``expand`` grows the canvas to fit."""
 
     op: Literal["rotate"] = "rotate"
-    degrees: Annotated[float, Field(ge=-360, le=360, allow_inf_nan=False)]
-    expand: bool = True
+    degrees: Annotated[float, Field(ge=-360, le=360, allow_inf_nan=False), NumberOnly]
+    expand: StrictBool = True
 
 
 class Flip(_Op):
@@ -127,16 +130,16 @@ class Blur(_Op):
     """Gaussian blur of ``radius`` pixels."""
 
     op: Literal["blur"] = "blur"
-    radius: Annotated[float, Field(gt=0, le=100)]
+    radius: Annotated[float, Field(gt=0, le=100), NumberOnly]
 
 
 class Sharpen(_Op):
     """Unsharp mask."""
 
     op: Literal["sharpen"] = "sharpen"
-    radius: Annotated[float, Field(gt=0, le=50)] = 2.0
-    percent: Annotated[int, Field(ge=1, le=500)] = 150
-    threshold: Annotated[int, Field(ge=0, le=255)] = 3
+    radius: Annotated[float, Field(gt=0, le=50), NumberOnly] = 2.0
+    percent: Annotated[int, Field(ge=1, le=500), NumberOnly] = 150
+    threshold: Annotated[int, Field(ge=0, le=255), NumberOnly] = 3
 
 
 class Brightness(_Op):

@@ -7,8 +7,10 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..api.errors import http_error_handler
 from ..core import Conveyor
 from ..settings import Settings
 from .demo import register_demo_tasks
@@ -62,6 +64,8 @@ def create_app(
         from .csvstats import build_csv_router
 
         app.include_router(build_csv_router(yard))
+
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
 
     @app.get("/", include_in_schema=False)
     async def root() -> Response:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from .. import serialization
 from ..api.auth import tenant_resolver
 from ..api.errors import documented
-from ..api.router import TaskOut, json_response, located_in_body
+from ..api.router import TaskOut, inline_refs, json_response, located_in_body
 from ..api.routing import raw_endpoint, strict_route_class
 from ..api.uploads import UploadedFile, read_multipart
 from ..blobs import BlobResult, safe_filename
@@ -118,10 +118,20 @@ def _pipeline(fields: dict[str, str]) -> Pipeline:
                 "operations is not valid JSON",
                 details=[{"loc": ["body", "operations"], "msg": str(exc), "type": "json_invalid"}],
             ) from exc
-    for field in ("format", "quality", "auto_orient"):
+    for field in ("format", "quality"):
         value = fields.get(field)
         if value:
             raw[field] = value.upper() if field == "format" else value
+    orient = fields.get("auto_orient")
+    if orient:  # a form's boolean is the text "true" or "false", nothing looser
+        if orient.lower() not in ("true", "false"):
+            raise InvalidArguments(
+                "auto_orient must be true or false",
+                details=[
+                    {"loc": ["body", "auto_orient"], "msg": "true or false", "type": "bool_type"}
+                ],
+            )
+        raw["auto_orient"] = orient.lower() == "true"
     return validated(Pipeline, raw, location=("body",), message="invalid image options")
 
 
@@ -132,7 +142,7 @@ def build_image_router(yard: Conveyor) -> APIRouter:
     router = APIRouter(route_class=strict_route_class(settings.max_body_bytes), tags=["images"])
     tenant = tenant_resolver(settings)
     operations_doc = (
-        'JSON list, e.g. [{"op": "thumbnail", "width": 256, "height": 256}, {"op": "grayscale"}]'
+        'A JSON list, e.g. [{"op": "thumbnail", "width": 256, "height": 256}, {"op": "grayscale"}]'
     )
     form_schema = {
         "type": "object",
@@ -144,7 +154,10 @@ def build_image_router(yard: Conveyor) -> APIRouter:
                 "maxItems": MAX_FILES,
                 "items": {"type": "string", "format": "binary"},
             },
-            "operations": {"type": "string", "description": operations_doc},
+            "operations": {
+                **inline_refs(Pipeline.model_json_schema())["properties"]["operations"],
+                "description": operations_doc,
+            },
             "format": {"type": "string", "enum": ["JPEG", "PNG", "GIF", "WEBP", "AVIF"]},
             "quality": {"type": "integer", "minimum": 1, "maximum": 100},
             "auto_orient": {"type": "boolean"},
@@ -159,7 +172,12 @@ def build_image_router(yard: Conveyor) -> APIRouter:
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"multipart/form-data": {"schema": form_schema}},
+                "content": {
+                    "multipart/form-data": {
+                        "schema": form_schema,
+                        "encoding": {"operations": {"contentType": "application/json"}},
+                    }
+                },
             }
         },
         responses={
