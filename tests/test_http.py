@@ -214,3 +214,18 @@ def test_health_tells_an_anonymous_caller_only_that_the_service_is_up(
         own = beta.get("/health").json()
         assert own["tasks"]["completed"] == 0, "another tenant's tasks are not counted"
         assert own["abandoned_threads"] == 0
+
+
+def test_without_a_key_the_openapi_document_names_no_task_type(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path
+) -> None:
+    server = serve(create_app(service_settings(tmp_path, api_keys="alpha:ka")))
+    with server.client(headers={"Authorization": "Bearer ka"}) as alpha, server.client() as anon:
+        public = anon.get("/openapi.json")
+        assert public.status_code == 200 and "/tasks" in public.json()["paths"]
+        assert "demo.sleep" not in public.text and "seconds" not in public.text
+        assert anon.get("/task-types").status_code == 401
+        full = alpha.get("/openapi.json").json()
+        assert "demo.sleep" in json.dumps(full["paths"]["/tasks"]["post"]["requestBody"])
+        docs = anon.get("/docs")
+        assert docs.status_code == 200 and "/openapi.json" in docs.text

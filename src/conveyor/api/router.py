@@ -1,5 +1,6 @@
 """The ``/tasks`` API of DESIGN.md as a FastAPI router bound to one Conveyor instance."""
 
+import copy
 import json
 import re
 from collections.abc import AsyncIterator
@@ -390,6 +391,17 @@ def submit_schema(yard: "Conveyor") -> dict[str, Any]:
             }
         )
     return {"title": "SubmitRequest", "oneOf": variants} if variants else base
+
+
+def anonymous_openapi(spec: dict[str, Any], *, prefix: str = "") -> dict[str, Any]:
+    """The OpenAPI document as a caller without a key may see it: the routes and their shapes,
+    but not the task types (``POST /tasks`` takes the generic ``SubmitRequest``)."""
+    redacted = copy.deepcopy(spec)
+    submit = redacted.get("paths", {}).get(f"{prefix}/tasks", {}).get("post")
+    if submit is not None:
+        content = submit["requestBody"]["content"]["application/json"]
+        content["schema"] = SubmitRequest.model_json_schema()
+    return redacted
 
 
 def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:

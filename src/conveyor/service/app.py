@@ -5,12 +5,15 @@ from __future__ import annotations
 import importlib
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..api.auth import tenant_resolver
 from ..api.errors import http_error_handler
+from ..api.router import anonymous_openapi
 from ..core import Conveyor
 from ..settings import Settings
 from .demo import register_demo_tasks
@@ -48,11 +51,15 @@ def create_app(
     """The service app: ``/tasks`` API, health, OpenAPI docs; workers run inside it."""
     if yard is None:
         yard = build_yard(settings or Settings(), run_workers=run_workers)
+    keyed = bool(yard.settings.tenants_by_key())
     app = FastAPI(
         title="Conveyor",
         version=__version__,
         description="Durable background tasks: submit, follow progress, fetch results.",
         lifespan=yard.lifespan,
+        # with API keys, the document depends on the caller (below)
+        openapi_url=None if keyed else "/openapi.json",
+        docs_url=None if keyed else "/docs",
     )
     app.state.yard = yard
     app.include_router(yard.router())
@@ -67,6 +74,9 @@ def create_app(
 
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
 
+    if keyed:
+        _serve_docs_by_caller(app, yard)
+
     @app.get("/", include_in_schema=False)
     async def root() -> Response:
         return RedirectResponse("/docs")
@@ -77,3 +87,22 @@ def create_app(
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
     return app
+
+
+def _serve_docs_by_caller(app: FastAPI, yard: Conveyor) -> None:
+    """``/openapi.json`` and ``/docs`` when API keys are set: a caller with a key gets the whole
+    document, one without it the routes but not the task types and their arguments (the same
+    line ``/task-types`` draws with its ``401``)."""
+    tenant = tenant_resolver(yard.settings)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> Response:
+        try:
+            await tenant(request)
+        except HTTPException:
+            return JSONResponse(anonymous_openapi(app.openapi()))
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Conveyor")
