@@ -437,3 +437,16 @@ def test_a_task_that_calls_sys_exit_fails_and_its_pool_process_goes_on(deploy: A
     assert exited.error is not None and exited.error["type"] == "SystemExit"
     assert after.status is TaskStatus.COMPLETED
     assert after.result == before.result, "the same pool process ran the next task"
+
+
+def test_a_process_task_runs_in_a_prefork_pool_process(deploy: Any) -> None:
+    """A pool process is daemonic, and multiprocessing refuses children to daemons: the runtime
+    lifts that for its own children, so `executor="process"` types (the image service's) run."""
+    deployment = deploy()
+    deployment.api()
+    deployment.worker(processes=1)
+    with deployment.client() as client:
+        task = client.post("/tasks", json={"name": "demo.cpu", "args": {"n": 100_000}}).json()
+        done = follow(client, task["id"])[0]
+    assert done["status"] == "completed", done["error"]
+    assert done["result"] == 9592

@@ -116,3 +116,19 @@ def test_dumps_refuses_non_json_values() -> None:
         dumps(float("nan"))
     with pytest.raises(JSONError):
         dumps(object())
+
+
+@pytest.mark.parametrize(
+    ("task_name", "handler"),
+    [
+        pytest.param("images.transform", "transform", id="plain"),
+        pytest.param("reports.async", "task_async", id="keyword"),
+        pytest.param("make-thumbnail", "make_thumbnail", id="dash"),
+        pytest.param("jobs.2nd", "task_2nd", id="digit-first"),
+        pytest.param("x.", "task_", id="empty-tail"),
+    ],
+)
+def test_every_task_name_makes_a_celery_handler_name(task_name: str, handler: str) -> None:
+    from conveyor.engines.celery_worker import handler_name
+
+    assert handler_name(task_name) == handler and handler.isidentifier()

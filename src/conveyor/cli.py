@@ -108,13 +108,16 @@ def serve(
     access_log: Annotated[
         bool, typer.Option(envvar="CONVEYOR_ACCESS_LOG", help="Log each request.")
     ] = True,
+    app_path: AppOption = None,
 ) -> None:
-    """Serve the HTTP API (and run task workers) with the embedded engine."""
+    """Serve the HTTP API (and run task workers), for the built-in task types or --app's."""
     import uvicorn
 
     from .service import create_app
 
-    settings = _settings(concurrency, data_dir)
+    yard = _yard(app_path, concurrency, data_dir)
+    yard.run_workers = workers
+    settings = yard.settings
     if not settings.tenants_by_key() and not _is_loopback(host):
         errors.print(
             f"refusing to serve on {host} with no API keys: set CONVEYOR_API_KEYS "
@@ -123,7 +126,7 @@ def serve(
         raise typer.Exit(2)
     _configure_logging(log_level)
     uvicorn.run(
-        create_app(settings, run_workers=workers),
+        create_app(yard=yard),
         host=host,
         port=port,
         log_level=log_level.lower(),

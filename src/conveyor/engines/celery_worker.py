@@ -10,7 +10,9 @@ embedded worker) it is the engine its instance started.
 from __future__ import annotations
 
 import asyncio
+import keyword
 import logging
+import re
 import threading
 from typing import Any, Protocol
 
@@ -55,8 +57,17 @@ def _message_handler(host: WorkerHost, name: str) -> Any:
         if not runtime_for(host).handle(name, task_id):  # another worker, or this one later
             raise Reject("cannot run the task now", requeue=True)
 
-    run.__name__ = name.rpartition(".")[2] or "run"
+    run.__name__ = handler_name(name)
     return run
+
+
+def handler_name(task_name: str) -> str:
+    """A Python name for a task type's handler: Celery compiles a function of that name (a
+    type named ``reports.async`` or ``make-thumbnail`` must not break the worker)."""
+    name = re.sub(r"\W", "_", task_name.rpartition(".")[2])
+    if not name.isidentifier() or keyword.iskeyword(name):
+        name = f"task_{name}"
+    return name
 
 
 def runtime_for(host: WorkerHost) -> CeleryEngine:

@@ -163,6 +163,7 @@ class ProcessPool:
             self._idle.append(await self._spawn())
 
     async def _spawn(self) -> _Child:
+        _allow_children()
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_child_main, args=(child_conn,), name="conveyor-task-process", daemon=True
@@ -181,6 +182,20 @@ class ProcessPool:
         self._busy.clear()
         for child in children:
             await asyncio.to_thread(child.kill)
+
+
+def _allow_children() -> None:
+    """A Celery prefork pool process is daemonic, and ``multiprocessing`` refuses children to a
+    daemonic process (daemons are stopped without waiting, so their children could be left
+    behind). This pool's children are daemons themselves and killed with it, so the refusal
+    does not apply: the flag is lifted for this process."""
+    current = multiprocessing.current_process()
+    if current.daemon:
+        current._config["daemon"] = False  # type: ignore[attr-defined]
+        # billiard (Celery's fork of multiprocessing) left its own key type, which the standard
+        # library's spawn refuses to send: the same bytes, as the standard library's type
+        key = multiprocessing.process.AuthenticationString(bytes(current.authkey))  # type: ignore[attr-defined]
+        current._config["authkey"] = key  # type: ignore[attr-defined]
 
 
 def _child_main(conn: Connection) -> None:
