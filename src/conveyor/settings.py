@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=50_000_000, ge=1, le=89_478_485, description="Refused before decoding beyond."
     )
+    sqlite_busy_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How long a write waits for another process's lock on the SQLite file.",
+    )
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = Field(
         default="NORMAL",
         description="NORMAL survives a process crash (kill -9); FULL also survives power loss.",

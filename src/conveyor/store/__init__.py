@@ -12,7 +12,11 @@ def open_store(settings: Settings) -> Store:
     if settings.store_url.startswith("sqlite://"):
         from .sqlite import SQLiteStore
 
-        return SQLiteStore(settings.sqlite_path(), synchronous=settings.sqlite_synchronous)
+        return SQLiteStore(
+            settings.sqlite_path(),
+            synchronous=settings.sqlite_synchronous,
+            busy_timeout_s=settings.sqlite_busy_timeout_s,
+        )
     if settings.store_url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 

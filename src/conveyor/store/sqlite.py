@@ -85,9 +85,18 @@ def _placeholders(n: int) -> str:
 class SQLiteStore:
     """Task records in a SQLite file (WAL). See the module docstring for the threading model."""
 
-    def __init__(self, path: Path | str, *, synchronous: str = "NORMAL", readers: int = 2) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        synchronous: str = "NORMAL",
+        readers: int = 2,
+        busy_timeout_s: float = 30.0,
+    ) -> None:
         self.path = Path(path)
-        self._db = GroupCommit(self.path, synchronous=synchronous, readers=readers)
+        self._db = GroupCommit(
+            self.path, synchronous=synchronous, readers=readers, busy_timeout_s=busy_timeout_s
+        )
         self._write = self._db.write
         self._read = self._db.read
         self._queued_count = 0

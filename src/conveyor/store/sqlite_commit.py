@@ -41,11 +41,13 @@ class _Busy(Exception):
         self.rest = rest
 
 
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+def _connect(path: Path, synchronous: str, busy_timeout_s: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
+    )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
 
@@ -60,11 +62,20 @@ class GroupCommit:
         path: the database file.
         synchronous: ``PRAGMA synchronous`` (``FULL`` sends every write to the writer thread).
         readers: threads (and connections) of the read pool.
+        busy_timeout_s: how long a write waits for another process's lock, then fails.
     """
 
-    def __init__(self, path: Path, *, synchronous: str = "NORMAL", readers: int = 2) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "NORMAL",
+        readers: int = 2,
+        busy_timeout_s: float = 30.0,
+    ) -> None:
         self.path = path
         self._synchronous = synchronous
+        self._busy_timeout_s = busy_timeout_s
         self.inline = synchronous != "FULL"
         self.loop_conn: sqlite3.Connection | None = None
         self._pending: list[_Request] = []
@@ -86,7 +97,7 @@ class GroupCommit:
         self._loop = asyncio.get_running_loop()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = _connect(self.path, self._synchronous)
+            conn = _connect(self.path, self._synchronous, self._busy_timeout_s)
             prepare(conn)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
@@ -95,7 +106,7 @@ class GroupCommit:
         )
         self._writer.start()
         self._read_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="conveyor-read")
-        loop_conn = _connect(self.path, self._synchronous)
+        loop_conn = _connect(self.path, self._synchronous, self._busy_timeout_s)
         loop_conn.execute("PRAGMA busy_timeout=0")  # never wait for a lock on the event loop
         loop_conn.execute("PRAGMA wal_autocheckpoint=0")  # the writer thread checkpoints
         self.loop_conn = loop_conn
@@ -212,7 +223,7 @@ class GroupCommit:
     def _read_conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path, self._synchronous)
+            conn = _connect(self.path, self._synchronous, self._busy_timeout_s)
             conn.execute("PRAGMA query_only=ON")
             self._local.conn = conn
             with self._read_lock:
