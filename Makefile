@@ -8,7 +8,7 @@ PORT ?= 8000
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck bench install services clean
+.PHONY: run test lint typecheck bench soak install services clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.images
 	$(PY) -m benchmarks.csvstats
 	$(PY) -m benchmarks.celery_engine
+
+# the fault suite for minutes (the embedded engine): prints what it counted
+soak: $(STAMP)
+	$(PY) -m benchmarks.soak --minutes $(or $(MINUTES),3)
 
 clean:
 	rm -rf $(VENV) var

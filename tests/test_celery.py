@@ -24,8 +24,8 @@ from conveyor.service import create_app
 
 from .support import worker_yard
 from .support.live import LiveServer, follow, free_port
+from .support.process import Process
 from .support.services import PostgresServer, RedisServer
-from .test_crash import Process
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,50 +14,12 @@ import httpx
 import pytest
 
 from .support.live import follow, free_port
+from .support.process import Process
 
 pytestmark = pytest.mark.timeout(300)
 
 TASKS = 200
 SLEEP_ARGS = {"seconds": 0.3, "steps": 3}
-
-
-class Process:
-    """A `conveyor` subprocess whose output is collected; waits on a line instead of sleeping."""
-
-    def __init__(
-        self, args: list[str], env: dict[str, str], ready: str, *, module: str = "conveyor"
-    ) -> None:
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self._marker = ready
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        if not self._ready.wait(60):
-            self.kill()
-            raise RuntimeError("process did not start:\n" + "".join(self.lines[-30:]))
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.append(line)
-            if self._marker in line:
-                self._ready.set()
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(30)
-        self._reader.join(10)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
 
 
 @pytest.fixture

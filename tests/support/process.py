@@ -1,0 +1,48 @@
+"""A `conveyor` (or other module's) subprocess, its output collected, started on a ready line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+
+class Process:
+    """A `conveyor` subprocess whose output is collected; waits on a line instead of sleeping."""
+
+    def __init__(
+        self, args: list[str], env: dict[str, str], ready: str, *, module: str = "conveyor"
+    ) -> None:
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._marker = ready
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(60):
+            self.kill()
+            raise RuntimeError("process did not start:\n" + "".join(self.lines[-30:]))
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line)
+            if self._marker in line:
+                self._ready.set()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(30)
+        self._reader.join(10)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
