@@ -84,6 +84,7 @@ class CeleryEngine:
         self._execute = execute
         self._consume = consume and execute
         self._stopping = False
+        self._claiming = 0
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._publisher: Publisher | None = None
@@ -131,6 +132,9 @@ class CeleryEngine:
 
     async def stop(self, grace_s: float) -> None:
         self._stopping = True
+        deadline = self.loop.time() + 5.0
+        while self._claiming and self.loop.time() < deadline:  # its task is then launched,
+            await asyncio.sleep(0.005)  # so the drain re-queues it with the others
         if self.runner is not None:
             await self.runner.drain(grace_s)
         if self._worker_thread is not None:
@@ -260,6 +264,7 @@ class CeleryEngine:
             logger.error("no task type %r in this worker: message for %s dropped", name, task_id)
             return True
         limit = task_type.options.concurrency
+        self._claiming += 1  # stop() lets a claim in flight finish before it drains
         try:
             record = await self.ledger.claim_one(
                 task_id,
@@ -272,6 +277,8 @@ class CeleryEngine:
             logger.error("cannot claim task %s: %s", task_id, exc)
             await asyncio.sleep(1.0)
             return False
+        finally:
+            self._claiming -= 1
         if record is None:
             logger.debug("message for task %s dropped: not claimable", task_id)
             return True
