@@ -395,7 +395,8 @@ async def test_a_per_type_limit_counts_a_timed_out_body_still_running(yard: Conv
     assert (await yard.wait(first.id, timeout_s=20)).status is TaskStatus.FAILED
     tasks.THREAD_GATES[second_key].set()
     second, _ = await yard.submit("t.thread_stuck_limited", {"key": second_key})
-    await anyio.sleep(0.5)  # room for a wrongly started second body to overlap the first
+    later, _ = await yard.submit("t.echo", {"value": "after the second"})
+    await yard.wait(later.id, timeout_s=20)  # the engine took tasks queued behind the second
     assert (await yard.get(second.id)).status is TaskStatus.QUEUED
     tasks.THREAD_GATES[first_key].set()
     done = await yard.wait(second.id, timeout_s=20)

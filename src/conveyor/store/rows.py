@@ -101,16 +101,18 @@ def recovery_statements(table: str, *, now: str, lost: str) -> tuple[str, str, s
     """Lease recovery, one portable statement per outcome, each returning the changed rows:
     a task whose cancel was requested ends ``cancelled``; one with attempts left goes back to
     the queue; the rest fail with ``WorkerLost``. ``now`` is the SQL for the current time, and
-    ``lost`` the parameter carrying ``WORKER_LOST`` (the first statement does not use it)."""
+    ``lost`` the parameter carrying ``WORKER_LOST`` (the first statement does not use it). Each
+    statement reads the clock anew, so a lease can expire between two of them: only the first
+    takes a task whose cancel was requested (now, or at the next recovery)."""
     expired = f"status = 'running' AND lease_expires_at < {now}"
     return (
         f"UPDATE {table} SET status = 'cancelled', finished_at = {now}, "
         f"lease_expires_at = NULL WHERE {expired} AND cancel_requested RETURNING {COLUMNS}",
         f"UPDATE {table} SET status = 'queued', run_at = {now}, error = {lost}, "
-        f"worker_id = NULL, lease_expires_at = NULL WHERE {expired} AND attempts < max_attempts "
-        f"RETURNING {COLUMNS}",
+        f"worker_id = NULL, lease_expires_at = NULL WHERE {expired} AND NOT cancel_requested "
+        f"AND attempts < max_attempts RETURNING {COLUMNS}",
         f"UPDATE {table} SET status = 'failed', error = {lost}, finished_at = {now}, "
-        f"lease_expires_at = NULL WHERE {expired} RETURNING {COLUMNS}",
+        f"lease_expires_at = NULL WHERE {expired} AND NOT cancel_requested RETURNING {COLUMNS}",
     )
 
 
