@@ -6,13 +6,16 @@ every process that should be alive still serves."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -92,9 +95,93 @@ def test_embedded_engine_under_faults(tmp_path: Path, deployments: list[Deployme
     assert rows == len(accepted), "none recorded twice"
 
 
-def test_celery_engine_under_faults(tmp_path: Path, deployments: list[Deployment]) -> None:
-    """The API and a prefork Celery worker while a pool process is killed, PostgreSQL restarts
-    and Redis restarts (losing every message it held)."""
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 32 MiB file system of its own for the data folder, so the test can fill it."""
+    mount = tmp_path / "data"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        pytest.fail(f"the disk-full fault mounts a tmpfs, which needs root: {made.stderr}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to its last byte; the filler file is returned."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as out:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    out.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+def test_embedded_engine_with_a_full_disk(
+    tmp_path: Path, small_disk: Path, deployments: list[Deployment]
+) -> None:
+    """The data folder's disk fills while tasks run: writes are refused with 507 (submissions)
+    or left to lease recovery (outcomes), reads still answer, and once there is room again
+    every accepted task ends and the service takes writes."""
+    deployment = Deployment(small_disk, CONVEYOR_CONCURRENCY="8")
+    deployments.append(deployment)
+    log = Path(tmp_path / "runs.log")  # the bodies' own log is on another disk
+    server = deployment.api()
+    worker = deployment.worker("--concurrency", "8")
+    with deployment.client() as client:
+        accepted = submit_all(client, workload(str(log)))
+        cancelled = cancel_delayed(client, accepted)
+        wait_until(lambda: log.exists() and log.read_text().count("end") >= 10, 60, "progress")
+        filler = fill(small_disk)
+        ended = log.read_text().count("end")
+        late = {"name": "fault.async", "args": {"log": str(log), "ms": 1}}
+        for _ in range(5000):  # until the store's free pages and its log's room are used up
+            refused = client.post("/tasks", json=late)
+            if refused.status_code != 202:
+                break
+            accepted[refused.json()["id"]] = late
+        assert refused.status_code == 507, refused.text
+        assert "no room" in refused.json()["detail"]
+        # bodies go on ending while their outcomes cannot be written
+        wait_until(lambda: log.read_text().count("end") >= ended + 5, 60, "runs on a full disk")
+        some = next(iter(accepted))
+        assert client.get(f"/tasks/{some}").status_code == 200, "reads still answer"
+        assert client.get("/health").status_code == 200
+        filler.unlink()
+        after = client.post("/tasks", json=late)
+        assert after.status_code == 202, "and the service takes writes again once it can"
+        accepted[after.json()["id"]] = late
+        finals = deployment.finals(client, list(accepted))
+    assert_outcomes(finals, accepted, cancelled, log, {})
+    assert server.popen.poll() is None and worker.popen.poll() is None
+    with sqlite3.connect(small_disk / "conveyor.db") as db:
+        (rows,) = db.execute("SELECT count(*) FROM tasks").fetchone()
+    assert rows == len(accepted), "none recorded twice"
+
+
+@dataclass
+class CeleryDeployment:
+    deployment: Deployment
+    postgres: PostgresServer
+    redis: RedisServer
+    database_url: str
+
+    def rows(self) -> int:
+        return asyncio.run(_count(self.database_url))
+
+
+@pytest.fixture
+def celery(tmp_path: Path, deployments: list[Deployment]) -> Iterator[CeleryDeployment]:
+    """A Celery deployment's servers (PostgreSQL, Redis) and its processes' settings."""
     postgres = PostgresServer().start()
     redis = RedisServer(tmp_path / "redis").start()
     try:
@@ -107,32 +194,61 @@ def test_celery_engine_under_faults(tmp_path: Path, deployments: list[Deployment
             CONVEYOR_CELERY_QUEUE=f"q-{uuid.uuid4().hex[:10]}",
         )
         deployments.append(deployment)
-        log = Path(tmp_path / "runs.log")
-        deployment.api("--no-workers")
-        worker = deployment.worker("--processes", "2")
-        kills: dict[int, float] = {}
-        with deployment.client() as client:
-            accepted = submit_all(client, workload(str(log)))
-            cancelled = cancel_delayed(client, accepted)
-            wait_until(lambda: log.exists() and log.read_text().count("end") >= 10, 60, "work")
-            pool = pool_children(worker.popen.pid)
-            assert pool, "the prefork worker has pool processes"
-            kills[pool[0]] = time.time()
-            os.kill(pool[0], signal.SIGKILL)
-            postgres.stop()
-            postgres.start()
-            redis.stop()
-            redis.start()
-            finals = deployment.finals(client, list(accepted))
-            assert client.get("/health").status_code == 200
-        assert_outcomes(finals, accepted, cancelled, log, kills)
-        assert worker.popen.poll() is None, "the worker lives on"
-        rows = asyncio.run(_count(database_url))
-        assert rows == len(accepted), "none recorded twice"
+        yield CeleryDeployment(deployment, postgres, redis, database_url)
+        deployment.close()
     finally:
         redis.stop()
         postgres.stop()
         postgres.remove()
+
+
+def test_celery_engine_under_faults(tmp_path: Path, celery: CeleryDeployment) -> None:
+    """The API and a prefork Celery worker while a pool process is killed, PostgreSQL restarts
+    and Redis restarts (losing every message it held)."""
+    deployment = celery.deployment
+    log = Path(tmp_path / "runs.log")
+    deployment.api("--no-workers")
+    worker = deployment.worker("--processes", "2")
+    kills: dict[int, float] = {}
+    with deployment.client() as client:
+        accepted = submit_all(client, workload(str(log)))
+        cancelled = cancel_delayed(client, accepted)
+        wait_until(lambda: log.exists() and log.read_text().count("end") >= 10, 60, "work")
+        pool = pool_children(worker.popen.pid)
+        assert pool, "the prefork worker has pool processes"
+        kills[pool[0]] = time.time()
+        os.kill(pool[0], signal.SIGKILL)
+        celery.postgres.stop()
+        celery.postgres.start()
+        celery.redis.stop()
+        celery.redis.start()
+        finals = deployment.finals(client, list(accepted))
+        assert client.get("/health").status_code == 200
+    assert_outcomes(finals, accepted, cancelled, log, kills)
+    assert worker.popen.poll() is None, "the worker lives on"
+    assert celery.rows() == len(accepted), "none recorded twice"
+
+
+def test_celery_engine_with_skewed_clocks(tmp_path: Path, celery: CeleryDeployment) -> None:
+    """The API host's clock runs two minutes ahead, one worker's two minutes behind and
+    another's five minutes ahead: PostgreSQL's clock decides, so delayed tasks and retries
+    run when they are due (the skews are longer than the whole settling time), leases are
+    neither cut short nor stretched, and nothing runs twice at once."""
+    deployment = celery.deployment
+    log = Path(tmp_path / "runs.log")
+    deployment.api("--no-workers", clock_skew_s=120)
+    behind = deployment.worker("--processes", "2", clock_skew_s=-120)
+    ahead = deployment.worker("--processes", "1", clock_skew_s=300)
+    jobs = workload(str(log))
+    jobs += [{"name": "fault.async", "args": {"log": str(log), "ms": 1}, "delay_s": 2}] * 4
+    with deployment.client() as client:
+        accepted = submit_all(client, jobs)
+        cancelled = cancel_delayed(client, accepted)
+        finals = deployment.finals(client, list(accepted))
+        assert client.get("/health").status_code == 200
+    assert_outcomes(finals, accepted, cancelled, log, {})
+    assert behind.popen.poll() is None and ahead.popen.poll() is None
+    assert celery.rows() == len(accepted), "none recorded twice"
 
 
 async def _count(url: str) -> int:

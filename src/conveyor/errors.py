@@ -10,7 +10,7 @@
     ├── QueueFull                 back-pressure: too many queued tasks           → 429
     ├── StoreUnavailable          the store cannot be reached or written         → 503
     ├── PayloadTooLarge           an upload or image past a configured limit     → 413
-    ├── InsufficientStorage       no room on the server's disk for an upload     → 507
+    ├── InsufficientStorage       no room on the disk for an upload or the store → 507
     ├── UnsupportedMediaType      content Conveyor refuses to read               → 415
     ├── NotStarted                the Conveyor instance is not started
     ├── TaskCancelled             raised inside a task when cancellation was requested
@@ -93,7 +93,8 @@ class PayloadTooLarge(ConveyorError):
 
 
 class InsufficientStorage(ConveyorError):
-    """The server's disk has no room for an upload (nothing of it was kept)."""
+    """The server's disk has no room for an upload or for the store to grow (nothing of the
+    request was kept)."""
 
     status_code = 507
 

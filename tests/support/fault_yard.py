@@ -13,7 +13,8 @@ THREAD_LIMIT = 2
 
 
 def note(log: str, event: str, ctx: TaskContext) -> None:
-    line = f"{event} {ctx.name} {ctx.task_id} {ctx.attempt} {os.getpid()} {time.time():.6f}\n"
+    at = time.clock_gettime(time.CLOCK_REALTIME)  # the host's clock, even under a skewed one
+    line = f"{event} {ctx.name} {ctx.task_id} {ctx.attempt} {os.getpid()} {at:.6f}\n"
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())  # one write per line: appends from many processes interleave

@@ -48,7 +48,8 @@ def submit_all(client: httpx.Client, jobs: list[dict[str, Any]]) -> dict[str, di
 
 
 def cancel_delayed(client: httpx.Client, accepted: dict[str, dict[str, Any]]) -> set[str]:
-    delayed = {task_id for task_id, job in accepted.items() if job.get("delay_s")}
+    """Cancel the tasks delayed by an hour (they are still waiting): the set of their ids."""
+    delayed = {task_id for task_id, job in accepted.items() if job.get("delay_s", 0) >= 3600}
     for task_id in delayed:
         assert client.post(f"/tasks/{task_id}/cancel").status_code == 200
     return delayed
@@ -148,16 +149,22 @@ class Deployment:
         self.port = free_port()
         self.processes: list[Process] = []
 
-    def api(self, *extra: str) -> Process:
+    def api(self, *extra: str, clock_skew_s: float = 0.0) -> Process:
+        """The HTTP API (with its workers unless ``--no-workers``), its clock maybe skewed."""
         args = ["serve", "--app", APP, "--port", str(self.port), "--no-access-log", *extra]
-        return self._start(args, "Uvicorn running on")
+        return self._start(args, "Uvicorn running on", clock_skew_s)
 
-    def worker(self, *extra: str) -> Process:
+    def worker(self, *extra: str, clock_skew_s: float = 0.0) -> Process:
+        """A worker; with ``clock_skew_s``, its wall clock is that far ahead (or behind)."""
         ready = " ready." if self.env.get("CONVEYOR_ENGINE") == "celery" else "worker running"
-        return self._start(["worker", "--app", APP, *extra], ready)
+        return self._start(["worker", "--app", APP, *extra], ready, clock_skew_s)
 
-    def _start(self, args: list[str], ready: str) -> Process:
-        process = Process(args, self.env, ready)
+    def _start(self, args: list[str], ready: str, clock_skew_s: float = 0.0) -> Process:
+        if not clock_skew_s:
+            process = Process(args, self.env, ready)
+        else:
+            env = {**self.env, "CONVEYOR_TEST_CLOCK_SKEW_S": str(clock_skew_s)}
+            process = Process(args, env, ready, module="tests.support.skewed_clock")
         self.processes.append(process)
         return process
 

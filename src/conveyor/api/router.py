@@ -121,7 +121,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
     router = APIRouter(
         prefix=prefix,
         route_class=strict_route_class(settings.max_body_bytes),
-        responses=documented(401, 503) if tenants else documented(503),
+        responses=documented(401, 503, 507) if tenants else documented(503, 507),
     )
 
     tenant = tenant_resolver(settings)

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import ConveyorError, StoreUnavailable
+from ..errors import ConveyorError, InsufficientStorage, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -247,7 +247,12 @@ def _translate(exc: Exception) -> Exception:
     if isinstance(exc, ConveyorError):
         return exc
     if isinstance(exc, sqlite3.Error):
-        failure = StoreUnavailable(f"SQLite write failed: {exc}")
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            failure: ConveyorError = InsufficientStorage(
+                f"no room on the server's disk: the store cannot grow ({exc})"
+            )
+        else:
+            failure = StoreUnavailable(f"SQLite write failed: {exc}")
         failure.__cause__ = exc
         return failure
     return exc
