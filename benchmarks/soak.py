@@ -1,7 +1,8 @@
 """The fault suite, for minutes: the embedded engine (`conveyor serve` and a `conveyor worker`
 on one SQLite file) runs round after round of the suite's mixed workload while a fault is
 injected in each round, in turn: the worker killed, a process-pool child killed, the file's
-write lock held past the busy timeout. After each round every task must have ended, none twice,
+write lock held past the busy timeout, the data folder's disk filled for a few seconds (a tmpfs
+of its own; needs root). After each round every task must have ended, none twice,
 the per-type limit held. Prints what it counted.
 
 Run: `.venv/bin/python -m benchmarks.soak [--minutes 3]` (from the repository root).
@@ -24,33 +25,39 @@ from tests.support.faults import (
     Deployment,
     assert_outcomes,
     cancel_delayed,
+    fill,
     most_at_once,
     pool_children,
     runs,
+    small_disk_at,
     submit_all,
     wait_until,
     workload,
 )
 
 BUSY_TIMEOUT_S = 1.0
-FAULTS = ("kill the worker", "kill a pool child", "hold the write lock")
+FAULTS = ("kill the worker", "kill a pool child", "hold the write lock", "fill the disk")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=3.0)
     options = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="conveyor-soak-"))
+    root = Path(tempfile.mkdtemp(prefix="conveyor-soak-"))
+    with small_disk_at(root / "data", "256m") as work:
+        soak(work, root / "runs.log", options.minutes)
+
+
+def soak(work: Path, log: Path, minutes: float) -> None:
     deployment = Deployment(
         work, CONVEYOR_CONCURRENCY="8", CONVEYOR_SQLITE_BUSY_TIMEOUT_S=str(BUSY_TIMEOUT_S)
     )
-    log = work / "runs.log"
     statuses: Counter[str] = Counter()
     attempts: Counter[int] = Counter()
     injected: Counter[str] = Counter()
     settle_s: list[float] = []
     kills: dict[int, float] = {}
-    deadline = time.monotonic() + options.minutes * 60
+    deadline = time.monotonic() + minutes * 60
     rounds = 0
     try:
         server = deployment.api()
@@ -70,6 +77,10 @@ def main() -> None:
                     if children:
                         kills[children[0]] = time.time()
                         os.kill(children[0], signal.SIGKILL)
+                elif fault == "fill the disk":
+                    filler = fill(work)
+                    time.sleep(3.0)  # outcomes and claims fail meanwhile
+                    filler.unlink()
                 else:
                     locker = sqlite3.connect(work / "conveyor.db", isolation_level=None)
                     locker.execute("BEGIN IMMEDIATE")
@@ -91,7 +102,7 @@ def main() -> None:
     finally:
         deployment.close()
     total = sum(statuses.values())
-    print(f"\nsoak: {rounds} rounds in {options.minutes:g} min, {total} tasks, {rows} rows stored")
+    print(f"\nsoak: {rounds} rounds in {minutes:g} min, {total} tasks, {rows} rows stored")
     print(f"  faults injected: {dict(injected)}")
     print(f"  outcomes: {dict(statuses)}")
     print(f"  attempts per task: {dict(sorted(attempts.items()))}")

@@ -6,11 +6,9 @@ every process that should be alive still serves."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import signal
 import sqlite3
-import subprocess
 import threading
 import time
 import uuid
@@ -26,7 +24,9 @@ from .support.faults import (
     Deployment,
     assert_outcomes,
     cancel_delayed,
+    fill,
     pool_children,
+    small_disk_at,
     submit_all,
     wait_until,
     workload,
@@ -98,32 +98,8 @@ def test_embedded_engine_under_faults(tmp_path: Path, deployments: list[Deployme
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 32 MiB file system of its own for the data folder, so the test can fill it."""
-    mount = tmp_path / "data"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if made.returncode != 0:
-        pytest.fail(f"the disk-full fault mounts a tmpfs, which needs root: {made.stderr}")
-    try:
+    with small_disk_at(tmp_path / "data", "32m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "--lazy", str(mount)], check=False)
-
-
-def fill(folder: Path) -> Path:
-    """Fill the file system of ``folder`` to its last byte; the filler file is returned."""
-    filler = folder / "filler"
-    with open(filler, "wb", buffering=0) as out:
-        for size in (1 << 20, 4096, 1):
-            try:
-                while True:
-                    out.write(b"\0" * size)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    return filler
 
 
 def test_embedded_engine_with_a_full_disk(
