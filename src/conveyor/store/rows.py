@@ -102,8 +102,9 @@ def recovery_statements(table: str, *, now: str, lost: str) -> tuple[str, str, s
     a task whose cancel was requested ends ``cancelled``; one with attempts left goes back to
     the queue; the rest fail with ``WorkerLost``. ``now`` is the SQL for the current time, and
     ``lost`` the parameter carrying ``WORKER_LOST`` (the first statement does not use it). Each
-    statement reads the clock anew, so a lease can expire between two of them: only the first
-    takes a task whose cancel was requested (now, or at the next recovery)."""
+    statement reads the clock anew, so a lease can expire between two of them: each statement
+    takes only its own kind (a cancel requested; attempts left; none left), and a task whose
+    lease ran out after its statement ran is taken by the next recovery."""
     expired = f"status = 'running' AND lease_expires_at < {now}"
     return (
         f"UPDATE {table} SET status = 'cancelled', finished_at = {now}, "
@@ -112,7 +113,8 @@ def recovery_statements(table: str, *, now: str, lost: str) -> tuple[str, str, s
         f"worker_id = NULL, lease_expires_at = NULL WHERE {expired} AND NOT cancel_requested "
         f"AND attempts < max_attempts RETURNING {COLUMNS}",
         f"UPDATE {table} SET status = 'failed', error = {lost}, finished_at = {now}, "
-        f"lease_expires_at = NULL WHERE {expired} AND NOT cancel_requested RETURNING {COLUMNS}",
+        f"lease_expires_at = NULL WHERE {expired} AND NOT cancel_requested "
+        f"AND attempts >= max_attempts RETURNING {COLUMNS}",
     )
 
 
