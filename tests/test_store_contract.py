@@ -322,3 +322,53 @@ async def test_many_tasks_are_committed_together_or_not_at_all(store: Store) -> 
     assert all(r.seq for r in stored) and len({r.seq for r in stored}) == 3
     assert [(await store.get(r.id)).args for r in records] == [{"value": i} for i in range(3)]
     assert len(await claim(store, 10)) == 4
+
+
+async def test_counts_follow_every_kind_of_write(store: Store) -> None:
+    """/health's counts (and the queued count behind 429) agree with the tasks themselves after
+    every kind of write: submit, claim, finish, retry back to the queue, lease recovery,
+    cancel, retry by hand, delete, for several owners and types."""
+
+    async def counted(owner: str | None) -> dict[str, int]:
+        tasks = await store.list_tasks(owner=owner, limit=1000)
+        expected = {status.value: 0 for status in TaskStatus}
+        for task in tasks:
+            expected[task.status.value] += 1
+        return expected
+
+    for owner in ("", "acme", "globex"):
+        for name in ("t.echo", "t.other"):
+            await add(store, name, owner=owner, max_attempts=2)
+    first, second, third, fourth = await claim(store, 4)
+    assert await store.finish(first.id, WORKER, 1, status=TaskStatus.COMPLETED, result_json="1")
+    assert await store.finish(second.id, WORKER, 1, status=TaskStatus.FAILED, error={"x": 1})
+    requeued = await store.requeue(third.id, WORKER, 1, delay_s=0, error=None, refund_attempt=False)
+    assert requeued is not None and requeued.status is TaskStatus.QUEUED
+    await store.cancel(fourth.id, owner=None)  # running: requested, ended by the heartbeat's holder
+    assert await store.finish(fourth.id, WORKER, 1, status=TaskStatus.CANCELLED)
+    lost = await claim(store, 2, lease_s=0.05)
+    await recover_until(store, {task.id for task in lost})
+    queued = await store.list_tasks(owner=None, status=TaskStatus.QUEUED, limit=1000)
+    await store.cancel(queued[0].id, owner=None)
+    await store.retry(second.id, owner=None, attempts=1)
+    await store.delete(first.id, owner=None)
+    many = [
+        TaskRecord(
+            id=uuid7(),
+            name="t.echo",
+            status=TaskStatus.QUEUED,
+            args={},
+            owner="acme",
+            created_at=time.time(),
+            run_at=time.time(),
+        )
+        for _ in range(3)
+    ]
+    await store.insert_many(many, args_json=["{}"] * 3, max_queued=None)
+    for owner in (None, "", "acme", "globex", "nobody"):
+        assert await store.count_by_status(owner=owner) == await counted(owner), owner
+    totals = await store.count_by_status()
+    assert totals["queued"] > 0 and totals["completed"] == 0 and totals["cancelled"] == 2
+    with pytest.raises(QueueFull):
+        await add(store, max_queued=totals["queued"])
+    await add(store, max_queued=totals["queued"] + 1)

@@ -466,6 +466,12 @@ class Conveyor:
 
     # change notification -----------------------------------------------------------------------
 
+    @property
+    def _watch_poll_s(self) -> float:
+        """How often a waiter re-reads its task when no change notification came: the safety
+        net under notifications (in this process, from the store, from other processes)."""
+        return max(_WATCH_POLL_S, self.settings.poll_s)
+
     def notify(self, task_id: str) -> None:
         """Wake whoever waits on this task (in this process; others poll the store)."""
         event = self._changed.pop(task_id, None)
@@ -513,7 +519,7 @@ class Conveyor:
                 if record.terminal:
                     return
                 try:
-                    await asyncio.wait_for(event.wait(), _WATCH_POLL_S)
+                    await asyncio.wait_for(event.wait(), self._watch_poll_s)
                 except TimeoutError:
                     pass
         finally:
@@ -532,7 +538,7 @@ class Conveyor:
                 record = await self.store.get(task_id, owner=owner)
                 if record.terminal:
                     return record
-                pause = _WATCH_POLL_S
+                pause = self._watch_poll_s
                 if deadline is not None:
                     remaining = deadline - loop.time()
                     if remaining <= 0:

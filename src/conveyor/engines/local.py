@@ -43,6 +43,7 @@ class LocalEngine:
 
     async def start(self) -> None:
         self.runner.bind()
+        self.host.store.watch_queue(self._wake.set)  # tasks submitted by other processes
         await recover(self.host)
         await self.runner.warm()  # before claiming: no task waits for a spawn
         self._loops = [

@@ -32,6 +32,12 @@ class Store(Protocol):
         have been missed). Stores without change notifications never call it; waiters poll."""
         ...
 
+    def watch_queue(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when another process makes a task claimable, so an embedded
+        engine's dispatcher claims it at once. Stores that cannot tell never call it (the
+        dispatcher polls; the Celery engine learns from its broker)."""
+        ...
+
     async def insert(
         self, record: TaskRecord, *, args_json: str, max_queued: int | None
     ) -> tuple[TaskRecord, bool]:

@@ -133,6 +133,9 @@ class PostgresStore:
     def publication_ledger(self) -> PublicationLedger:
         return self._ledger
 
+    def watch_queue(self, callback: Callable[[], None]) -> None:
+        """Workers on PostgreSQL learn of new tasks from the broker: never called."""
+
     def subscribe(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(task_id)`` when any process changes a task's state or progress
         (``""``: notifications may have been missed while reconnecting).

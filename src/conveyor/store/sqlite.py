@@ -4,11 +4,27 @@ The file is reached through :class:`~conveyor.store.sqlite_commit.GroupCommit`: 
 during one turn of the event loop share one transaction, committed before any caller resumes.
 Several processes may share the file (``conveyor serve`` plus ``conveyor worker``): each write
 transaction is ``BEGIN IMMEDIATE``, so a claim is atomic across processes.
+
+Every hot statement costs the same with a hundred or a million tasks in the file (the plans are
+asserted by ``tests/test_query_plans.py``):
+
+- a claim walks, for each task type it may take, the partial index ``tasks_queue`` (``name,
+  priority DESC, run_at, seq`` of queued rows), named with ``INDEXED BY`` so the planner cannot
+  choose to sort the queue instead, and stops after the room that type has;
+- counts (the queued count behind ``429``, ``/health``, the running count behind per-type
+  limits) are read from ``task_counts``, one row per owner, type and status, which every write
+  keeps in step in its own transaction (:class:`WriteTally`: deltas summed per transaction,
+  written before its commit);
+- finishing, heartbeats and progress reach rows by id; lease recovery walks the running rows
+  (``(status, seq)``); listing pages walk ``(owner, seq)`` or ``(status, seq)`` newest first and
+  stop at a page (a tenant's page of one status steps over other tenants' tasks of that status:
+  an index on ``(owner, status, seq)`` would cost every write more than it saves).
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +33,7 @@ from typing import Any
 from ..errors import QueueFull, TaskNotFound
 from ..record import TaskRecord
 from ..status import TaskStatus, cancel_outcome, require_deletable, require_retryable
+from . import sqlite_wake as wake
 from .rows import (
     COLUMNS,
     WORKER_LOST,
@@ -28,9 +45,22 @@ from .rows import (
     requeue_statement,
 )
 from .sqlite_commit import GroupCommit
+from .sqlite_wake import Doorbell
 
-SCHEMA_VERSION = 2
-_SCHEMA = """
+SCHEMA_VERSION = 3
+_COUNTS = """
+CREATE TABLE IF NOT EXISTS task_counts (
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (owner, name, status)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_queue ON tasks(name, priority DESC, run_at, seq)
+    WHERE status = 'queued';
+"""
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS tasks (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -56,8 +86,6 @@ CREATE TABLE IF NOT EXISTS tasks (
     lease_expires_at REAL,
     result_blob TEXT
 );
-CREATE INDEX IF NOT EXISTS tasks_ready ON tasks(priority DESC, run_at, seq)
-    WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS tasks_running ON tasks(worker_id, lease_expires_at)
     WHERE status = 'running';
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks(owner, idempotency_key)
@@ -65,10 +93,26 @@ CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks(owner, idempotency_
 CREATE INDEX IF NOT EXISTS tasks_owner_seq ON tasks(owner, seq);
 CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
 """
+    + _COUNTS
+)
 
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
-_MIGRATIONS: dict[int, str] = {2: "ALTER TABLE tasks ADD COLUMN result_blob TEXT"}
-_QUEUED_RECOUNT_S = 0.25
+_MIGRATIONS: dict[int, str] = {
+    2: "ALTER TABLE tasks ADD COLUMN result_blob TEXT",
+    3: "DROP INDEX IF EXISTS tasks_ready;" + _COUNTS + "DELETE FROM task_counts;"
+    "INSERT INTO task_counts SELECT owner, name, status, count(*) FROM tasks "
+    "GROUP BY owner, name, status",
+}
+_ADD = "UPDATE task_counts SET n = n + ? WHERE owner = ? AND name = ? AND status = ?"
+_NEW_COUNT = "INSERT INTO task_counts (owner, name, status, n) VALUES (?, ?, ?, ?)"
+_WAITING_AND_RUNNING = (
+    "SELECT name, status, n FROM task_counts WHERE status IN ('queued', 'running') AND n > 0"
+)
+_ONE_TYPE = (
+    "SELECT id, name, priority, run_at, seq FROM tasks INDEXED BY tasks_queue "
+    "WHERE status = 'queued' AND name = ? AND run_at <= ? "
+    "ORDER BY priority DESC, run_at, seq LIMIT ?"
+)
 _RECOVERY = recovery_statements("tasks", now="?1", lost="?2")
 _REQUEUE = requeue_statement(
     "tasks",
@@ -80,6 +124,74 @@ _REQUEUE = requeue_statement(
 
 def _placeholders(n: int) -> str:
     return ",".join("?" * n)
+
+
+def _claimable(names: int) -> str:
+    """The claim's query for ``names`` task types: each type's best queued tasks, walked in its
+    own index range (parameters: type, now, room), merged in queue order (parameter: how many)."""
+    if names == 1:
+        return f"SELECT id, name FROM ({_ONE_TYPE}) LIMIT ?"
+    union = " UNION ALL ".join([f"SELECT * FROM ({_ONE_TYPE})"] * names)
+    return f"SELECT id, name FROM ({union}) ORDER BY priority DESC, run_at, seq LIMIT ?"
+
+
+class WriteTally:
+    """What each write transaction changed: each write request tells it the tasks it touched
+    and the moves it made (a task of this owner and type from one status to another). Before
+    the commit the transaction writes the moves' sum per (owner, type, status) to
+    ``task_counts``; after it, the other processes on the file are told which tasks changed and
+    whether one became claimable (:class:`~conveyor.store.sqlite_wake.Doorbell`). Transactions
+    run on the event loop's thread or the writer thread, so a tally is kept per thread."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self.doorbell: Doorbell | None = None
+
+    def begin(self) -> None:
+        self._local.deltas = {}
+        self._local.touched = []
+        self._local.queued = False
+        self._local.queued_before = None
+
+    def touched(self, task_id: str) -> None:
+        self._local.touched.append(task_id)
+
+    def moved(self, task_id: str, owner: str, name: str, old: str | None, new: str | None) -> None:
+        self._local.touched.append(task_id)
+        deltas: dict[tuple[str, str, str], int] = self._local.deltas
+        if old == new:
+            return
+        if old is not None:
+            deltas[owner, name, old] = deltas.get((owner, name, old), 0) - 1
+        if new is not None:
+            deltas[owner, name, new] = deltas.get((owner, name, new), 0) + 1
+            if new == "queued":
+                self._local.queued = True
+
+    def queued(self, conn: sqlite3.Connection) -> int:
+        """How many tasks are queued, as this transaction sees them: read from the table once
+        per transaction, plus what the transaction moved since."""
+        if self._local.queued_before is None:
+            (self._local.queued_before,) = conn.execute(
+                "SELECT coalesce(sum(n), 0) FROM task_counts WHERE status = 'queued'"
+            ).fetchone()
+        deltas: dict[tuple[str, str, str], int] = self._local.deltas
+        moved = sum(n for (_, _, status), n in deltas.items() if status == "queued")
+        return int(self._local.queued_before) + moved
+
+    def before_commit(self, conn: sqlite3.Connection) -> None:
+        deltas: dict[tuple[str, str, str], int] = self._local.deltas
+        if deltas:
+            for (owner, name, status), n in deltas.items():
+                if n and not conn.execute(_ADD, (n, owner, name, status)).rowcount:
+                    conn.execute(_NEW_COUNT, (owner, name, status, n))
+            deltas.clear()
+
+    def after_commit(self) -> None:
+        touched: list[str] = self._local.touched
+        if touched and self.doorbell is not None and self.doorbell.peers():
+            self.doorbell.ring(wake.message(touched, self._local.queued))
+        self._local.touched = []
 
 
 class SQLiteStore:
@@ -94,25 +206,51 @@ class SQLiteStore:
         busy_timeout_s: float = 30.0,
     ) -> None:
         self.path = Path(path)
+        self._counts = WriteTally()
+        self._subscribers: list[Callable[[str], None]] = []
+        self._queue_watchers: list[Callable[[], None]] = []
         self._db = GroupCommit(
-            self.path, synchronous=synchronous, readers=readers, busy_timeout_s=busy_timeout_s
+            self.path,
+            synchronous=synchronous,
+            readers=readers,
+            busy_timeout_s=busy_timeout_s,
+            hook=self._counts,
         )
         self._write = self._db.write
         self._read = self._db.read
-        self._queued_count = 0
-        self._queued_counted_at = 0.0
 
     # lifecycle ---------------------------------------------------------------------------------
 
     async def open(self) -> None:
         if not self._db.is_open:
             self._db.open(_migrate)
+            doorbell = Doorbell(self.path)
+            if doorbell.open(self._rung):
+                self._counts.doorbell = doorbell
 
     async def close(self) -> None:
+        doorbell, self._counts.doorbell = self._counts.doorbell, None
         await self._db.close()
+        if doorbell is not None:
+            doorbell.close()
 
     def subscribe(self, callback: Callable[[str], None]) -> None:
-        """SQLite has no cross-process notifications: waiters in other processes poll."""
+        """Call ``callback(task_id)`` when another process on this file changes a task (``""``:
+        too many changed at once to list). Where wake-ups are off, never: waiters poll."""
+        self._subscribers.append(callback)
+
+    def watch_queue(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when another process on this file makes a task claimable."""
+        self._queue_watchers.append(callback)
+
+    def _rung(self, datagram: bytes) -> None:
+        queued, ids = wake.parse(datagram)
+        if queued:
+            for watcher in self._queue_watchers:
+                watcher()
+        for callback in self._subscribers:
+            for task_id in [""] if ids is None else ids:
+                callback(task_id)
 
     def publication_ledger(self) -> None:
         """SQLite serves only the embedded engine, which publishes nothing."""
@@ -173,18 +311,10 @@ class SQLiteStore:
         )
         assert cur.lastrowid is not None
         record.seq = cur.lastrowid
-        self._queued_count += 1
+        self._counts.moved(record.id, record.owner, record.name, None, record.status.value)
 
     def _queued(self, conn: sqlite3.Connection) -> int:
-        # A recount per insert would cost more than the insert; other processes' inserts are seen
-        # within _QUEUED_RECOUNT_S.
-        now = time.monotonic()
-        if now - self._queued_counted_at > _QUEUED_RECOUNT_S:
-            (self._queued_count,) = conn.execute(
-                "SELECT count(*) FROM tasks WHERE status = 'queued'"
-            ).fetchone()
-            self._queued_counted_at = now
-        return self._queued_count
+        return self._counts.queued(conn)
 
     async def claim(
         self,
@@ -197,25 +327,24 @@ class SQLiteStore:
     ) -> list[TaskRecord]:
         def op(conn: sqlite3.Connection) -> list[TaskRecord]:
             now = time.time()
-            remaining: dict[str, int] = {}
-            if limits:
-                running = dict(
-                    conn.execute(
-                        "SELECT name, count(*) FROM tasks WHERE status = 'running' "
-                        f"AND name IN ({_placeholders(len(limits))}) GROUP BY name",
-                        tuple(limits),
-                    ).fetchall()
-                )
-                remaining = {name: lim - running.get(name, 0) for name, lim in limits.items()}
-            eligible = [name for name in names if remaining.get(name, 1) > 0]
+            queued: dict[str, int] = {}
+            running: dict[str, int] = {}
+            for name, status, count in conn.execute(_WAITING_AND_RUNNING):
+                counts = queued if status == "queued" else running
+                counts[name] = counts.get(name, 0) + count  # summed over owners
+            remaining = {name: lim - running.get(name, 0) for name, lim in limits.items()}
+            eligible = [  # only the types with queued tasks and room left: one index walk each
+                (name, min(n, remaining.get(name, n)))
+                for name in names
+                if queued.get(name, 0) > 0 and remaining.get(name, 1) > 0
+            ]
             if not eligible:
                 return []
-            rows = conn.execute(
-                "SELECT id, name FROM tasks WHERE status = 'queued' AND run_at <= ? "
-                f"AND name IN ({_placeholders(len(eligible))}) "
-                "ORDER BY priority DESC, run_at, seq LIMIT ?",
-                (now, *eligible, n * 4 if remaining else n),
-            ).fetchall()
+            params: list[Any] = []
+            for name, room in eligible:
+                params += (name, now, room)
+            params.append(n)
+            rows = conn.execute(_claimable(len(eligible)), params).fetchall()
             chosen = choose_claims(rows, remaining, n)
             if not chosen:
                 return []
@@ -225,7 +354,8 @@ class SQLiteStore:
                 f"WHERE id IN ({_placeholders(len(chosen))}) RETURNING {COLUMNS}",
                 (worker_id, now + lease_s, now, *chosen),
             ).fetchall()
-            self._queued_count -= len(claimed)
+            for row in claimed:
+                self._counts.moved(row[1], row[3], row[2], "queued", "running")
             order = {task_id: i for i, task_id in enumerate(chosen)}
             return sorted((record_from_row(row) for row in claimed), key=lambda r: order[r.id])
 
@@ -238,6 +368,7 @@ class SQLiteStore:
                 "AND worker_id = ? AND attempts = ?",
                 (time.time(), task_id, worker_id, attempt),
             )
+            self._counts.touched(task_id)
             return cur.rowcount == 1
 
         return await self._write(op)
@@ -251,6 +382,7 @@ class SQLiteStore:
                 "AND worker_id = ? AND attempts = ?",
                 (progress, message, task_id, worker_id, attempt),
             )
+            self._counts.touched(task_id)
             return cur.rowcount == 1
 
         return await self._write(op)
@@ -269,11 +401,12 @@ class SQLiteStore:
         error_json = dump(error)
 
         def op(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
+            row = conn.execute(
                 "UPDATE tasks SET status = ?, result = ?, result_blob = ?, error = ?, "
                 "finished_at = ?, lease_expires_at = NULL, "
                 "progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END "
-                "WHERE id = ? AND status = 'running' AND worker_id = ? AND attempts = ?",
+                "WHERE id = ? AND status = 'running' AND worker_id = ? AND attempts = ? "
+                "RETURNING owner, name",
                 (
                     status.value,
                     result_json,
@@ -285,8 +418,11 @@ class SQLiteStore:
                     worker_id,
                     attempt,
                 ),
-            )
-            return cursor.rowcount == 1
+            ).fetchone()
+            if row is None:
+                return False
+            self._counts.moved(task_id, row[0], row[1], "running", status.value)
+            return True
 
         return await self._write(op)
 
@@ -318,8 +454,7 @@ class SQLiteStore:
             if row is None:
                 return None
             record = record_from_row(row)
-            if record.status is TaskStatus.QUEUED:
-                self._queued_count += 1
+            self._counts.moved(record.id, record.owner, record.name, "running", record.status.value)
             return record
 
         return await self._write(op)
@@ -351,7 +486,12 @@ class SQLiteStore:
             rows = conn.execute(cancelled, (now,)).fetchall()
             rows += conn.execute(requeued, (now, lost)).fetchall()
             rows += conn.execute(failed, (now, lost)).fetchall()
-            return [record_from_row(row) for row in rows]
+            records = [record_from_row(row) for row in rows]
+            for record in records:
+                self._counts.moved(
+                    record.id, record.owner, record.name, "running", record.status.value
+                )
+            return records
 
         return await self._write(op)
 
@@ -361,13 +501,16 @@ class SQLiteStore:
             if cancel_outcome(task_id, current.status) is TaskStatus.CANCELLED:
                 sql = "status = 'cancelled', finished_at = ?"
                 params: tuple[Any, ...] = (time.time(),)
-                self._queued_count -= 1
             else:
                 sql, params = "cancel_requested = 1", ()
             row = conn.execute(
                 f"UPDATE tasks SET {sql} WHERE id = ? RETURNING {COLUMNS}", (*params, task_id)
             ).fetchone()
-            return record_from_row(row)
+            record = record_from_row(row)
+            self._counts.moved(
+                task_id, record.owner, record.name, current.status.value, record.status.value
+            )
+            return record
 
         return await self._write(op)
 
@@ -383,7 +526,7 @@ class SQLiteStore:
                 f"WHERE id = ? RETURNING {COLUMNS}",
                 (attempts, time.time(), task_id),
             ).fetchone()
-            self._queued_count += 1
+            self._counts.moved(task_id, current.owner, current.name, current.status.value, "queued")
             return record_from_row(row)
 
         return await self._write(op)
@@ -393,6 +536,7 @@ class SQLiteStore:
             current = _fetch(conn, task_id, owner)
             require_deletable(task_id, current.status)
             conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+            self._counts.moved(task_id, current.owner, current.name, current.status.value, None)
 
         await self._write(op)
 
@@ -431,7 +575,7 @@ class SQLiteStore:
         where, params = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
         rows = await self._read(
             lambda conn: conn.execute(
-                f"SELECT status, count(*) FROM tasks {where} GROUP BY status", params
+                f"SELECT status, sum(n) FROM task_counts {where} GROUP BY status", params
             ).fetchall()
         )
         return {status.value: 0 for status in TaskStatus} | dict(rows)
@@ -457,7 +601,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
                     conn.execute(statement)
         else:
             for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
-                conn.execute(_MIGRATIONS[target])
+                for statement in _MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..errors import ConveyorError, InsufficientStorage, StoreUnavailable
 
@@ -52,6 +52,16 @@ def _connect(path: Path, synchronous: str, busy_timeout_s: float) -> sqlite3.Con
     return conn
 
 
+class TransactionHook(Protocol):
+    """What a store does at the edges of each write transaction."""
+
+    def begin(self) -> None: ...
+
+    def before_commit(self, conn: sqlite3.Connection) -> None: ...
+
+    def after_commit(self) -> None: ...
+
+
 _Request = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 
 
@@ -63,6 +73,9 @@ class GroupCommit:
         synchronous: ``PRAGMA synchronous`` (``FULL`` sends every write to the writer thread).
         readers: threads (and connections) of the read pool.
         busy_timeout_s: how long a write waits for another process's lock, then fails.
+        hook: told when each write transaction begins, before it commits and after, on the
+            thread that runs it (the store writes what the transaction's requests tallied, then
+            tells the other processes).
     """
 
     def __init__(
@@ -72,8 +85,10 @@ class GroupCommit:
         synchronous: str = "NORMAL",
         readers: int = 2,
         busy_timeout_s: float = 30.0,
+        hook: TransactionHook | None = None,
     ) -> None:
         self.path = path
+        self._hook = hook
         self._synchronous = synchronous
         self._busy_timeout_s = busy_timeout_s
         self.inline = synchronous != "FULL"
@@ -203,15 +218,22 @@ class GroupCommit:
             if busy_raises and exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise _Busy([], batch) from exc
             return [(future, False, _translate(exc)) for _, future in batch]
+        if self._hook is not None:
+            self._hook.begin()
         try:
             results = [(future, True, op(conn)) for op, future in batch]
+            if self._hook is not None:
+                self._hook.before_commit(conn)
             conn.execute("COMMIT")
-            return results
         except Exception as exc:  # one request failed: undo the batch, then run each alone
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if len(batch) == 1:
                 return [(batch[0][1], False, _translate(exc))]
+        else:
+            if self._hook is not None:
+                self._hook.after_commit()
+            return results
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         for index, item in enumerate(batch):
             try:
