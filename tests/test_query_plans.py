@@ -155,4 +155,5 @@ async def test_a_file_from_the_previous_schema_is_counted_when_opened(tmp_path: 
     with sqlite3.connect(path) as conn:
         indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-    assert "tasks_queue" in indexes and "tasks_ready" not in indexes and version == 3
+    assert "tasks_queue" in indexes and "tasks_ready" not in indexes
+    assert "schedules" in indexes and version == sqlite_store.SCHEMA_VERSION

@@ -6,6 +6,7 @@ import logging
 import math
 import threading
 from collections.abc import Awaitable, Callable, Generator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,13 @@ class TaskContext:
         reporter: ProgressReporter,
         cancel_event: threading.Event | None = None,
         blobs: BlobStore | None = None,
+        scheduled_for: float | None = None,
     ) -> None:
         self.task_id = task_id
+        #: the planned fire time of the schedule that made this task (UTC; None otherwise)
+        self.scheduled_for = (
+            None if scheduled_for is None else datetime.fromtimestamp(scheduled_for, UTC)
+        )
         self.name = name
         self.attempt = attempt
         self.max_attempts = max_attempts

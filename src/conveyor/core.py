@@ -18,6 +18,7 @@ from .context import TaskContext
 from .engines import Engine, open_engine
 from .errors import (
     ConfigurationError,
+    ConveyorError,
     InvalidArguments,
     NotStarted,
     TaskTypeError,
@@ -26,6 +27,7 @@ from .errors import (
 )
 from .ids import uuid7
 from .record import TaskRecord
+from .scheduler import Scheduler, Schedules
 from .settings import Settings
 from .status import TaskStatus
 from .store import Store, open_store
@@ -94,6 +96,8 @@ class Conveyor:
         self._started = False
         self._celery: Celery | None = None
         self._subscribed = False
+        self.schedules = Schedules(self)
+        self._scheduler: Scheduler | None = None
 
     # registry ----------------------------------------------------------------------------------
 
@@ -157,6 +161,63 @@ class Conveyor:
 
         return register
 
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        every_s: float | None = None,
+        timezone: str = "UTC",
+        args: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        **options: Any,
+    ) -> Callable[[TaskType[P, R]], TaskType[P, R]]:
+        """Run a task type on a schedule: ``@yard.periodic(cron="*/5 * * * *")`` above
+        ``@yard.task(...)``. Exactly one task per planned fire, whatever the number of
+        processes; saved by name at start (a schedule no longer declared is disabled, its
+        history kept). ``options``: ``start_at``, ``end_at`` (epoch seconds), ``jitter_s``,
+        ``misfire`` (``skip`` | ``run_once``), ``max_lateness_s``, ``overlap`` (``allow`` |
+        ``skip_if_running``), ``enabled``. The task reads its planned time as
+        ``ctx.scheduled_for``."""
+
+        def declare(task_type: TaskType[P, R]) -> TaskType[P, R]:
+            self.schedule(
+                task_type.name,
+                cron=cron,
+                every_s=every_s,
+                timezone=timezone,
+                args=args,
+                name=name,
+                **options,
+            )
+            return task_type
+
+        return declare
+
+    def schedule(
+        self,
+        task: str,
+        *,
+        cron: str | None = None,
+        every_s: float | None = None,
+        timezone: str = "UTC",
+        args: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        **options: Any,
+    ) -> None:
+        """Declare a schedule of the task type named ``task`` (see :meth:`periodic`)."""
+        fields = {
+            "task": task,
+            "args": dict(args or {}),
+            "cron": cron,
+            "every_s": every_s,
+            "timezone": timezone,
+            **options,
+        }
+        try:
+            self.schedules.declare(name or task, fields)
+        except ConveyorError as exc:
+            raise TaskTypeError(f"schedule {name or task!r}: {exc.message}") from exc
+
     def task_type(self, name: str, *, public_only: bool = False) -> TaskType[Any, Any]:
         """The task type named ``name``; ``public_only`` hides internal ones (``public=False``)."""
         try:
@@ -205,6 +266,14 @@ class Conveyor:
             if engine is not None:
                 self._engine = engine
                 await engine.start()
+            if store.schedules() is not None:
+                await self.schedules.sync_declared()
+                if self.run_workers:
+                    self._scheduler = Scheduler(self.schedules)
+                    self._scheduler.start()
+            elif self.schedules.declared:
+                names = list(self.schedules.declared)
+                logger.warning("schedules need the SQLite store: %s not fired", names)
         except BaseException:
             await self.stop()
             raise
@@ -238,6 +307,9 @@ class Conveyor:
         if not self._started:
             return
         try:
+            if self._scheduler is not None:
+                await self._scheduler.stop()
+                self._scheduler = None
             if self._engine is not None:
                 await self._engine.stop(self.settings.shutdown_grace_s)
         finally:

@@ -6,6 +6,8 @@
     ├── UnknownTaskType           submit of a name nobody registered            → 422
     ├── InvalidArguments          arguments that fail validation (with details)  → 422
     ├── TaskNotFound              no such task (or not this tenant's)            → 404
+    ├── ScheduleNotFound          no such schedule (or not this tenant's)        → 404
+    ├── ScheduleConflict          a schedule of that name exists already         → 409
     ├── TaskStateConflict         the task's state forbids the operation         → 409
     ├── QueueFull                 back-pressure: too many queued tasks           → 429
     ├── StoreUnavailable          the store cannot be reached or written         → 503
@@ -62,6 +64,18 @@ class TaskNotFound(ConveyorError):
     """No task with that id (or not visible to this tenant)."""
 
     status_code = 404
+
+
+class ScheduleNotFound(ConveyorError):
+    """No schedule with that id (or not visible to this tenant)."""
+
+    status_code = 404
+
+
+class ScheduleConflict(ConveyorError):
+    """A schedule of that name exists already for this tenant."""
+
+    status_code = 409
 
 
 class TaskStateConflict(ConveyorError):

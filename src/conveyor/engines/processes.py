@@ -114,7 +114,7 @@ class ProcessPool:
         qualname: str,
         args: dict[str, Any],
         *,
-        task: tuple[str, str, int, int],
+        task: tuple[str, str, int, int, float | None],
         blob_root: str,
         on_progress: Callable[[float, str | None], object],
         on_start: Callable[[], object] = lambda: None,
@@ -243,6 +243,7 @@ def _run_in_child(
     name: str,
     attempt: int,
     max_attempts: int,
+    scheduled_for: float | None = None,
 ) -> list[Any]:
     try:
         fn, takes_context, model = _load_target(module, qualname, name)
@@ -255,6 +256,7 @@ def _run_in_child(
             max_attempts=max_attempts,
             reporter=lambda percent, text: send(conn, ["progress", percent, text]),
             blobs=BlobStore(blob_root),
+            scheduled_for=scheduled_for,
         )
         value = fn(ctx, **kwargs) if takes_context else fn(**kwargs)
         if inspect.isawaitable(value):

@@ -29,6 +29,7 @@ from ..blobs import encode_result
 from ..context import TaskContext
 from ..errors import ConveyorError, TaskCancelled
 from ..record import TaskRecord
+from ..schedule_record import scheduled_for
 from ..status import TaskStatus
 from ..task import TaskType
 from .base import EngineHost
@@ -257,6 +258,7 @@ class Runner:
             reporter=functools.partial(self._report_progress, run),
             cancel_event=run.cancel_event,
             blobs=self.host.blobs,
+            scheduled_for=scheduled_for(record.idempotency_key),
         )
         # A process task's timeout starts once a child is its own (see _call), not while it
         # waits for one.
@@ -337,7 +339,13 @@ class Runner:
                 task_type.module,
                 task_type.qualname,
                 record.args,
-                task=(record.id, record.name, record.attempts, record.max_attempts),
+                task=(
+                    record.id,
+                    record.name,
+                    record.attempts,
+                    record.max_attempts,
+                    scheduled_for(record.idempotency_key),
+                ),
                 blob_root=str(self.host.blobs.root),
                 on_progress=functools.partial(self._report_progress, run),
                 on_start=started,

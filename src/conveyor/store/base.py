@@ -7,6 +7,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..record import TaskRecord
+from ..schedule_record import FireRecord, ScheduleRecord
 from ..status import TaskStatus
 
 
@@ -25,6 +26,10 @@ class Store(Protocol):
     def publication_ledger(self) -> PublicationLedger | None:
         """The ledger of broker messages kept beside the tasks (None: this store has none, and
         the Celery engine refuses it)."""
+        ...
+
+    def schedules(self) -> ScheduleStore | None:
+        """Where this store keeps periodic schedules and their fires (None: it keeps none)."""
         ...
 
     def subscribe(self, callback: Callable[[str], None]) -> None:
@@ -166,3 +171,40 @@ class PublicationLedger(Protocol):
     async def mark_unpublished(self, task_id: str) -> None:
         """Its message could not be sent: the next sweep sends it."""
         ...
+
+
+class ScheduleStore(Protocol):
+    """Periodic schedules and the record of their fires. ``fire`` records one planned fire and
+    creates its task in one transaction, once, whatever the number of processes trying it."""
+
+    async def create(self, record: ScheduleRecord) -> ScheduleRecord: ...
+
+    async def save(self, record: ScheduleRecord) -> ScheduleRecord: ...
+
+    async def get(self, schedule_id: str, *, owner: str | None) -> ScheduleRecord: ...
+
+    async def by_name(self, name: str, *, owner: str) -> ScheduleRecord | None: ...
+
+    async def list_schedules(self, *, owner: str | None) -> list[ScheduleRecord]: ...
+
+    async def delete(self, schedule_id: str, *, owner: str | None) -> None: ...
+
+    async def due(self, now: float, limit: int = 100) -> list[ScheduleRecord]: ...
+
+    async def next_due(self) -> float | None: ...
+
+    async def fire(
+        self,
+        schedule: ScheduleRecord,
+        fire_at: float,
+        outcome: str,
+        *,
+        task: tuple[TaskRecord, str] | None,
+        missed: list[float],
+        next_fire_at: float | None,
+        max_queued: int | None,
+    ) -> tuple[str, TaskRecord | None] | None: ...
+
+    async def fires(
+        self, schedule_id: str, *, limit: int, before: float | None
+    ) -> list[FireRecord]: ...

@@ -133,6 +133,10 @@ class PostgresStore:
     def publication_ledger(self) -> PublicationLedger:
         return self._ledger
 
+    def schedules(self) -> None:
+        """Schedules are kept by the SQLite store only, so far."""
+        return None
+
     def watch_queue(self, callback: Callable[[], None]) -> None:
         """Workers on PostgreSQL learn of new tasks from the broker: never called."""
 

@@ -45,9 +45,10 @@ from .rows import (
     requeue_statement,
 )
 from .sqlite_commit import GroupCommit
+from .sqlite_schedules import SCHEDULES, SQLiteSchedules
 from .sqlite_wake import Doorbell
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _COUNTS = """
 CREATE TABLE IF NOT EXISTS task_counts (
     owner TEXT NOT NULL,
@@ -94,6 +95,7 @@ CREATE INDEX IF NOT EXISTS tasks_owner_seq ON tasks(owner, seq);
 CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
 """
     + _COUNTS
+    + SCHEDULES
 )
 
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
@@ -102,6 +104,7 @@ _MIGRATIONS: dict[int, str] = {
     3: "DROP INDEX IF EXISTS tasks_ready;" + _COUNTS + "DELETE FROM task_counts;"
     "INSERT INTO task_counts SELECT owner, name, status, count(*) FROM tasks "
     "GROUP BY owner, name, status",
+    4: SCHEDULES,
 }
 _ADD = "UPDATE task_counts SET n = n + ? WHERE owner = ? AND name = ? AND status = ?"
 _NEW_COUNT = "INSERT INTO task_counts (owner, name, status, n) VALUES (?, ?, ?, ?)"
@@ -251,6 +254,10 @@ class SQLiteStore:
         for callback in self._subscribers:
             for task_id in [""] if ids is None else ids:
                 callback(task_id)
+
+    def schedules(self) -> SQLiteSchedules:
+        """The schedules kept in this file."""
+        return SQLiteSchedules(self)
 
     def publication_ledger(self) -> None:
         """SQLite serves only the embedded engine, which publishes nothing."""

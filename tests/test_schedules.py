@@ -1,0 +1,114 @@
+"""Periodic schedules: exactly one task per planned fire whatever the number of processes, the
+planned time given to the task, bad schedules refused naming the field, and the DST policy."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from datetime import date, datetime, timedelta
+from datetime import time as dtime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from conveyor import Conveyor, Settings, TaskContext
+from conveyor.cron import Spec, describe
+from conveyor.errors import InvalidArguments, TaskTypeError
+
+pytestmark = pytest.mark.anyio
+
+SEEN: list[tuple[str, float | None]] = []
+
+
+def make_yard(data_dir: Path, **declare: object) -> Conveyor:
+    yard = Conveyor(Settings(data_dir=data_dir, poll_s=0.05))
+
+    @yard.task(name="sched.tick")
+    async def tick(ctx: TaskContext, label: str) -> float | None:
+        planned = ctx.scheduled_for
+        SEEN.append((label, None if planned is None else planned.timestamp()))
+        return None if planned is None else planned.timestamp()
+
+    if declare:
+        yard.schedule("sched.tick", name="every-second", args={"label": "x"}, **declare)  # type: ignore[arg-type]
+    return yard
+
+
+async def test_two_processes_fire_each_planned_time_once(tmp_path: Path) -> None:
+    """Two instances on one file, each running the scheduler: an every-second schedule makes
+    one task per second, no gap, none twice; each task knows its planned time."""
+    first = make_yard(tmp_path, every_s=1)
+    second = make_yard(tmp_path, every_s=1)
+    async with first, second:
+        schedule = await first.schedules.store.by_name("every-second", owner="")
+        assert schedule is not None
+        started = time.time()
+        while time.time() - started < 5.5:
+            await asyncio.sleep(0.1)
+        fires = await first.schedules.fires(schedule.id, owner="")
+    planned = sorted(f.fire_at for f in fires)
+    assert len(planned) >= 4, fires
+    assert all(f.outcome == "fired" and f.task_id for f in fires), fires
+    steps = {round(b - a, 6) for a, b in itertools.pairwise(planned)}
+    assert steps == {1.0}, f"one fire per second, no gap: {planned}"
+    async with make_yard(tmp_path) as reader:
+        for fire in fires:
+            assert fire.task_id is not None
+            task = await reader.wait(fire.task_id, timeout_s=10)
+            assert task.status.value == "completed"
+            assert task.result == pytest.approx(fire.fire_at, abs=1e-5), "its planned time"
+        tasks = await reader.store.list_tasks(owner=None, limit=1000)
+    assert len(tasks) == len(fires) == len({f.task_id for f in fires}), "one task per fire"
+
+
+async def test_bad_schedules_are_refused_naming_the_field(tmp_path: Path) -> None:
+    yard = make_yard(tmp_path)
+    cases = {
+        "cron": {"cron": "not a cron"},
+        "timezone": {"cron": "* * * * *", "timezone": "Mars/Olympus"},
+        "every_s": {"every_s": 0.5},
+    }
+    for field, fields in cases.items():
+        with pytest.raises(TaskTypeError, match=field):
+            yard.schedule("sched.tick", name=f"bad-{field}", args={"label": "x"}, **fields)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArguments, match="cron"):
+        Spec(cron="0 0 31 2 *").check()
+    async with yard:
+        with pytest.raises(InvalidArguments) as refused:
+            await yard.schedules.create(
+                "wrong-args", {"task": "sched.tick", "args": {"label": 5}, "every_s": 60}, owner=""
+            )
+        assert refused.value.details[0]["loc"][:3] == ["body", "args", "label"]
+        with pytest.raises(InvalidArguments, match="task"):
+            await yard.schedules.create("nobody", {"task": "no.such", "every_s": 60}, owner="")
+
+
+@pytest.mark.parametrize(
+    ("zone", "day"),
+    [
+        ("Europe/Oslo", "2026-03-29"),
+        ("Europe/Oslo", "2026-10-25"),
+        ("America/Santiago", "2026-04-05"),
+        ("America/Santiago", "2026-09-06"),
+        ("Australia/Lord_Howe", "2026-04-05"),
+        ("Australia/Lord_Howe", "2026-10-04"),
+    ],
+)
+def test_a_daily_job_fires_once_on_dst_days(zone: str, day: str) -> None:
+    """``30 2 * * *`` (and ``0 2``, ``30 1``, ``0 0``) fire once on each local day around a
+    change of the clocks, in a northern zone, a southern one, and one with a 30-minute shift."""
+    tz = ZoneInfo(zone)
+    change = date.fromisoformat(day)
+    days = [change - timedelta(days=1), change, change + timedelta(days=1)]
+    start = datetime.combine(days[0], dtime(), tz).timestamp() - 1
+    end = datetime.combine(days[-1] + timedelta(days=1), dtime(), tz).timestamp()
+    for expression in ("30 2 * * *", "0 2 * * *", "30 1 * * *", "0 0 * * *"):
+        fires = []
+        for moment in Spec(cron=expression, timezone=zone).fires(start, origin=0):
+            if moment >= end:
+                break
+            fires.append(moment)
+        local = [datetime.fromtimestamp(m, tz).date() for m in fires]
+        assert local == days, (expression, zone, [describe(m, zone) for m in fires])
