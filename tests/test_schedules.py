@@ -3,7 +3,6 @@ planned time given to the task, bad schedules refused naming the field, and the 
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from datetime import date, datetime, timedelta
@@ -11,6 +10,7 @@ from datetime import time as dtime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import anyio
 import pytest
 
 from conveyor import Conveyor, Settings, TaskContext
@@ -44,10 +44,9 @@ async def test_two_processes_fire_each_planned_time_once(tmp_path: Path) -> None
     async with first, second:
         schedule = await first.schedules.store.by_name("every-second", owner="")
         assert schedule is not None
-        started = time.time()
-        while time.time() - started < 5.5:
-            await asyncio.sleep(0.1)
-        fires = await first.schedules.fires(schedule.id, owner="")
+        with anyio.fail_after(30):  # until five planned seconds have fired
+            while len(fires := await first.schedules.fires(schedule.id, owner="")) < 5:
+                await anyio.sleep(0.05)
     planned = sorted(f.fire_at for f in fires)
     assert len(planned) >= 4, fires
     assert all(f.outcome == "fired" and f.task_id for f in fires), fires
@@ -112,3 +111,41 @@ def test_a_daily_job_fires_once_on_dst_days(zone: str, day: str) -> None:
             fires.append(moment)
         local = [datetime.fromtimestamp(m, tz).date() for m in fires]
         assert local == days, (expression, zone, [describe(m, zone) for m in fires])
+
+
+async def test_missed_fires_overlap_and_trigger(tmp_path: Path) -> None:
+    """Driven with an explicit "now" (no workers, no waiting): after downtime ``skip`` records
+    the missed fires and runs nothing, ``run_once`` runs the latest once; ``skip_if_running``
+    records a fire whose previous task is still queued as skipped; a trigger runs now and
+    leaves the planned fires alone."""
+    yard = make_yard(tmp_path)
+    yard.run_workers = False
+    async with yard:
+        t0 = time.time()
+        fields = {"task": "sched.tick", "args": {"label": "m"}, "every_s": 60, "start_at": t0}
+        skip = await yard.schedules.create("skip", fields, owner="")
+        once = await yard.schedules.create("once", {**fields, "misfire": "run_once"}, owner="")
+        busy = await yard.schedules.create(
+            "busy", {**fields, "overlap": "skip_if_running"}, owner=""
+        )
+        # ten minutes of downtime: fires at t0+60 … t0+600 were missed
+        await yard.schedules.fire_due(t0 + 600.5)
+        skipped = await yard.schedules.fires(skip.id, owner="")
+        assert len(skipped) == 10 and {f.outcome for f in skipped} == {"missed"}
+        assert not any(f.task_id for f in skipped)
+        ran = await yard.schedules.fires(once.id, owner="")
+        assert [f.outcome for f in ran] == ["fired"] + ["missed"] * 9, "latest first"
+        assert ran[0].fire_at == pytest.approx(t0 + 600)
+        after = await yard.schedules.get(skip.id, owner="")
+        assert after.next_fire_at == pytest.approx(t0 + 660), "goes on from now"
+        # on time twice: the second fire finds the first one's task still queued (no workers)
+        await yard.schedules.fire_due(t0 + 660.5)
+        await yard.schedules.fire_due(t0 + 720.5)
+        history = await yard.schedules.fires(busy.id, owner="")
+        assert [f.outcome for f in history[:2]] == ["skipped_overlap", "fired"]
+        triggered = await yard.schedules.trigger(skip.id, owner="")
+        outcomes = {f.task_id: f.outcome for f in await yard.schedules.fires(skip.id, owner="")}
+        assert outcomes[triggered.id] == "triggered"
+        assert (await yard.schedules.get(skip.id, owner="")).next_fire_at == pytest.approx(
+            t0 + 780
+        ), "a trigger leaves the planned fires alone"

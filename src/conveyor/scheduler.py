@@ -21,6 +21,7 @@ import time
 from dataclasses import replace
 from typing import Any, Protocol
 
+from .cron import jitter_offset
 from .engines.base import Engine
 from .errors import ConfigurationError, ConveyorError, InvalidArguments, ScheduleNotFound
 from .ids import uuid7
@@ -237,7 +238,7 @@ class Schedules:
                 break
             planned.append(moment)
         next_fire_at = schedule.next_after(max(now, planned[-1]))
-        offset = (schedule.due_at() or first) - first  # its jitter
+        offset = jitter_offset(schedule.id, schedule.jitter_s)
         if len(planned) == 1 and now - first - offset <= schedule.max_lateness_s:
             fire_at, missed, runs = first, [], True  # on time
         elif schedule.misfire == "run_once":

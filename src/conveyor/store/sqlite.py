@@ -221,6 +221,7 @@ class SQLiteStore:
         )
         self._write = self._db.write
         self._read = self._db.read
+        self._schedules = SQLiteSchedules(self)
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -257,7 +258,7 @@ class SQLiteStore:
 
     def schedules(self) -> SQLiteSchedules:
         """The schedules kept in this file."""
-        return SQLiteSchedules(self)
+        return self._schedules
 
     def publication_ledger(self) -> None:
         """SQLite serves only the embedded engine, which publishes nothing."""

@@ -12,6 +12,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from ..errors import ScheduleConflict, ScheduleNotFound
@@ -250,7 +251,7 @@ class SQLiteSchedules:
                 (result, created.id if created else None, schedule.id, fire_at),
             )
             if outcome != TRIGGERED:
-                moved = ScheduleRecord(**{**_as_dict(schedule), "next_fire_at": next_fire_at})
+                moved = replace(schedule, next_fire_at=next_fire_at)
                 conn.execute(
                     "UPDATE schedules SET next_fire_at = ?, due_at = ? WHERE id = ?",
                     (next_fire_at, moved.due_at(), schedule.id),
@@ -277,7 +278,3 @@ class SQLiteSchedules:
             return [FireRecord(*row) for row in rows]
 
         return await self._store._read(read)
-
-
-def _as_dict(record: ScheduleRecord) -> dict[str, Any]:
-    return {c: getattr(record, c) for c in _COLUMNS}
