@@ -49,11 +49,37 @@ def test_cli_submit_wait_status_list_cancel(server: LiveServer) -> None:
     assert missing.exit_code == 1 and "404" in missing.output
 
 
+def test_cli_schedules(server: LiveServer) -> None:
+    import httpx
+
+    body = {"name": "nightly", "task": "demo.echo", "args": {"value": 7}, "cron": "30 2 * * *"}
+    created = httpx.post(f"{server.url}/schedules", json=body | {"timezone": "UTC"})
+    assert created.status_code == 201, created.text
+    runner = CliRunner()
+    env = {"CONVEYOR_URL": server.url, "COLUMNS": "200"}
+    listing = runner.invoke(cli, ["schedules", "list"], env=env)
+    assert listing.exit_code == 0 and "nightly" in listing.output and "30 2 * * *" in listing.output
+    upcoming = runner.invoke(cli, ["schedules", "next", "nightly", "--count", "3"], env=env)
+    assert upcoming.exit_code == 0, upcoming.output
+    assert upcoming.output.count("02:30:00+00:00") == 3, upcoming.output
+    paused = runner.invoke(cli, ["schedules", "pause", "nightly"], env=env)
+    assert paused.exit_code == 0 and '"enabled": false' in paused.output
+    resumed = runner.invoke(cli, ["schedules", "resume", created.json()["id"]], env=env)
+    assert resumed.exit_code == 0 and '"enabled": true' in resumed.output
+    triggered = runner.invoke(cli, ["schedules", "trigger", "nightly"], env=env)
+    assert triggered.exit_code == 0, triggered.output
+    task_id = json.loads(triggered.stdout)["id"]
+    fires = runner.invoke(cli, ["schedules", "fires", "nightly"], env=env)
+    assert fires.exit_code == 0 and "triggered" in fires.output and task_id in fires.output
+    missing = runner.invoke(cli, ["schedules", "pause", "no-such-schedule"], env=env)
+    assert missing.exit_code == 1 and "no schedule named" in missing.output
+
+
 def test_cli_help_is_clear() -> None:
     runner = CliRunner()
     top = runner.invoke(cli, ["--help"])
     assert top.exit_code == 0
-    for command in ["serve", "worker", "submit", "status", "list", "cancel"]:
+    for command in ["serve", "worker", "submit", "status", "list", "cancel", "schedules"]:
         assert command in top.output
         sub = runner.invoke(cli, [command, "--help"])
         assert sub.exit_code == 0 and "Usage" in sub.output

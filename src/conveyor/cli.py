@@ -348,6 +348,105 @@ def cancel(
     console.print_json(data=_request("POST", url, api_key, f"/tasks/{task_id}/cancel"))
 
 
+schedules_app = typer.Typer(
+    help="Periodic schedules: list them, see their next fires, pause, resume, trigger.",
+    no_args_is_help=True,
+)
+app.add_typer(schedules_app, name="schedules")
+ScheduleRef = Annotated[str, typer.Argument(help="The schedule's id or name.")]
+
+
+def _schedule_id(url: str, api_key: str | None, ref: str) -> str:
+    """The id of the schedule named (or identified) by ``ref``."""
+    for item in _request("GET", url, api_key, "/schedules")["items"]:
+        if ref in (item["id"], item["name"]):
+            return str(item["id"])
+    errors.print(f"no schedule named {ref!r}", markup=False)
+    raise typer.Exit(1)
+
+
+@schedules_app.command("list")
+def schedules_list(url: Url = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
+    """Every schedule with its task, timing and next fire."""
+    table = Table("id", "name", "task", "when", "timezone", "enabled", "next fire (UTC)")
+    for item in _request("GET", url, api_key, "/schedules")["items"]:
+        when = item["cron"] or f"every {item['every_s']:g} s"
+        table.add_row(
+            item["id"],
+            item["name"],
+            item["task"],
+            when,
+            item["timezone"],
+            "yes" if item["enabled"] else "paused",
+            item["next_fire_at"] or "-",
+        )
+    console.print(table)
+
+
+@schedules_app.command("next")
+def schedules_next(
+    schedule: ScheduleRef,
+    count: Annotated[int, typer.Option(min=1, max=500, help="How many fires.")] = 10,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+) -> None:
+    """The next fire times, local and UTC, with DST gaps and folds flagged."""
+    schedule_id = _schedule_id(url, api_key, schedule)
+    found = _request("GET", url, api_key, f"/schedules/{schedule_id}/next", params={"count": count})
+    table = Table("local", "UTC", "note")
+    for item in found["items"]:
+        note = (
+            "DST gap: moved" if item["dst_gap"] else "DST fold: first" if item["dst_fold"] else ""
+        )
+        table.add_row(item["local"], item["utc"], note)
+    console.print(table)
+
+
+@schedules_app.command("fires")
+def schedules_fires(
+    schedule: ScheduleRef,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+) -> None:
+    """The schedule's history, newest first: each planned fire and what happened."""
+    schedule_id = _schedule_id(url, api_key, schedule)
+    page = _request("GET", url, api_key, f"/schedules/{schedule_id}/fires", params={"limit": limit})
+    table = Table("planned (UTC)", "outcome", "task")
+    for item in page["items"]:
+        table.add_row(item["fire_at"], item["outcome"], item["task_id"] or "-")
+    console.print(table)
+
+
+def _schedule_action(action: str, schedule: str, url: str, api_key: str | None) -> None:
+    schedule_id = _schedule_id(url, api_key, schedule)
+    console.print_json(data=_request("POST", url, api_key, f"/schedules/{schedule_id}/{action}"))
+
+
+@schedules_app.command("pause")
+def schedules_pause(
+    schedule: ScheduleRef, url: Url = "http://127.0.0.1:8000", api_key: ApiKey = None
+) -> None:
+    """Stop firing (fires planned while paused are not made up)."""
+    _schedule_action("pause", schedule, url, api_key)
+
+
+@schedules_app.command("resume")
+def schedules_resume(
+    schedule: ScheduleRef, url: Url = "http://127.0.0.1:8000", api_key: ApiKey = None
+) -> None:
+    """Fire again, from the next planned time."""
+    _schedule_action("resume", schedule, url, api_key)
+
+
+@schedules_app.command("trigger")
+def schedules_trigger(
+    schedule: ScheduleRef, url: Url = "http://127.0.0.1:8000", api_key: ApiKey = None
+) -> None:
+    """Run the schedule's task once now; prints the task."""
+    _schedule_action("trigger", schedule, url, api_key)
+
+
 def main() -> None:
     try:
         app()

@@ -143,17 +143,26 @@ class Schedules:
 
     # made over HTTP (or by library calls) ---------------------------------------------------
 
-    async def create(self, name: str, fields: dict[str, Any], *, owner: str) -> ScheduleRecord:
+    async def create(
+        self, name: str, fields: dict[str, Any], *, owner: str, public_only: bool = False
+    ) -> ScheduleRecord:
+        """A new schedule; ``public_only`` (the HTTP API) refuses internal task types."""
         now = time.time()
         record = self._build(name, fields, owner=owner, now=now)
         record.check()
-        self._validate_args(record)
+        self._validate_args(record, public_only=public_only)
         record.next_fire_at = record.next_after(now)
         return await self.store.create(record)
 
     async def update(
-        self, schedule_id: str, changes: dict[str, Any], *, owner: str | None
+        self,
+        schedule_id: str,
+        changes: dict[str, Any],
+        *,
+        owner: str | None,
+        public_only: bool = False,
     ) -> ScheduleRecord:
+        """Change the fields in ``changes``; a new time spec (or a resume) plans from now."""
         current = await self.store.get(schedule_id, owner=owner)
         unknown = set(changes) - set(EDITABLE)
         if unknown:
@@ -165,7 +174,7 @@ class Schedules:
         now = time.time()
         updated = replace(current, **changes, updated_at=now)
         updated.check()
-        self._validate_args(updated)
+        self._validate_args(updated, public_only=public_only)
         if any(k in changes for k in ("cron", "every_s", "timezone", "start_at", "end_at")) or (
             changes.get("enabled") and not current.enabled
         ):
@@ -312,10 +321,10 @@ class Schedules:
             **{"args": {}, **known},
         )
 
-    def _validate_args(self, record: ScheduleRecord) -> None:
+    def _validate_args(self, record: ScheduleRecord, *, public_only: bool = False) -> None:
         """The schedule's arguments must pass its task type's schema now (``422`` naming them)."""
         try:
-            task_type = self._yard.task_type(record.task)
+            task_type = self._yard.task_type(record.task, public_only=public_only)
         except ConveyorError:
             raise InvalidArguments(
                 f"task: no task type named {record.task!r}",

@@ -1,29 +1,28 @@
 """The ``/tasks`` API of DESIGN.md as a FastAPI router bound to one Conveyor instance."""
 
 import copy
-import json
 import re
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
-import orjson
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import serialization
 from ..blobs import safe_filename
 from ..core import MAX_DELAY_S
 from ..errors import ConveyorError, InvalidArguments, TaskStateConflict
 from ..record import TaskRecord
 from ..serialization import NumberOnly
 from ..status import TaskStatus
-from ..task import UNSET, validated
+from ..task import UNSET
 from .auth import tenant_resolver
 from .errors import documented, error_response
 from .routing import raw_endpoint, strict_route_class
+from .schedules import build_schedule_router
+from .shapes import TaskOut, json_response, parse_body
 
 if TYPE_CHECKING:
     from ..core import Conveyor
@@ -42,35 +41,6 @@ class SubmitRequest(BaseModel):
     )
     delay_s: Annotated[float | None, NumberOnly] = Field(default=None, ge=0, le=MAX_DELAY_S)
     timeout_s: Annotated[float | None, NumberOnly] = Field(default=None, gt=0, le=MAX_DELAY_S)
-
-
-class TaskLinks(BaseModel):
-    self: str
-    events: str
-    result: str
-
-
-class TaskOut(BaseModel):
-    """A task as the API shows it."""
-
-    id: str
-    name: str
-    status: TaskStatus
-    progress: float
-    message: str | None
-    args: dict[str, Any]
-    result: Any
-    error: dict[str, Any] | None
-    attempts: int
-    max_attempts: int
-    priority: int
-    timeout_s: float | None
-    cancel_requested: bool
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-    run_at: str
-    links: TaskLinks
 
 
 class TaskPage(BaseModel):
@@ -97,21 +67,6 @@ def require_result(record: TaskRecord) -> TaskRecord:
             reason += f": {record.error.get('type')}: {record.error.get('message')}"
         raise TaskStateConflict(reason + "; it has no result")
     return record
-
-
-def json_response(
-    body: Any, status_code: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    try:
-        content = orjson.dumps(body)
-    except TypeError:  # integers past 64 bits, lone surrogates: valid JSON orjson will not write
-        content = json.dumps(body, separators=(",", ":")).encode()
-    return Response(
-        content,
-        status_code=status_code,
-        media_type="application/json",
-        headers=headers,
-    )
 
 
 def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
@@ -356,6 +311,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
             }
         )
 
+    router.include_router(build_schedule_router(yard, prefix=prefix))
     return router
 
 
@@ -366,9 +322,6 @@ def located_in_body(exc: ConveyorError) -> ConveyorError:
         for item in exc.details
     ]
     return exc
-
-
-M = TypeVar("M", bound=BaseModel)
 
 
 def submit_schema(yard: "Conveyor") -> dict[str, Any]:
@@ -425,16 +378,4 @@ def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def parse_body(raw: bytes, model: type[M]) -> M:
-    """Strict JSON parsed and validated into ``model``; errors located under ``body``."""
-    try:
-        payload = serialization.loads(raw)
-    except serialization.JSONError as exc:
-        raise InvalidArguments(
-            "the body is not valid JSON",
-            details=[{"loc": ["body"], "msg": f"JSON decode error: {exc}", "type": "json_invalid"}],
-        ) from exc
-    return validated(model, payload, location=("body",), message="invalid request body")
-
-
-__all__ = ["InvalidArguments", "SubmitRequest", "TaskOut", "build_router"]
+__all__ = ["InvalidArguments", "SubmitRequest", "TaskOut", "build_router", "json_response"]

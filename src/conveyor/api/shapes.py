@@ -1,0 +1,72 @@
+"""What several routers answer with: the task as JSON, and strict JSON bodies."""
+
+import json
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import Response
+from pydantic import BaseModel
+
+from .. import serialization
+from ..errors import InvalidArguments
+from ..status import TaskStatus
+from ..task import validated
+
+
+class TaskLinks(BaseModel):
+    self: str
+    events: str
+    result: str
+
+
+class TaskOut(BaseModel):
+    """A task as the API shows it."""
+
+    id: str
+    name: str
+    status: TaskStatus
+    progress: float
+    message: str | None
+    args: dict[str, Any]
+    result: Any
+    error: dict[str, Any] | None
+    attempts: int
+    max_attempts: int
+    priority: int
+    timeout_s: float | None
+    cancel_requested: bool
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    run_at: str
+    links: TaskLinks
+
+
+def json_response(
+    body: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    try:
+        content = orjson.dumps(body)
+    except TypeError:  # integers past 64 bits, lone surrogates: valid JSON orjson will not write
+        content = json.dumps(body, separators=(",", ":")).encode()
+    return Response(
+        content,
+        status_code=status_code,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_body(raw: bytes, model: type[M]) -> M:
+    """Strict JSON parsed and validated into ``model``; errors located under ``body``."""
+    try:
+        payload = serialization.loads(raw)
+    except serialization.JSONError as exc:
+        raise InvalidArguments(
+            "the body is not valid JSON",
+            details=[{"loc": ["body"], "msg": f"JSON decode error: {exc}", "type": "json_invalid"}],
+        ) from exc
+    return validated(model, payload, location=("body",), message="invalid request body")

@@ -1,0 +1,191 @@
+"""The ``/schedules`` API over a real uvicorn: create, list, change, pause, resume, trigger, the
+next fire times with DST flagged, the history, bad schedules refused naming the field, and
+tenants kept apart."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from conveyor.service import create_app
+
+from .support.live import LiveServer, follow, service_settings
+
+
+@pytest.fixture
+def client(serve: Callable[[FastAPI], LiveServer], tmp_path: Path) -> Iterator[httpx.Client]:
+    with serve(create_app(service_settings(tmp_path))).client() as c:
+        yield c
+
+
+def hourly(**extra: Any) -> dict[str, Any]:
+    base = {"name": "hourly-echo", "task": "demo.echo", "args": {"value": 1}, "cron": "0 * * * *"}
+    return base | extra
+
+
+def test_create_list_change_and_delete(client: httpx.Client) -> None:
+    created = client.post("/schedules", json=hourly(timezone="Europe/Oslo"))
+    assert created.status_code == 201, created.text
+    schedule = created.json()
+    assert created.headers["location"] == f"/schedules/{schedule['id']}"
+    assert {"id", "name", "task", "next_fire_at", "enabled"} <= set(schedule)
+    assert schedule["enabled"] is True and schedule["task"] == "demo.echo"
+    assert schedule["next_fire_at"].endswith(":00:00Z")
+
+    again = client.post("/schedules", json=hourly())
+    assert again.status_code == 409, "a name is taken once per tenant"
+
+    listed = client.get("/schedules").json()["items"]
+    assert [s["id"] for s in listed] == [schedule["id"]]
+    assert client.get(f"/schedules/{schedule['id']}").json() == schedule
+
+    changed = client.patch(f"/schedules/{schedule['id']}", json={"every_s": 90, "cron": None})
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["every_s"] == 90 and changed.json()["cron"] is None
+    assert changed.json()["next_fire_at"] != schedule["next_fire_at"]
+
+    paused = client.post(f"/schedules/{schedule['id']}/pause").json()
+    assert paused["enabled"] is False
+    assert client.get(f"/schedules/{schedule['id']}/next").json()["items"] == []
+    resumed = client.post(f"/schedules/{schedule['id']}/resume").json()
+    assert resumed["enabled"] is True and resumed["next_fire_at"] is not None
+
+    assert client.delete(f"/schedules/{schedule['id']}").status_code == 204
+    assert client.get(f"/schedules/{schedule['id']}").status_code == 404
+    assert client.get("/schedules").json()["items"] == []
+
+
+def test_trigger_runs_once_and_is_in_the_history(client: httpx.Client) -> None:
+    schedule = client.post("/schedules", json=hourly(args={"value": "now"})).json()
+    triggered = client.post(f"/schedules/{schedule['id']}/trigger")
+    assert triggered.status_code == 202, triggered.text
+    task = follow(client, triggered.json()["id"])[0]
+    assert task["status"] == "completed" and task["result"] == "now"
+    fires = client.get(f"/schedules/{schedule['id']}/fires").json()
+    assert fires["next_cursor"] is None
+    assert [(f["outcome"], f["task_id"]) for f in fires["items"]] == [("triggered", task["id"])]
+    again = client.post(f"/schedules/{schedule['id']}/trigger").json()
+    assert again["id"] != task["id"], "each trigger is its own run"
+    page = client.get(f"/schedules/{schedule['id']}/fires", params={"limit": 1}).json()
+    assert len(page["items"]) == 1 and page["next_cursor"] is not None
+    rest = client.get(
+        f"/schedules/{schedule['id']}/fires", params={"limit": 1, "cursor": page["next_cursor"]}
+    ).json()
+    assert [f["task_id"] for f in page["items"] + rest["items"]] == [again["id"], task["id"]]
+
+
+def test_next_fires_flag_the_dst_gap_and_fold(client: httpx.Client) -> None:
+    """Europe/Oslo in 2027: 02:30 does not exist on 28 March and happens twice on 31 October."""
+    spring = client.post(
+        "/schedules",
+        json=hourly(
+            name="spring",
+            cron="30 2 * * *",
+            timezone="Europe/Oslo",
+            start_at="2027-03-27T00:00:00Z",
+            end_at="2027-03-30T00:00:00Z",
+        ),
+    ).json()
+    items = client.get(f"/schedules/{spring['id']}/next", params={"count": 5}).json()["items"]
+    assert [i["local"][:16] for i in items] == [
+        "2027-03-27T02:30",
+        "2027-03-28T03:00",  # the first instant after the gap
+        "2027-03-29T02:30",
+    ]
+    assert [i["dst_gap"] for i in items] == [False, True, False]
+    autumn = client.post(
+        "/schedules",
+        json=hourly(
+            name="autumn",
+            cron="30 2 * * *",
+            timezone="Europe/Oslo",
+            start_at="2027-10-30T00:00:00Z",
+            end_at="2027-11-01T00:00:00Z",
+        ),
+    ).json()
+    items = client.get(f"/schedules/{autumn['id']}/next").json()["items"]
+    assert [(i["utc"], i["dst_fold"]) for i in items] == [
+        ("2027-10-30T00:30:00Z", False),
+        ("2027-10-31T00:30:00Z", True),  # once, at the first of the two 02:30s
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (hourly(cron="every hour"), "cron"),
+        (hourly(cron="0 0 31 2 *"), "cron"),
+        (hourly(timezone="Mars/Olympus"), "timezone"),
+        (hourly(timezone="../../etc/passwd"), "timezone"),
+        (hourly(cron=None, every_s=0.5), "every_s"),
+        (hourly(cron=None, every_s="60"), "every_s"),
+        (hourly(args={"value": 1, "extra": 2}), "args"),
+        (hourly(task="no.such.type"), "task"),
+        (hourly(misfire="sometimes"), "misfire"),
+        (hourly(start_at="yesterday"), "start_at"),
+        (hourly(start_at="2027-01-01T00:00:00"), "start_at"),  # no time zone
+        (hourly(name=""), "name"),
+        (hourly(name="line\nbreak"), "name"),
+        (hourly(surprise=True), "surprise"),
+    ],
+)
+def test_bad_schedules_get_422_naming_the_field(
+    client: httpx.Client, body: dict[str, Any], field: str
+) -> None:
+    refused = client.post("/schedules", json=body)
+    assert refused.status_code == 422, refused.text
+    locations = [tuple(d["loc"]) for d in refused.json()["detail"]]
+    assert any(loc[:2] == ("body", field) for loc in locations), locations
+    assert client.get("/schedules").json()["items"] == [], "nothing was kept"
+
+
+def test_bad_changes_get_422_and_leave_the_schedule_alone(client: httpx.Client) -> None:
+    schedule = client.post("/schedules", json=hourly()).json()
+    for body, field in [
+        ({"task": None}, "task"),
+        ({"cron": "61 * * * *"}, "cron"),
+        ({"args": {"value": 1, "nope": 0}}, "args"),
+        ({"timezone": "Nowhere"}, "timezone"),
+        ({"cron": None}, "cron"),  # neither cron nor every_s left
+    ]:
+        refused = client.patch(f"/schedules/{schedule['id']}", json=body)
+        assert refused.status_code == 422, (body, refused.text)
+        assert refused.json()["detail"][0]["loc"][:2] == ["body", field], refused.json()
+    assert client.get(f"/schedules/{schedule['id']}").json() == schedule
+    assert client.patch(f"/schedules/{schedule['id']}", content=b"{").status_code == 422
+    assert client.get("/schedules/not-a-uuid").status_code == 422
+    unknown = "00000000-0000-7000-8000-000000000000"
+    assert client.get(f"/schedules/{unknown}").status_code == 404
+    assert client.post(f"/schedules/{unknown}/trigger").status_code == 404
+
+
+def test_a_tenant_sees_only_its_schedules(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path
+) -> None:
+    server = serve(create_app(service_settings(tmp_path, api_keys="alpha:ka,beta:kb")))
+    alpha = server.client(headers={"authorization": "Bearer ka"})
+    beta = server.client(headers={"authorization": "Bearer kb"})
+    with alpha, beta, server.client() as anonymous:
+        assert anonymous.get("/schedules").status_code == 401
+        mine = alpha.post("/schedules", json=hourly()).json()
+        theirs = beta.post("/schedules", json=hourly())
+        assert theirs.status_code == 201, "names are per tenant"
+        assert [s["id"] for s in beta.get("/schedules").json()["items"]] == [theirs.json()["id"]]
+        for method, path in [
+            ("GET", ""),
+            ("PATCH", ""),
+            ("DELETE", ""),
+            ("POST", "/pause"),
+            ("POST", "/trigger"),
+            ("GET", "/fires"),
+            ("GET", "/next"),
+        ]:
+            kwargs: dict[str, Any] = {"json": {"enabled": False}} if method == "PATCH" else {}
+            answer = beta.request(method, f"/schedules/{mine['id']}{path}", **kwargs)
+            assert answer.status_code == 404, (method, path, answer.text)
+        assert alpha.get(f"/schedules/{mine['id']}").json() == mine, "untouched"
