@@ -153,3 +153,34 @@ def test_resize_image_tutorial(example: Any) -> None:
     failed = client.get(f"/resize-status/{failed_id}").json()
     assert failed["status"] == "Failed" and "truncated" in failed["error"]
     assert client.get("/resize-status/00000000-0000-4000-8000-000000000000").status_code == 404
+
+
+def test_periodic_ingest(
+    example: Any, monkeypatch: pytest.MonkeyPatch, serve: Callable[[FastAPI], LiveServer]
+) -> None:
+    import anyio
+
+    from .support.api_server import Upstream, build_api
+
+    upstream = Upstream()
+    upstream.fill(95)
+    api = serve(build_api(upstream))
+    monkeypatch.setenv("SOURCE_URL", f"{api.url}/next")
+    monkeypatch.setenv("FETCH_EVERY_S", "1")
+    monkeypatch.setenv("CONVEYOR_INGEST_ALLOW_HOSTS", "127.0.0.1")
+    _, client = example("periodic_ingest")
+
+    async def until_two_fetches() -> list[dict[str, Any]]:
+        with anyio.fail_after(30):
+            while True:
+                done = [f for f in client.get("/items/fetches").json() if f["task_id"]]
+                if len(done) >= 2:
+                    return done
+                await anyio.sleep(0.1)
+
+    first, second = sorted(anyio.run(until_two_fetches), key=lambda f: f["fire_at"])[:2]
+    assert finished(client, first["task_id"])["result"]["inserted"] == 95
+    later = finished(client, second["task_id"])["result"]
+    assert later["inserted"] == 0 and later["unchanged"] == 95, "nothing twice"
+    stored = client.get("/items", params={"limit": 1000}).json()
+    assert sorted(r["id"] for r in stored) == list(range(1, 96))

@@ -78,6 +78,15 @@ class Settings(BaseSettings):
         gt=0,
         description="Celery engine: a queued task's message is sent again after this long.",
     )
+    ingest_database_url: str | None = Field(
+        default=None,
+        description="Where ingested tables live; defaults to sqlite:///<data_dir>/ingest.db.",
+    )
+    ingest_allow_hosts: str = Field(
+        default="",
+        description="Comma-separated hosts the ingestion may fetch although they resolve to "
+        "loopback or private addresses (every other inside address is refused).",
+    )
     retry_base_s: float = Field(default=1.0, ge=0)
     retry_max_s: float = Field(default=300.0, ge=0)
 

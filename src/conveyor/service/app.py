@@ -33,6 +33,10 @@ def build_yard(settings: Settings, *, run_workers: bool = True) -> Conveyor:
         from .csvstats import register_csv_tasks
 
         register_csv_tasks(yard)
+    if _available("sqlalchemy", "conveyor[ingest]", "the ingestion service"):
+        from .ingest import register_ingest_tasks
+
+        register_ingest_tasks(yard)
     return yard
 
 
@@ -71,6 +75,12 @@ def create_app(
         from .csvstats import build_csv_router
 
         app.include_router(build_csv_router(yard))
+    if "ingest.run" in yard.task_types:
+        from .ingest import build_ingest_router, ingestion_of
+
+        service = ingestion_of(yard)
+        if service is not None:
+            app.include_router(build_ingest_router(yard, service))
 
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
 

@@ -1,0 +1,361 @@
+"""Upserting JSON records into a table of a local database (SQLAlchemy Core; SQLite or
+PostgreSQL), one transaction per page, with the incremental cursor in the same transaction.
+
+The table has one column per top-level field (typed from the first value seen, added when a new
+field appears), the raw record as JSON beside them (``_raw``, the truth: a value that does not fit
+its column's type is kept there only), a content hash (``_hash``) so an unchanged record is not
+rewritten, and ``_row_id`` for reading it back in order. The primary key fields have a unique
+index and are the upsert's conflict target; within a page, the last record with a key wins.
+
+The cursor (the highest value of a record field such as ``updated_at``) moves in two steps: each
+page's transaction records the highest value it committed as ``pending_cursor``; the run's end
+makes it the ``cursor`` the next run starts from. A run cut short (a crash, a failed page)
+leaves ``cursor`` where the last complete run put it, so the next run fetches again what was
+not finished (the upsert makes that harmless) and the cursor is never ahead of the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+RESERVED = ("_row_id", "_raw", "_hash", "_ingested_at")
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+MAX_REJECTS = 100
+STATE = "conveyor_ingest_state"
+
+
+def state_table(metadata: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        STATE,
+        metadata,
+        sa.Column("source_id", sa.String(64), primary_key=True),
+        sa.Column("cursor", sa.Text),
+        sa.Column("pending_cursor", sa.Text),
+        sa.Column("updated_at", sa.Float, nullable=False),
+    )
+
+
+@dataclass(slots=True)
+class PageOutcome:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int" if -(2**63) <= value < 2**63 else "json"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "text"
+    return "json"
+
+
+_TYPES: dict[str, sa.types.TypeEngine[Any]] = {
+    "bool": sa.Boolean(),
+    "int": sa.BigInteger(),
+    "float": sa.Float(),
+    "text": sa.Text(),
+    "json": sa.Text(),
+}
+
+
+def _fits(kind: str, value: Any) -> Any:
+    """``value`` as its column of ``kind`` keeps it (None when it does not fit: in ``_raw``)."""
+    if value is None:
+        return None
+    found = _kind(value)
+    if found == kind:
+        return orjson.dumps(value).decode() if kind == "json" else value
+    if kind == "float" and found == "int":
+        return float(value)
+    if kind in ("text", "json"):
+        return orjson.dumps(value).decode() if found == "json" or kind == "json" else str(value)
+    return None
+
+
+def content_hash(record: dict[str, Any]) -> str:
+    text = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+def _comparable(value: Any) -> tuple[int, Any] | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return (0, value)
+    if isinstance(value, str):
+        return (1, value)
+    return None
+
+
+class Target:
+    """One source's table in the ingestion database."""
+
+    def __init__(self, engine: sa.Engine, table: str, primary_key: Sequence[str]) -> None:
+        self.engine = engine
+        self.name = table
+        self.primary_key = list(primary_key)
+        self.metadata = sa.MetaData()
+        self.state = state_table(self.metadata)
+        self.table: sa.Table | None = None
+        self.kinds: dict[str, str] = {}
+
+    # the table ------------------------------------------------------------------------------
+
+    def _load(self, conn: sa.Connection) -> None:
+        self.state.create(conn, checkfirst=True)
+        inspector = sa.inspect(conn)
+        if not inspector.has_table(self.name):
+            return
+        self.table = sa.Table(self.name, sa.MetaData(), autoload_with=conn)
+        for column in self.table.columns:
+            if column.name not in RESERVED:
+                self.kinds[column.name] = _kind_of_type(column.type)
+
+    def _create(self, conn: sa.Connection, sample: dict[str, Any]) -> None:
+        columns: list[sa.Column[Any]] = [
+            sa.Column("_row_id", sa.Integer, primary_key=True, autoincrement=True)
+        ]
+        for name in self.primary_key:
+            kind = _kind(sample.get(name))
+            kind = "text" if kind == "json" else kind
+            self.kinds[name] = kind
+            columns.append(sa.Column(name, _TYPES[kind], nullable=False))
+        columns += [
+            sa.Column("_raw", sa.Text, nullable=False),
+            sa.Column("_hash", sa.String(32), nullable=False),
+            sa.Column("_ingested_at", sa.Float, nullable=False),
+        ]
+        table = sa.Table(self.name, sa.MetaData(), *columns)
+        sa.Index(f"{self.name}_key", *[table.c[n] for n in self.primary_key], unique=True)
+        table.create(conn)
+        self.table = table
+
+    def _widen(self, conn: sa.Connection, records: list[dict[str, Any]]) -> None:
+        """Add a column for each field not seen before (named like an identifier)."""
+        assert self.table is not None
+        taken = {name.lower() for name in self.kinds} | set(RESERVED)
+        new: dict[str, str] = {}
+        for record in records:
+            for key, value in record.items():
+                if key.lower() in taken or key in new or not NAME.match(key) or value is None:
+                    continue
+                new[key] = _kind(value)
+                taken.add(key.lower())
+        if not new:
+            return
+        preparer = conn.dialect.identifier_preparer
+        for key, kind in new.items():
+            column_type = _TYPES[kind].compile(dialect=conn.dialect)
+            conn.exec_driver_sql(
+                f"ALTER TABLE {preparer.quote(self.name)} ADD COLUMN {preparer.quote(key)} "
+                f"{column_type}"
+            )
+            self.kinds[key] = kind
+            self.table.append_column(sa.Column(key, _TYPES[kind]), replace_existing=True)
+
+    # one page -------------------------------------------------------------------------------
+
+    def write_page(
+        self,
+        records: list[Any],
+        *,
+        source_id: str,
+        cursor_field: str | None = None,
+        page: int = 0,
+    ) -> PageOutcome:
+        """Upsert one page of records and record its cursor, in one transaction."""
+        outcome = PageOutcome()
+        keyed: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for index, record in enumerate(records):
+            reason = self._reason(record)
+            if reason is not None:
+                if len(outcome.rejected) < MAX_REJECTS:
+                    outcome.rejected.append({"page": page, "index": index, "reason": reason})
+                else:
+                    outcome.rejected.append({})  # counted, not kept
+                continue
+            keyed[tuple(record[name] for name in self.primary_key)] = record
+        with self.engine.begin() as conn:
+            if self.table is None:
+                self._load(conn)
+            if keyed:
+                if self.table is None:
+                    self._create(conn, next(iter(keyed.values())))
+                self._widen(conn, list(keyed.values()))
+                self._upsert(conn, keyed, outcome)
+            if cursor_field is not None:
+                self._move_pending(conn, source_id, keyed.values(), cursor_field)
+        return outcome
+
+    def _reason(self, record: Any) -> str | None:
+        if not isinstance(record, dict):
+            return f"not an object but {type(record).__name__}"
+        for name in self.primary_key:
+            value = record.get(name)
+            if value is None:
+                return f"no value for the key field {name!r}"
+            kind = self.kinds.get(name)
+            if _kind(value) == "json" or (kind is not None and _fits(kind, value) is None):
+                return f"the key field {name!r} holds {type(value).__name__}"
+        return None
+
+    def _upsert(
+        self,
+        conn: sa.Connection,
+        keyed: dict[tuple[Any, ...], dict[str, Any]],
+        outcome: PageOutcome,
+    ) -> None:
+        table = self.table
+        assert table is not None
+        key_columns = [table.c[name] for name in self.primary_key]
+        hashes = {key: content_hash(record) for key, record in keyed.items()}
+        existing: dict[tuple[Any, ...], str] = {}
+        keys = list(keyed)
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            if len(key_columns) == 1:
+                where = key_columns[0].in_([k[0] for k in chunk])
+            else:
+                where = sa.tuple_(*key_columns).in_(chunk)
+            for found in conn.execute(sa.select(*key_columns, table.c._hash).where(where)):
+                existing[tuple(found[:-1])] = found[-1]
+        now = time.time()
+        rows: list[dict[str, Any]] = []
+        for key, record in keyed.items():
+            known = existing.get(key)
+            if known == hashes[key]:
+                outcome.unchanged += 1
+                continue
+            if known is None:
+                outcome.inserted += 1
+            else:
+                outcome.updated += 1
+            row = {name: _fits(kind, record.get(name)) for name, kind in self.kinds.items()}
+            row.update(_raw=orjson.dumps(record).decode(), _hash=hashes[key], _ingested_at=now)
+            rows.append(row)
+        if not rows:
+            return
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(table)
+        changing = [c for c in table.columns if c.name not in (*self.primary_key, "_row_id")]
+        statement = statement.on_conflict_do_update(
+            index_elements=key_columns,
+            set_={c.name: statement.excluded[c.name] for c in changing},
+        )
+        conn.execute(statement, rows)
+
+    def _move_pending(
+        self,
+        conn: sa.Connection,
+        source_id: str,
+        records: Any,
+        cursor_field: str,
+    ) -> None:
+        values = [_comparable(r.get(cursor_field)) for r in records]
+        found = [v for v in values if v is not None]
+        if not found:
+            return
+        highest = max(found)
+        row = conn.execute(
+            sa.select(self.state.c.pending_cursor).where(self.state.c.source_id == source_id)
+        ).first()
+        pending = _decode(row[0]) if row is not None and row[0] is not None else None
+        current = _comparable(pending)
+        if current is not None and current >= highest:
+            return
+        encoded = orjson.dumps(highest[1]).decode()
+        if row is None:
+            conn.execute(
+                self.state.insert().values(
+                    source_id=source_id, pending_cursor=encoded, updated_at=time.time()
+                )
+            )
+        else:
+            conn.execute(
+                self.state.update()
+                .where(self.state.c.source_id == source_id)
+                .values(pending_cursor=encoded, updated_at=time.time())
+            )
+
+    # the cursor -----------------------------------------------------------------------------
+
+    def cursor(self, source_id: str) -> Any:
+        """The cursor the last complete run left (None: start from the beginning)."""
+        with self.engine.begin() as conn:
+            self.state.create(conn, checkfirst=True)
+            row = conn.execute(
+                sa.select(self.state.c.cursor).where(self.state.c.source_id == source_id)
+            ).first()
+        return _decode(row[0]) if row is not None and row[0] is not None else None
+
+    def finish_run(self, source_id: str) -> Any:
+        """The run ended: the pending cursor becomes the cursor. Returns the cursor now."""
+        with self.engine.begin() as conn:
+            self.state.create(conn, checkfirst=True)
+            row = conn.execute(
+                sa.select(self.state.c.cursor, self.state.c.pending_cursor).where(
+                    self.state.c.source_id == source_id
+                )
+            ).first()
+            if row is None:
+                return None
+            if row[1] is not None:
+                conn.execute(
+                    self.state.update()
+                    .where(self.state.c.source_id == source_id)
+                    .values(cursor=row[1], pending_cursor=None, updated_at=time.time())
+                )
+                return _decode(row[1])
+            return _decode(row[0]) if row[0] is not None else None
+
+    # reading back ---------------------------------------------------------------------------
+
+    def rows(self, *, after: int, limit: int) -> list[tuple[int, Any]]:
+        """``(row id, record)`` in insertion order after ``after``."""
+        with self.engine.connect() as conn:
+            if self.table is None:
+                self._load(conn)
+                conn.commit()
+            if self.table is None:
+                return []
+            table = self.table
+            found = conn.execute(
+                sa.select(table.c._row_id, table.c._raw)
+                .where(table.c._row_id > after)
+                .order_by(table.c._row_id)
+                .limit(limit)
+            ).all()
+        return [(int(row[0]), orjson.loads(row[1])) for row in found]
+
+    def drop(self) -> None:
+        with self.engine.begin() as conn:
+            sa.Table(self.name, sa.MetaData()).drop(conn, checkfirst=True)
+
+
+def _kind_of_type(column_type: sa.types.TypeEngine[Any]) -> str:
+    if isinstance(column_type, sa.Boolean):
+        return "bool"
+    if isinstance(column_type, sa.Integer):
+        return "int"
+    if isinstance(column_type, sa.Float | sa.Numeric):
+        return "float"
+    return "text"
+
+
+def _decode(text: str) -> Any:
+    return orjson.loads(text)

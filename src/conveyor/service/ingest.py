@@ -1,0 +1,604 @@
+"""The ingestion service: fetch an HTTP API on a schedule and upsert its records into a local
+database (``/ingest/sources``).
+
+A source says where to fetch (``url``, ``params``, write-only ``headers``), how to read
+(``records_path``, ``pagination``), what identifies a record (``primary_key``), how to fetch
+only what changed (``cursor``), when (``every_s`` or ``cron``, a schedule of the internal task
+type ``ingest.run``), within which limits, and into which ``table``. A run is a task like any
+other: progress, cancel, retry and SSE work unchanged; its result counts pages and rows.
+
+Sources, their tables and their cursors live in the ingestion database
+(``CONVEYOR_INGEST_DATABASE_URL``, by default ``ingest.db`` in the data folder): a page's rows
+and the cursor must share one transaction, so they share one database.
+"""
+
+import functools
+import time
+import weakref
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+from uuid import UUID
+
+import anyio
+import httpx
+import orjson
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+
+from ..api.auth import tenant_resolver
+from ..api.errors import documented
+from ..api.routing import strict_route_class
+from ..api.shapes import TaskOut, json_response, parse_body
+from ..context import TaskContext
+from ..cron import zone
+from ..errors import ConveyorError, InvalidArguments, ScheduleNotFound
+from ..ids import uuid7
+from ..jobs.fetch import FetchError, FetchStats, Limits, Pagination, pages
+from ..jobs.netguard import guarded_transport
+from ..jobs.upsert import MAX_REJECTS, Target
+
+if TYPE_CHECKING:
+    from ..core import Conveyor
+
+TASK = "ingest.run"
+HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$"
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+Clean = Annotated[str, Field(max_length=4096, pattern=r"^[^\x00\r\n]*$")]
+
+
+class PaginationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["none", "page_number", "offset", "cursor", "link_header", "next_url"] = "none"
+    param: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    start: int = Field(default=1, ge=0, le=1_000_000)
+    limit_param: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    page_size: int | None = Field(default=None, ge=1, le=100_000)
+    cursor_path: str = Field(default="next_cursor", min_length=1, max_length=200)
+    next_path: str = Field(default="next", min_length=1, max_length=200)
+
+
+class CursorIn(BaseModel):
+    """Incremental fetching: the highest ``field`` seen is sent back as ``param`` next run,
+    less ``lookback_s`` (for numbers and ISO-8601 times)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    field: str = Field(min_length=1, max_length=200)
+    param: str = Field(min_length=1, max_length=100)
+    lookback_s: float = Field(default=0, ge=0, le=366 * 86400)
+
+
+class SourceIn(BaseModel):
+    """Body of ``POST /ingest/sources``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")
+    url: HttpUrl
+    headers: dict[Annotated[str, Field(pattern=HEADER_NAME)], Clean] = Field(
+        default_factory=dict, max_length=50, description="Write-only: never shown again."
+    )
+    params: dict[Annotated[str, Field(min_length=1, max_length=200)], Clean] = Field(
+        default_factory=dict, max_length=100
+    )
+    records_path: str | None = Field(default=None, max_length=200)
+    primary_key: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, max_length=8
+    )
+    pagination: PaginationIn = Field(default_factory=PaginationIn)
+    cursor: CursorIn | None = None
+    every_s: float | None = Field(default=None, ge=1, le=366 * 86400)
+    cron: str | None = Field(default=None, min_length=1, max_length=200)
+    timezone: str = Field(default="UTC", min_length=1, max_length=64)
+    max_pages: int = Field(default=10_000, ge=1, le=1_000_000)
+    max_response_bytes: int = Field(default=50 * 1_048_576, ge=1024, le=1_073_741_824)
+    timeout_s: float = Field(default=30, gt=0, le=600)
+    rate_per_s: float | None = Field(default=None, gt=0, le=1000)
+    table: str | None = Field(default=None, pattern=IDENTIFIER)
+
+    @field_validator("primary_key", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            zone(value)
+        except InvalidArguments as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+    @model_validator(mode="after")
+    def _table_name(self) -> "SourceIn":
+        if self.url.scheme not in ("http", "https"):
+            raise ValueError("url: http or https only")
+        if self.every_s is not None and self.cron is not None:
+            raise ValueError("give every_s or cron, not both")
+        if self.table is None:
+            slug = "".join(c if c.isascii() and c.isalnum() else "_" for c in self.name.lower())
+            slug = slug[:50]
+            self.table = f"src_{slug}".rstrip("_")
+        if self.table.lower().startswith("conveyor_") or self.table.startswith("sqlite_"):
+            raise ValueError("table: names starting with conveyor_ or sqlite_ are reserved")
+        return self
+
+
+class SourceOut(BaseModel):
+    id: str
+    name: str
+    url: str
+    headers: list[str]
+    params: dict[str, str]
+    records_path: str | None
+    primary_key: list[str]
+    pagination: dict[str, Any]
+    cursor: dict[str, Any] | None
+    every_s: float | None
+    cron: str | None
+    timezone: str
+    max_pages: int
+    max_response_bytes: int
+    timeout_s: float
+    rate_per_s: float | None
+    table: str
+    schedule_id: str | None
+    created_at: float
+    links: dict[str, str]
+
+
+class SourcePage(BaseModel):
+    items: list[SourceOut]
+
+
+class RowPage(BaseModel):
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+def _sources_table(metadata: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        "conveyor_ingest_sources",
+        metadata,
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("owner", sa.String(200), nullable=False),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("spec", sa.Text, nullable=False),
+        sa.Column("headers", sa.Text, nullable=False),
+        sa.Column("table_name", sa.String(64), nullable=False, unique=True),
+        sa.Column("schedule_id", sa.String(64)),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.UniqueConstraint("owner", "name"),
+    )
+
+
+class SourceNotFound(ConveyorError):
+    """No source with that id (or not this tenant's)."""
+
+    status_code = 404
+
+
+class SourceConflict(ConveyorError):
+    """A source of that name, or a table of that name, exists already."""
+
+    status_code = 409
+
+
+_SERVICES: "weakref.WeakKeyDictionary[Conveyor, Ingestion]" = weakref.WeakKeyDictionary()
+
+
+def ingestion_of(yard: "Conveyor") -> "Ingestion | None":
+    """The ingestion service registered on ``yard`` (None: not registered)."""
+    return _SERVICES.get(yard)
+
+
+class Ingestion:
+    """The ingestion service of one Conveyor instance."""
+
+    def __init__(self, yard: "Conveyor") -> None:
+        self.yard = yard
+        settings = yard.settings
+        url = settings.ingest_database_url or f"sqlite:///{settings.data_dir / 'ingest.db'}"
+        if url.startswith("postgres://"):
+            url = "postgresql://" + url.removeprefix("postgres://")
+        self.url = url
+        self._engine: sa.Engine | None = None
+        self.metadata = sa.MetaData()
+        self.sources = _sources_table(self.metadata)
+        self.allow_hosts = [h.strip() for h in settings.ingest_allow_hosts.split(",") if h.strip()]
+        self.targets: dict[str, Target] = {}
+
+    @property
+    def engine(self) -> sa.Engine:
+        if self._engine is None:
+            if self.url.startswith("sqlite:///"):
+                self.yard.settings.data_dir.mkdir(parents=True, exist_ok=True)
+            engine = sa.create_engine(self.url, pool_pre_ping=True)
+            if engine.dialect.name == "sqlite":
+                sa.event.listen(engine, "connect", _sqlite_pragmas)
+            self.metadata.create_all(engine)
+            self._engine = engine
+        return self._engine
+
+    def client(self, timeout_s: float) -> httpx.AsyncClient:
+        """An HTTP client whose every connection passes the SSRF guard; at most 3 redirects."""
+        return httpx.AsyncClient(
+            transport=guarded_transport(self.allow_hosts),
+            timeout=timeout_s,
+            follow_redirects=True,
+            max_redirects=3,
+            trust_env=False,
+        )
+
+    # sources --------------------------------------------------------------------------------
+
+    async def create(self, spec: SourceIn, *, owner: str) -> dict[str, Any]:
+        source_id = uuid7()
+        body = spec.model_dump(mode="json", exclude={"headers"})
+        table = spec.table
+        assert table is not None
+        row = {
+            "id": source_id,
+            "owner": owner,
+            "name": spec.name,
+            "spec": orjson.dumps(body).decode(),
+            "headers": orjson.dumps(spec.headers).decode(),
+            "table_name": spec.table,
+            "schedule_id": None,
+            "created_at": time.time(),
+        }
+
+        def insert() -> None:
+            with self.engine.begin() as conn:
+                taken = conn.execute(
+                    sa.select(self.sources.c.owner, self.sources.c.name).where(
+                        sa.or_(
+                            sa.and_(
+                                self.sources.c.owner == owner, self.sources.c.name == spec.name
+                            ),
+                            self.sources.c.table_name == spec.table,
+                        )
+                    )
+                ).first()
+                if taken is not None:
+                    what = "name" if taken[1] == spec.name and taken[0] == owner else "table"
+                    raise SourceConflict(f"a source with this {what} exists already")
+                if sa.inspect(conn).has_table(table):
+                    raise SourceConflict(f"table {table!r} exists already")
+                conn.execute(self.sources.insert().values(**row))
+
+        await anyio.to_thread.run_sync(insert)
+        if spec.every_s is not None or spec.cron is not None:
+            try:
+                schedule = await self.yard.schedules.create(
+                    f"ingest:{spec.name}",
+                    {
+                        "task": TASK,
+                        "args": {"source_id": source_id},
+                        "every_s": spec.every_s,
+                        "cron": spec.cron,
+                        "timezone": spec.timezone,
+                    },
+                    owner=owner,
+                )
+            except ConveyorError:
+                await anyio.to_thread.run_sync(self._delete_row, source_id)
+                raise
+            row["schedule_id"] = schedule.id
+            await anyio.to_thread.run_sync(self._set_schedule, source_id, schedule.id)
+        return _shown(row)
+
+    def _set_schedule(self, source_id: str, schedule_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                self.sources.update()
+                .where(self.sources.c.id == source_id)
+                .values(schedule_id=schedule_id)
+            )
+
+    def _delete_row(self, source_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(self.sources.delete().where(self.sources.c.id == source_id))
+
+    def _row(self, source_id: str, owner: str | None) -> dict[str, Any]:
+        query = sa.select(self.sources).where(self.sources.c.id == source_id)
+        if owner is not None:
+            query = query.where(self.sources.c.owner == owner)
+        with self.engine.connect() as conn:
+            found = conn.execute(query).mappings().first()
+        if found is None:
+            raise SourceNotFound(f"no source with id {source_id}")
+        return dict(found)
+
+    async def get(self, source_id: str, *, owner: str | None) -> dict[str, Any]:
+        return _shown(await anyio.to_thread.run_sync(self._row, source_id, owner))
+
+    async def list_sources(self, *, owner: str) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            query = (
+                sa.select(self.sources)
+                .where(self.sources.c.owner == owner)
+                .order_by(self.sources.c.created_at)
+            )
+            with self.engine.connect() as conn:
+                return [dict(r) for r in conn.execute(query).mappings()]
+
+        return [_shown(row) for row in await anyio.to_thread.run_sync(read)]
+
+    async def delete(self, source_id: str, *, owner: str) -> None:
+        """Forget a source, its schedule, its table and its cursor."""
+        row = await anyio.to_thread.run_sync(self._row, source_id, owner)
+        if row["schedule_id"] is not None:
+            try:
+                await self.yard.schedules.delete(row["schedule_id"], owner=owner)
+            except ScheduleNotFound:
+                pass
+
+        def drop() -> None:
+            target = self.target(row)
+            target.drop()
+            with self.engine.begin() as conn:
+                conn.execute(target.state.delete().where(target.state.c.source_id == source_id))
+                conn.execute(self.sources.delete().where(self.sources.c.id == source_id))
+            self.targets.pop(source_id, None)
+
+        await anyio.to_thread.run_sync(drop)
+
+    async def start_run(self, source_id: str, *, owner: str) -> Any:
+        await anyio.to_thread.run_sync(self._row, source_id, owner)
+        record, _ = await self.yard.submit(TASK, {"source_id": source_id}, owner=owner)
+        return record
+
+    def target(self, row: dict[str, Any]) -> Target:
+        target = self.targets.get(row["id"])
+        if target is None:
+            spec = orjson.loads(row["spec"])
+            target = Target(self.engine, row["table_name"], spec["primary_key"])
+            self.targets[row["id"]] = target
+        return target
+
+    async def rows(
+        self, source_id: str, *, owner: str, after: int, limit: int
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        row = await anyio.to_thread.run_sync(self._row, source_id, owner)
+        target = self.target(row)
+        found = await anyio.to_thread.run_sync(lambda: target.rows(after=after, limit=limit + 1))
+        page = found[:limit]
+        next_cursor = str(page[-1][0]) if len(found) > limit else None
+        return [record for _, record in page], next_cursor
+
+    # one run --------------------------------------------------------------------------------
+
+    async def run(self, ctx: TaskContext, source_id: str) -> dict[str, Any]:
+        row = await anyio.to_thread.run_sync(self._row, source_id, None)
+        spec = orjson.loads(row["spec"])
+        headers: dict[str, str] = orjson.loads(row["headers"])
+        target = self.target(row)
+        cursor_spec = spec.get("cursor")
+        cursor_before = await anyio.to_thread.run_sync(target.cursor, source_id)
+        params = dict(spec["params"])
+        if cursor_spec is not None and cursor_before is not None:
+            params[cursor_spec["param"]] = _looked_back(cursor_before, cursor_spec["lookback_s"])
+        limits = Limits(
+            max_pages=spec["max_pages"],
+            max_response_bytes=spec["max_response_bytes"],
+            timeout_s=spec["timeout_s"],
+            rate_per_s=spec["rate_per_s"],
+        )
+        stats = FetchStats()
+        totals = {"inserted": 0, "updated": 0, "unchanged": 0}
+        rejects: list[dict[str, Any]] = []
+        rejected = 0
+        async with self.client(spec["timeout_s"]) as client:
+            try:
+                async for page in pages(
+                    client,
+                    spec["url"],
+                    params=params,
+                    headers=headers,
+                    records_path=spec["records_path"],
+                    pagination=Pagination(**spec["pagination"]),
+                    limits=limits,
+                    stats=stats,
+                ):
+                    ctx.raise_if_cancelled()
+                    write = functools.partial(
+                        target.write_page,
+                        page.records,
+                        source_id=source_id,
+                        cursor_field=cursor_spec["field"] if cursor_spec else None,
+                        page=page.number,
+                    )
+                    outcome = await anyio.to_thread.run_sync(write)
+                    totals["inserted"] += outcome.inserted
+                    totals["updated"] += outcome.updated
+                    totals["unchanged"] += outcome.unchanged
+                    rejected += len(outcome.rejected)
+                    room = MAX_REJECTS - len(rejects)
+                    rejects += [r for r in outcome.rejected if r][: max(room, 0)]
+                    rows = sum(totals.values())
+                    await ctx.progress(
+                        min(99.0, 100.0 * page.number / limits.max_pages),
+                        f"{page.number} pages, {rows} rows",
+                    )
+            except FetchError as exc:
+                raise IngestFailed(str(exc)) from None
+        cursor_after = await anyio.to_thread.run_sync(target.finish_run, source_id)
+        return {
+            "source_id": source_id,
+            "table": row["table_name"],
+            "pages": stats.pages,
+            "rows_inserted": totals["inserted"],
+            "rows_updated": totals["updated"],
+            "rows_unchanged": totals["unchanged"],
+            "rows_rejected": rejected,
+            "rejects": rejects,
+            "bytes": stats.bytes,
+            "retries": stats.retries,
+            "truncated": stats.truncated,
+            "cursor_before": cursor_before,
+            "cursor_after": cursor_after,
+        }
+
+
+class IngestFailed(Exception):
+    """A run that could not go on (the server's answer, the limits, the guard)."""
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _looked_back(value: Any, lookback_s: float) -> str:
+    """The cursor to send: ``value`` less ``lookback_s`` (numbers, ISO-8601 times)."""
+    if not lookback_s:
+        return str(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value - lookback_s)
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value
+        earlier = (moment - timedelta(seconds=lookback_s)).isoformat()
+        return earlier.replace("+00:00", "Z") if value.endswith("Z") else earlier
+    return str(value)
+
+
+def _shown(row: dict[str, Any]) -> dict[str, Any]:
+    """A source as the API shows it: header names only, never their values."""
+    spec = orjson.loads(row["spec"]) if isinstance(row["spec"], str) else row["spec"]
+    headers = orjson.loads(row["headers"]) if isinstance(row["headers"], str) else row["headers"]
+    return {
+        "id": row["id"],
+        **{k: v for k, v in spec.items() if k not in ("name", "table")},
+        "name": row["name"],
+        "headers": sorted(headers),
+        "table": row["table_name"],
+        "schedule_id": row["schedule_id"],
+        "created_at": row["created_at"],
+        "links": {
+            "self": f"/ingest/sources/{row['id']}",
+            "run": f"/ingest/sources/{row['id']}/run",
+            "rows": f"/ingest/sources/{row['id']}/rows",
+        },
+    }
+
+
+def register_ingest_tasks(yard: "Conveyor") -> Ingestion:
+    """Register ``ingest.run`` (internal: submitted by the routes and the sources' schedules)."""
+    service = Ingestion(yard)
+
+    async def ingest_run(ctx: TaskContext, source_id: str) -> dict[str, Any]:
+        """Fetch the source's pages and upsert their records (one transaction per page)."""
+        return await service.run(ctx, source_id)
+
+    # a run lost with its worker is run again (its pages are upserts); a run the API refused is
+    # not retried here: the fetcher already retried what a retry can fix
+    yard.task(
+        name=TASK,
+        public=False,
+        timeout_s=3600,
+        retries=2,
+        retry_on=(sa.exc.OperationalError,),
+        concurrency=4,
+        idempotent=True,
+    )(ingest_run)
+    _SERVICES[yard] = service
+    return service
+
+
+SourceId = Annotated[UUID, Path(description="The source's id (a UUID).")]
+
+
+def build_ingest_router(yard: "Conveyor", service: Ingestion) -> APIRouter:
+    tenant = tenant_resolver(yard.settings)
+    Tenant = Annotated[str, Depends(tenant)]
+    router = APIRouter(
+        prefix="/ingest",
+        tags=["ingestion"],
+        route_class=strict_route_class(yard.settings.max_body_bytes),
+    )
+
+    @router.post(
+        "/sources",
+        status_code=201,
+        summary="Add a source (and its schedule, with every_s or cron)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": SourceIn.model_json_schema()}},
+            }
+        },
+        responses={201: {"model": SourceOut}, **documented(409, 422)},
+        response_class=Response,
+    )
+    async def create(request: Request, owner: Tenant) -> Response:
+        spec = parse_body(await request.body(), SourceIn)
+        source = await service.create(spec, owner=owner)
+        return json_response(source, 201, {"Location": source["links"]["self"]})
+
+    @router.get("/sources", response_model=SourcePage, response_class=Response)
+    async def list_sources(owner: Tenant) -> Response:
+        return json_response({"items": await service.list_sources(owner=owner)})
+
+    @router.get(
+        "/sources/{source_id}",
+        response_model=SourceOut,
+        responses=documented(404, 422),
+        response_class=Response,
+    )
+    async def get(source_id: SourceId, owner: Tenant) -> Response:
+        return json_response(await service.get(str(source_id), owner=owner))
+
+    @router.delete(
+        "/sources/{source_id}",
+        status_code=204,
+        summary="Forget a source, its schedule, its table and its cursor",
+        responses=documented(404, 422),
+        response_class=Response,
+    )
+    async def delete(source_id: SourceId, owner: Tenant) -> Response:
+        await service.delete(str(source_id), owner=owner)
+        return Response(status_code=204)
+
+    @router.post(
+        "/sources/{source_id}/run",
+        status_code=202,
+        summary="Run the source now: 202 + the task",
+        responses={202: {"model": TaskOut}, **documented(404, 422, 429)},
+        response_class=Response,
+    )
+    async def run(source_id: SourceId, owner: Tenant) -> Response:
+        record = await service.start_run(str(source_id), owner=owner)
+        return json_response(record.to_json(), 202, {"Location": f"/tasks/{record.id}"})
+
+    @router.get(
+        "/sources/{source_id}/rows",
+        summary="The source's table, in the order rows were first stored",
+        response_model=RowPage,
+        responses=documented(404, 422),
+        response_class=Response,
+    )
+    async def rows(
+        source_id: SourceId,
+        owner: Tenant,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: Annotated[str | None, Query(max_length=18, pattern=r"^[0-9]+$")] = None,
+    ) -> Response:
+        items, next_cursor = await service.rows(
+            str(source_id), owner=owner, after=int(cursor or 0), limit=limit
+        )
+        return json_response({"items": items, "next_cursor": next_cursor})
+
+    return router
+
+
+__all__ = ["Ingestion", "InvalidArguments", "build_ingest_router", "register_ingest_tasks"]

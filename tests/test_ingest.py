@@ -1,0 +1,412 @@
+"""The ingestion service end to end: a real JSON API on loopback, the ready service on uvicorn,
+runs as tasks, the local table read back; the SSRF guard's rules as a table, and its refusals
+shown to happen before any connection (never beyond loopback)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from conveyor.jobs.fetch import retry_after_s
+from conveyor.jobs.netguard import refusal
+from conveyor.service import create_app
+
+from .support.api_server import Upstream, build_api
+from .support.live import LiveServer, follow, service_settings
+
+SECRET = "Bearer s3cr3t-token-value"
+
+
+@pytest.fixture
+def upstream() -> Upstream:
+    data = Upstream()
+    data.fill(95)
+    return data
+
+
+@pytest.fixture
+def api(serve: Callable[[FastAPI], LiveServer], upstream: Upstream) -> LiveServer:
+    return serve(build_api(upstream))
+
+
+@pytest.fixture
+def client(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path, api: LiveServer
+) -> Iterator[httpx.Client]:
+    settings = service_settings(tmp_path, ingest_allow_hosts="127.0.0.1")
+    with serve(create_app(settings)).client() as c:
+        yield c
+
+
+def source(api: LiveServer, path: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": path.strip("/").replace("/", "-") or "root",
+        "url": f"{api.url}{path}",
+        "primary_key": "id",
+        **extra,
+    }
+
+
+def run(client: httpx.Client, source_id: str) -> dict[str, Any]:
+    started = client.post(f"/ingest/sources/{source_id}/run")
+    assert started.status_code == 202, started.text
+    return follow(client, started.json()["id"])[0]
+
+
+def all_rows(client: httpx.Client, source_id: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 40} | ({"cursor": cursor} if cursor else {})
+        page = client.get(f"/ingest/sources/{source_id}/rows", params=params).json()
+        rows += page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return rows
+
+
+PAGINATIONS = [
+    ("/pages", {"records_path": "data.items", "pagination": {"type": "page_number"}}),
+    (
+        "/offset",
+        {"pagination": {"type": "offset", "limit_param": "limit", "page_size": 10}},
+    ),
+    (
+        "/cursor",
+        {
+            "records_path": "items",
+            "pagination": {"type": "cursor", "param": "cursor", "cursor_path": "meta.next"},
+        },
+    ),
+    ("/link", {"pagination": {"type": "link_header"}}),
+    ("/next", {"records_path": "results", "pagination": {"type": "next_url"}}),
+]
+
+
+@pytest.mark.parametrize(("path", "extra"), PAGINATIONS, ids=[p for p, _ in PAGINATIONS])
+def test_every_pagination_style_lands_each_record_once(
+    client: httpx.Client, api: LiveServer, path: str, extra: dict[str, Any]
+) -> None:
+    created = client.post("/ingest/sources", json=source(api, path, **extra))
+    assert created.status_code == 201, created.text
+    task = run(client, created.json()["id"])
+    assert task["status"] == "completed", task["error"]
+    result = task["result"]
+    assert result["rows_inserted"] == 95 and result["rows_rejected"] == 0, result
+    assert result["pages"] >= 10
+    rows = all_rows(client, created.json()["id"])
+    assert sorted(r["id"] for r in rows) == list(range(1, 96))
+    assert rows[0]["tags"] == ["a", "b"], "the record is kept whole"
+
+
+def test_second_run_rewrites_nothing_and_changes_are_updates(
+    client: httpx.Client, api: LiveServer, upstream: Upstream
+) -> None:
+    body = source(api, "/pages", records_path="data.items", pagination={"type": "page_number"})
+    source_id = client.post("/ingest/sources", json=body).json()["id"]
+    first = run(client, source_id)["result"]
+    assert (first["rows_inserted"], first["rows_updated"]) == (95, 0)
+    second = run(client, source_id)["result"]
+    assert (second["rows_inserted"], second["rows_updated"], second["rows_unchanged"]) == (0, 0, 95)
+    upstream.records[3]["price"] = 999.0
+    upstream.records.append({"id": 500, "name": "new", "colour": "red"})  # a new field
+    third = run(client, source_id)["result"]
+    assert (third["rows_inserted"], third["rows_updated"], third["rows_unchanged"]) == (1, 1, 94)
+    rows = {r["id"]: r for r in all_rows(client, source_id)}
+    assert rows[4]["price"] == 999.0 and rows[500]["colour"] == "red" and len(rows) == 96
+
+
+def test_records_without_key_or_not_objects_are_rejected_with_the_reason(
+    client: httpx.Client, api: LiveServer, upstream: Upstream
+) -> None:
+    upstream.records = [{"id": 1, "a": 1}, {"name": "no key"}, 7, {"id": 1, "a": 2}]
+    source_id = client.post("/ingest/sources", json=source(api, "/offset")).json()["id"]
+    result = run(client, source_id)["result"]
+    assert result["rows_inserted"] == 1 and result["rows_rejected"] == 2
+    reasons = [r["reason"] for r in result["rejects"]]
+    assert any("'id'" in r for r in reasons) and any("not an object" in r for r in reasons)
+    assert all_rows(client, source_id) == [{"id": 1, "a": 2}], "within a page the last wins"
+
+
+def test_incremental_cursor_is_sent_back_with_lookback(
+    client: httpx.Client, api: LiveServer, upstream: Upstream
+) -> None:
+    body = source(
+        api, "/since", cursor={"field": "updated_at", "param": "updated_since", "lookback_s": 5}
+    )
+    source_id = client.post("/ingest/sources", json=body).json()["id"]
+    first = run(client, source_id)["result"]
+    assert first["cursor_before"] is None and first["cursor_after"] == "2026-01-01T00:01:35Z"
+    upstream.requests.clear()
+    second = run(client, source_id)["result"]
+    assert "updated_since=2026-01-01T00%3A01%3A30Z" in upstream.requests[0], upstream.requests
+    assert (second["rows_inserted"], second["rows_unchanged"]) == (0, 6), "the last 6 seconds"
+
+
+def test_rate_limits_and_outages_are_retried(
+    client: httpx.Client, api: LiveServer, upstream: Upstream
+) -> None:
+    upstream.failures_left = 4  # 503, 429, 503, 429 with Retry-After: 0
+    body = source(
+        api, "/flaky/pages", records_path="data.items", pagination={"type": "page_number"}
+    )
+    source_id = client.post("/ingest/sources", json=body).json()["id"]
+    result = run(client, source_id)["result"]
+    assert result["retries"] == 4 and result["rows_inserted"] == 95
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "message"),
+    [
+        ("/html", {}, "HTML page"),
+        ("/truncated", {}, "not valid JSON"),
+        ("/bomb", {"max_response_bytes": 1_000_000}, "byte limit"),
+        ("/loop", {"records_path": "results", "pagination": {"type": "next_url"}}, "already"),
+        ("/wait-long", {}, "rate-limited"),
+        ("/slow", {"timeout_s": 0.5}, "ReadTimeout"),
+        ("/missing", {}, "404"),
+    ],
+)
+def test_bad_answers_fail_the_run_with_a_clear_error(
+    client: httpx.Client, api: LiveServer, path: str, extra: dict[str, Any], message: str
+) -> None:
+    body = source(api, path, **extra) | {"name": f"bad{path.replace('/', '-')}"}
+    source_id = client.post("/ingest/sources", json=body).json()["id"]
+    task = run(client, source_id)
+    assert task["status"] == "failed"
+    assert message in task["error"]["message"], task["error"]
+    assert client.get("/health").status_code == 200, "the service is up"
+
+
+def test_headers_are_sent_but_never_shown(
+    client: httpx.Client, api: LiveServer, upstream: Upstream
+) -> None:
+    body = source(api, "/offset", headers={"Authorization": SECRET, "X-Api-Key": "k-123456"})
+    created = client.post("/ingest/sources", json=body)
+    assert created.status_code == 201
+    source_id = created.json()["id"]
+    task = run(client, source_id)
+    assert task["status"] == "completed"
+    assert upstream.seen_headers[-1]["authorization"] == SECRET
+    shown = [
+        created.text,
+        client.get(f"/ingest/sources/{source_id}").text,
+        client.get("/ingest/sources").text,
+        client.get(f"/tasks/{task['id']}").text,
+        client.get("/tasks").text,
+    ]
+    for text in shown:
+        assert "s3cr3t" not in text and "k-123456" not in text
+    assert client.get(f"/ingest/sources/{source_id}").json()["headers"] == [
+        "Authorization",
+        "X-Api-Key",
+    ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.2:{port}/pages",  # loopback, not in the allowlist
+        "http://localhost:{port}/pages",  # a name resolving to loopback
+        "http://[::ffff:127.0.0.2]:{port}/pages",  # IPv4-mapped IPv6
+        "http://127.0.0.1:{port}/inside",  # allowed, but redirects inside
+    ],
+)
+def test_inside_addresses_are_refused_before_connecting(
+    client: httpx.Client, api: LiveServer, upstream: Upstream, url: str
+) -> None:
+    body = {"name": "inside", "url": url.format(port=api.port), "primary_key": "id"}
+    source_id = client.post("/ingest/sources", json=body).json()["id"]
+    task = run(client, source_id)
+    assert task["status"] == "failed" and "refused" in task["error"]["message"], task["error"]
+    assert all("/pages" not in r for r in upstream.requests), "no request reached the address"
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        ("8.8.8.8", False),
+        ("2606:4700:4700::1111", False),
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("10.1.2.3", True),
+        ("172.16.0.1", True),
+        ("192.168.1.1", True),
+        ("169.254.169.254", True),  # cloud metadata
+        ("fe80::1", True),
+        ("100.64.0.1", True),  # carrier-grade NAT
+        ("224.0.0.1", True),
+        ("ff02::1", True),
+        ("0.0.0.0", True),
+        ("::", True),
+        ("240.0.0.1", True),
+        ("255.255.255.255", True),
+        ("::ffff:127.0.0.1", True),
+        ("::ffff:169.254.169.254", True),
+        ("::ffff:8.8.8.8", False),
+        ("64:ff9b::a9fe:a9fe", True),  # NAT64 of 169.254.169.254
+        ("2002:7f00:1::", True),  # 6to4 of 127.0.0.1
+        ("fc00::1", True),
+        ("not an address", True),
+    ],
+)
+def test_address_rules(address: str, refused: bool) -> None:
+    assert (refusal(address) is not None) is refused, refusal(address)
+
+
+def test_retry_after_in_seconds_or_as_a_date() -> None:
+    assert retry_after_s("7") == 7.0
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert retry_after_s("soon") is None and retry_after_s(None) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"url": "ftp://example.com/x"}, "url"),
+        ({"url": "not a url"}, "url"),
+        ({"primary_key": []}, "primary_key"),
+        ({"headers": {"X-Bad": "a\r\nInjected: 1"}}, "headers"),
+        ({"headers": {"Bad Name": "v"}}, "headers"),
+        ({"pagination": {"type": "magic"}}, "pagination"),
+        ({"table": "drop table x;"}, "table"),
+        ({"every_s": 0.1}, "every_s"),
+        ({"cron": "0 0 31 2 *"}, "cron"),
+        ({"timezone": "Mars/Olympus"}, "timezone"),
+    ],
+)
+def test_bad_sources_get_422(client: httpx.Client, body: dict[str, Any], field: str) -> None:
+    base = {"name": "bad", "url": "https://example.com/api", "primary_key": "id"}
+    refused = client.post("/ingest/sources", json=base | body)
+    assert refused.status_code == 422, refused.text
+    assert field in refused.text
+    assert client.get("/ingest/sources").json()["items"] == [], "nothing was kept"
+
+
+def test_a_scheduled_source_runs_on_its_own_and_tenants_are_apart(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path, api: LiveServer
+) -> None:
+    settings = service_settings(
+        tmp_path, ingest_allow_hosts="127.0.0.1", api_keys="alpha:ka,beta:kb"
+    )
+    server = serve(create_app(settings))
+    alpha = server.client(headers={"authorization": "Bearer ka"})
+    beta = server.client(headers={"authorization": "Bearer kb"})
+    with alpha, beta:
+        body = source(api, "/offset", every_s=1)
+        created = alpha.post("/ingest/sources", json=body)
+        assert created.status_code == 201, created.text
+        mine = created.json()
+        schedules = alpha.get("/schedules").json()["items"]
+        assert [s["id"] for s in schedules] == [mine["schedule_id"]]
+        import anyio
+
+        async def until_fired() -> list[dict[str, Any]]:
+            with anyio.fail_after(20):
+                while True:
+                    fires = alpha.get(f"/schedules/{mine['schedule_id']}/fires").json()["items"]
+                    if fires and fires[-1]["task_id"]:
+                        return list(fires)
+                    await anyio.sleep(0.1)
+
+        fires = anyio.run(until_fired)
+        task = follow(alpha, fires[-1]["task_id"])[0]
+        assert task["status"] == "completed", task["error"]
+        assert task["result"]["rows_inserted"] == 10, "the first fire's run: one page of 10"
+        for path in ["", "/rows"]:
+            assert beta.get(f"/ingest/sources/{mine['id']}{path}").status_code == 404
+        assert beta.post(f"/ingest/sources/{mine['id']}/run").status_code == 404
+        assert beta.delete(f"/ingest/sources/{mine['id']}").status_code == 404
+        assert beta.get("/ingest/sources").json()["items"] == []
+        assert alpha.delete(f"/ingest/sources/{mine['id']}").status_code == 204
+        assert alpha.get("/schedules").json()["items"] == [], "its schedule went with it"
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_mid_run_keeps_each_record_once_and_the_cursor_behind_the_data(
+    tmp_path: Path, api: LiveServer, upstream: Upstream
+) -> None:
+    """The server is killed while a run is half way; the table then holds each record once and
+    no cursor ahead of it; after the restart the run is recovered and completes."""
+    import os
+    import sqlite3
+    import sys
+
+    from .support.live import free_port
+    from .support.process import Process
+
+    upstream.fill(1000)
+    upstream.page_delay_s = 0.05
+    env = {
+        **os.environ,
+        "CONVEYOR_DATA_DIR": str(tmp_path),
+        "CONVEYOR_LEASE_S": "2",
+        "CONVEYOR_INGEST_ALLOW_HOSTS": "127.0.0.1",
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
+
+    def serve(port: int) -> Process:
+        return Process(["serve", "--port", str(port)], env, "Uvicorn running on")
+
+    def stored() -> tuple[list[int], str | None, str | None]:
+        with sqlite3.connect(tmp_path / "ingest.db") as db:
+            ids = [row[0] for row in db.execute("SELECT id FROM src_slow")]
+            state = db.execute(
+                "SELECT cursor, pending_cursor FROM conveyor_ingest_state"
+            ).fetchone()
+        return ids, *(state or (None, None))
+
+    port = free_port()
+    server = serve(port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            body = source(
+                api,
+                "/slow-pages",
+                name="slow",
+                pagination={"type": "page_number"},
+                cursor={"field": "updated_at", "param": "since"},
+            )
+            source_id = client.post("/ingest/sources", json=body).json()["id"]
+            task_id = client.post(f"/ingest/sources/{source_id}/run").json()["id"]
+            for _, event in follow_events(client, task_id):
+                pages_done = (event.get("message") or "0 pages").split(" ")[0]
+                if event.get("status") is None and int(pages_done) >= 30:  # a third of the way
+                    break
+    finally:
+        server.kill()
+    ids, cursor, pending = stored()
+    assert 0 < len(ids) < 1000 and len(ids) == len(set(ids)), "each record once"
+    assert cursor is None, "the run did not end: no cursor for the next run yet"
+    highest = max(upstream.records[i - 1]["updated_at"] for i in ids)
+    assert pending is not None and pending.strip('"') <= highest, "the cursor is not ahead"
+
+    port = free_port()
+    server = serve(port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            task = follow(client, task_id)[0]
+    finally:
+        server.kill()
+    assert task["status"] == "completed" and task["attempts"] == 2, task
+    ids, cursor, pending = stored()
+    assert sorted(ids) == list(range(1, 1001))
+    assert cursor == '"2026-01-01T00:16:40Z"' and pending is None
+
+
+def follow_events(client: httpx.Client, task_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    import json
+
+    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
+        kind = ""
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line.partition(":")[2].strip()
+            elif line.startswith("data:"):
+                yield kind, json.loads(line.partition(":")[2])
