@@ -46,7 +46,7 @@ async def fetch_items(ctx: TaskContext) -> dict[str, int]:
             counts["inserted"] += outcome.inserted
             counts["updated"] += outcome.updated
             counts["unchanged"] += outcome.unchanged
-            await ctx.progress(0, f"{counts['pages']} pages")
+            ctx.progress(0, f"{counts['pages']} pages")
     return counts
 
 

@@ -1,5 +1,5 @@
-"""Upserting JSON records into a table of a local database (SQLAlchemy Core; SQLite or
-PostgreSQL), one transaction per page, with the incremental cursor in the same transaction.
+"""Upserting JSON records into a table of a local database (SQLAlchemy Core; written for SQLite and
+PostgreSQL, tested on SQLite), one transaction per page, with the cursor in the same transaction.
 
 The table has one column per top-level field (typed from the first value seen, added when a new
 field appears), the raw record as JSON beside them (``_raw``, the truth: a value that does not fit
@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import sqlalchemy as sa
@@ -31,6 +31,7 @@ RESERVED = ("_row_id", "_raw", "_hash", "_ingested_at")
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 MAX_REJECTS = 100
 STATE = "conveyor_ingest_state"
+Order = list[int] | Literal["named"] | None
 
 
 def state_table(metadata: sa.MetaData) -> sa.Table:
@@ -73,10 +74,15 @@ _TYPES: dict[str, sa.types.TypeEngine[Any]] = {
 }
 
 
+_NATIVE = {bool: "bool", int: "int", float: "float", str: "text"}
+
+
 def _fits(kind: str, value: Any) -> Any:
     """``value`` as its column of ``kind`` keeps it (None when it does not fit: in ``_raw``)."""
     if value is None:
         return None
+    if _NATIVE.get(type(value)) == kind and (kind != "int" or -(2**63) <= value < 2**63):
+        return value  # the common case, first
     found = _kind(value)
     if found == kind:
         return orjson.dumps(value).decode() if kind == "json" else value
@@ -113,6 +119,7 @@ class Target:
         self.state = state_table(self.metadata)
         self.table: sa.Table | None = None
         self.kinds: dict[str, str] = {}
+        self._compiled: dict[tuple[str, ...], tuple[str, Order]] = {}
 
     # the table ------------------------------------------------------------------------------
 
@@ -149,13 +156,16 @@ class Target:
         """Add a column for each field not seen before (named like an identifier)."""
         assert self.table is not None
         taken = {name.lower() for name in self.kinds} | set(RESERVED)
+        fields = set().union(*records) - self.kinds.keys()
         new: dict[str, str] = {}
-        for record in records:
-            for key, value in record.items():
-                if key.lower() in taken or key in new or not NAME.match(key) or value is None:
-                    continue
-                new[key] = _kind(value)
-                taken.add(key.lower())
+        for key in sorted(fields):
+            if key.lower() in taken or not NAME.match(key):
+                continue
+            value = next((r[key] for r in records if r.get(key) is not None), None)
+            if value is None:
+                continue
+            new[key] = _kind(value)
+            taken.add(key.lower())
         if not new:
             return
         preparer = conn.dialect.identifier_preparer
@@ -235,7 +245,8 @@ class Target:
             for found in conn.execute(sa.select(*key_columns, table.c._hash).where(where)):
                 existing[tuple(found[:-1])] = found[-1]
         now = time.time()
-        rows: list[dict[str, Any]] = []
+        kinds = list(self.kinds.items())
+        rows: list[tuple[Any, ...]] = []
         for key, record in keyed.items():
             known = existing.get(key)
             if known == hashes[key]:
@@ -245,19 +256,52 @@ class Target:
                 outcome.inserted += 1
             else:
                 outcome.updated += 1
-            row = {name: _fits(kind, record.get(name)) for name, kind in self.kinds.items()}
-            row.update(_raw=orjson.dumps(record).decode(), _hash=hashes[key], _ingested_at=now)
-            rows.append(row)
-        if not rows:
-            return
+            get = record.get
+            rows.append(
+                (
+                    *[_fits(kind, get(name)) for name, kind in kinds],
+                    orjson.dumps(record).decode(),
+                    hashes[key],
+                    now,
+                )
+            )
+        if rows:
+            names = [name for name, _ in kinds]
+            sql, order = self._statement(conn, names)
+            if order is None:
+                conn.exec_driver_sql(sql, rows)
+            elif order == "named":
+                columns = (*names, "_raw", "_hash", "_ingested_at")
+                conn.exec_driver_sql(sql, [dict(zip(columns, r, strict=True)) for r in rows])
+            else:
+                conn.exec_driver_sql(sql, [tuple(r[i] for i in order) for r in rows])
+
+    def _statement(self, conn: sa.Connection, names: list[str]) -> tuple[str, Order]:
+        """The upsert for these columns, as the driver's SQL (compiled once per column set), and
+        the order of a row's values in it (None: as given; ``named``: by name). The rows go to
+        the driver's executemany directly: SQLAlchemy's per-row parameter processing cost more
+        than the statement itself."""
+        columns = (*names, "_raw", "_hash", "_ingested_at")
+        cached = self._compiled.get(columns)
+        if cached is not None:
+            return cached
+        table = self.table
+        assert table is not None
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-        statement = dialect.insert(table)
-        changing = [c for c in table.columns if c.name not in (*self.primary_key, "_row_id")]
+        statement = dialect.insert(table).values({name: sa.bindparam(name) for name in columns})
+        keep = (*self.primary_key, "_row_id")
         statement = statement.on_conflict_do_update(
-            index_elements=key_columns,
-            set_={c.name: statement.excluded[c.name] for c in changing},
+            index_elements=[table.c[name] for name in self.primary_key],
+            set_={c.name: statement.excluded[c.name] for c in table.columns if c.name not in keep},
         )
-        conn.execute(statement, rows)
+        compiled = statement.compile(dialect=conn.dialect)
+        order: Order = "named"
+        if compiled.positional and compiled.positiontup is not None:
+            order = [columns.index(name) for name in compiled.positiontup]
+            order = None if order == list(range(len(columns))) else order
+        result = (str(compiled), order)
+        self._compiled[columns] = result
+        return result
 
     def _move_pending(
         self,

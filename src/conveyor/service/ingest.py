@@ -32,7 +32,7 @@ from ..api.routing import strict_route_class
 from ..api.shapes import TaskOut, json_response, parse_body
 from ..context import TaskContext
 from ..cron import zone
-from ..errors import ConveyorError, InvalidArguments, ScheduleNotFound
+from ..errors import ConfigurationError, ConveyorError, InvalidArguments, ScheduleNotFound
 from ..ids import uuid7
 from ..jobs.fetch import FetchError, FetchStats, Limits, Pagination, pages
 from ..jobs.netguard import guarded_transport
@@ -202,8 +202,11 @@ class Ingestion:
         self.yard = yard
         settings = yard.settings
         url = settings.ingest_database_url or f"sqlite:///{settings.data_dir / 'ingest.db'}"
-        if url.startswith("postgres://"):
-            url = "postgresql://" + url.removeprefix("postgres://")
+        if not url.startswith("sqlite:///"):
+            # the upsert is written for SQLite and PostgreSQL, but only SQLite is tested so far
+            raise ConfigurationError(
+                "CONVEYOR_INGEST_DATABASE_URL: only sqlite:/// targets are supported so far"
+            )
         self.url = url
         self._engine: sa.Engine | None = None
         self.metadata = sa.MetaData()
@@ -420,7 +423,7 @@ class Ingestion:
                     room = MAX_REJECTS - len(rejects)
                     rejects += [r for r in outcome.rejected if r][: max(room, 0)]
                     rows = sum(totals.values())
-                    await ctx.progress(
+                    ctx.progress(  # not awaited: a run does not wait for the coalesced write
                         min(99.0, 100.0 * page.number / limits.max_pages),
                         f"{page.number} pages, {rows} rows",
                     )
