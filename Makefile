@@ -46,6 +46,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.images
 	$(PY) -m benchmarks.csvstats
 	$(PY) -m benchmarks.celery_engine
+	$(PY) -m benchmarks.ingest
+	$(PY) -m benchmarks.schedules
 
 # the fault suite for minutes (the embedded engine): prints what it counted
 soak: $(STAMP)
