@@ -410,3 +410,43 @@ def follow_events(client: httpx.Client, task_id: str) -> Iterator[tuple[str, dic
                 kind = line.partition(":")[2].strip()
             elif line.startswith("data:"):
                 yield kind, json.loads(line.partition(":")[2])
+
+
+def test_a_public_name_resolving_inside_is_refused_before_connecting() -> None:
+    """A resolver the test controls: a public-looking name pointing at cloud metadata, or at
+    one public and one private address, is refused before any socket opens."""
+    import anyio
+
+    from conveyor.jobs.netguard import GuardedBackend, Refused
+
+    asked: list[str] = []
+    answers = {
+        "metadata.example.com": ["169.254.169.254"],
+        "mixed.example.com": ["93.184.216.34", "10.0.0.7"],
+        "mapped.example.com": ["::ffff:127.0.0.1"],
+        "nothing.example.com": [],
+    }
+
+    async def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return answers[host]
+
+    class NoNetwork:
+        """Stands in for the sockets: a broken guard is seen here, and sends nothing."""
+
+        async def connect_tcp(self, host: str, port: int, **_: Any) -> None:
+            raise AssertionError(f"the guard let a connection to {host} through")
+
+    async def connect(host: str) -> str:
+        backend = GuardedBackend(resolver=resolver)
+        backend._inner = NoNetwork()  # type: ignore[assignment]
+        try:
+            await backend.connect_tcp(host, 80, timeout=1)
+        except Refused as exc:
+            return str(exc)
+        return "connected"
+
+    for host in answers:
+        outcome = anyio.run(connect, host)
+        assert outcome != "connected" and host in outcome, outcome
+    assert asked == list(answers), "each name resolved once, by the guard"
