@@ -158,8 +158,6 @@ def test_resize_image_tutorial(example: Any) -> None:
 def test_periodic_ingest(
     example: Any, monkeypatch: pytest.MonkeyPatch, serve: Callable[[FastAPI], LiveServer]
 ) -> None:
-    import anyio
-
     from .support.api_server import Upstream, build_api
 
     upstream = Upstream()
@@ -170,15 +168,10 @@ def test_periodic_ingest(
     monkeypatch.setenv("CONVEYOR_INGEST_ALLOW_HOSTS", "127.0.0.1")
     _, client = example("periodic_ingest")
 
-    async def until_two_fetches() -> list[dict[str, Any]]:
-        with anyio.fail_after(30):
-            while True:
-                done = [f for f in client.get("/items/fetches").json() if f["task_id"]]
-                if len(done) >= 2:
-                    return done
-                await anyio.sleep(0.1)
-
-    first, second = sorted(anyio.run(until_two_fetches), key=lambda f: f["fire_at"])[:2]
+    # each fetch starts with the first page (no query): two of them, two fires recorded
+    upstream.wait_until(lambda asked: asked.count("/next?") >= 2)
+    fires = [f for f in client.get("/items/fetches").json() if f["task_id"]]
+    first, second = sorted(fires, key=lambda f: f["fire_at"])[:2]
     assert finished(client, first["task_id"])["result"]["inserted"] == 95
     later = finished(client, second["task_id"])["result"]
     assert later["inserted"] == 0 and later["unchanged"] == 95, "nothing twice"

@@ -30,8 +30,9 @@ def upstream() -> Upstream:
 
 
 @pytest.fixture
-def api(serve: Callable[[FastAPI], LiveServer], upstream: Upstream) -> LiveServer:
-    return serve(build_api(upstream))
+def api(serve: Callable[[FastAPI], LiveServer], upstream: Upstream) -> Iterator[LiveServer]:
+    yield serve(build_api(upstream))
+    upstream.release.set()  # answers held back by the test end before the server stops
 
 
 @pytest.fixture
@@ -290,7 +291,7 @@ def test_bad_sources_get_422(client: httpx.Client, body: dict[str, Any], field: 
 
 
 def test_a_scheduled_source_runs_on_its_own_and_tenants_are_apart(
-    serve: Callable[[FastAPI], LiveServer], tmp_path: Path, api: LiveServer
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path, api: LiveServer, upstream: Upstream
 ) -> None:
     settings = service_settings(
         tmp_path, ingest_allow_hosts="127.0.0.1", api_keys="alpha:ka,beta:kb"
@@ -305,17 +306,9 @@ def test_a_scheduled_source_runs_on_its_own_and_tenants_are_apart(
         mine = created.json()
         schedules = alpha.get("/schedules").json()["items"]
         assert [s["id"] for s in schedules] == [mine["schedule_id"]]
-        import anyio
-
-        async def until_fired() -> list[dict[str, Any]]:
-            with anyio.fail_after(20):
-                while True:
-                    fires = alpha.get(f"/schedules/{mine['schedule_id']}/fires").json()["items"]
-                    if fires and fires[-1]["task_id"]:
-                        return list(fires)
-                    await anyio.sleep(0.1)
-
-        fires = anyio.run(until_fired)
+        # the first fire's run asks the API: its fire (and task) are recorded by then
+        upstream.wait_until(lambda asked: any(r.startswith("/offset") for r in asked))
+        fires = alpha.get(f"/schedules/{mine['schedule_id']}/fires").json()["items"]
         task = follow(alpha, fires[-1]["task_id"])[0]
         assert task["status"] == "completed", task["error"]
         assert task["result"]["rows_inserted"] == 10, "the first fire's run: one page of 10"
@@ -342,7 +335,7 @@ def test_kill_9_mid_run_keeps_each_record_once_and_the_cursor_behind_the_data(
     from .support.process import Process
 
     upstream.fill(1000)
-    upstream.page_delay_s = 0.05
+    upstream.gate_after = 30  # page 31 waits until the server was killed
     env = {
         **os.environ,
         "CONVEYOR_DATA_DIR": str(tmp_path),
@@ -356,7 +349,7 @@ def test_kill_9_mid_run_keeps_each_record_once_and_the_cursor_behind_the_data(
 
     def stored() -> tuple[list[int], str | None, str | None]:
         with sqlite3.connect(tmp_path / "ingest.db") as db:
-            ids = [row[0] for row in db.execute("SELECT id FROM src_slow")]
+            ids = [row[0] for row in db.execute("SELECT id FROM src_gated")]
             state = db.execute(
                 "SELECT cursor, pending_cursor FROM conveyor_ingest_state"
             ).fetchone()
@@ -368,21 +361,20 @@ def test_kill_9_mid_run_keeps_each_record_once_and_the_cursor_behind_the_data(
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             body = source(
                 api,
-                "/slow-pages",
-                name="slow",
+                "/gated",
                 pagination={"type": "page_number"},
                 cursor={"field": "updated_at", "param": "since"},
             )
             source_id = client.post("/ingest/sources", json=body).json()["id"]
             task_id = client.post(f"/ingest/sources/{source_id}/run").json()["id"]
-            for _, event in follow_events(client, task_id):
-                pages_done = (event.get("message") or "0 pages").split(" ")[0]
-                if event.get("status") is None and int(pages_done) >= 30:  # a third of the way
-                    break
+            # a run asks for page 31 once page 30 is committed
+            upstream.wait_until(lambda asked: any("page=31" in r for r in asked))
     finally:
         server.kill()
+    upstream.release.set()
     ids, cursor, pending = stored()
     assert 0 < len(ids) < 1000 and len(ids) == len(set(ids)), "each record once"
+    assert sorted(ids) == list(range(1, 301)), "the 30 pages served, committed"
     assert cursor is None, "the run did not end: no cursor for the next run yet"
     highest = max(upstream.records[i - 1]["updated_at"] for i in ids)
     assert pending is not None and pending.strip('"') <= highest, "the cursor is not ahead"
@@ -398,18 +390,6 @@ def test_kill_9_mid_run_keeps_each_record_once_and_the_cursor_behind_the_data(
     ids, cursor, pending = stored()
     assert sorted(ids) == list(range(1, 1001))
     assert cursor == '"2026-01-01T00:16:40Z"' and pending is None
-
-
-def follow_events(client: httpx.Client, task_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    import json
-
-    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
-        kind = ""
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line.partition(":")[2].strip()
-            elif line.startswith("data:"):
-                yield kind, json.loads(line.partition(":")[2])
 
 
 def test_a_public_name_resolving_inside_is_refused_before_connecting() -> None:

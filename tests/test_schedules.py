@@ -22,6 +22,13 @@ pytestmark = pytest.mark.anyio
 SEEN: list[tuple[str, float | None]] = []
 
 
+class Ticks:
+    """Set ``done`` once ``SEEN`` holds ``wanted`` entries (a test waits on it, not a clock)."""
+
+    wanted = 0
+    done: anyio.Event | None = None
+
+
 def make_yard(data_dir: Path, **declare: object) -> Conveyor:
     yard = Conveyor(Settings(data_dir=data_dir, poll_s=0.05))
 
@@ -29,6 +36,8 @@ def make_yard(data_dir: Path, **declare: object) -> Conveyor:
     async def tick(ctx: TaskContext, label: str) -> float | None:
         planned = ctx.scheduled_for
         SEEN.append((label, None if planned is None else planned.timestamp()))
+        if Ticks.done is not None and len(SEEN) >= Ticks.wanted:
+            Ticks.done.set()
         return None if planned is None else planned.timestamp()
 
     if declare:
@@ -41,12 +50,14 @@ async def test_two_processes_fire_each_planned_time_once(tmp_path: Path) -> None
     one task per second, no gap, none twice; each task knows its planned time."""
     first = make_yard(tmp_path, every_s=1)
     second = make_yard(tmp_path, every_s=1)
+    Ticks.wanted, Ticks.done = len(SEEN) + 5, anyio.Event()
     async with first, second:
         schedule = await first.schedules.store.by_name("every-second", owner="")
         assert schedule is not None
-        with anyio.fail_after(30):  # until five planned seconds have fired
-            while len(fires := await first.schedules.fires(schedule.id, owner="")) < 5:
-                await anyio.sleep(0.05)
+        with anyio.fail_after(30):  # until five planned seconds have run
+            await Ticks.done.wait()
+        Ticks.done = None
+        fires = await first.schedules.fires(schedule.id, owner="")
     planned = sorted(f.fire_at for f in fires)
     assert len(planned) >= 4, fires
     assert all(f.outcome == "fired" and f.task_id for f in fires), fires

@@ -5,11 +5,14 @@ a pagination loop, a redirect inside)."""
 from __future__ import annotations
 
 import gzip
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
@@ -25,7 +28,22 @@ class Upstream:
     requests: list[str] = field(default_factory=list)
     seen_headers: list[dict[str, str]] = field(default_factory=list)
     failures_left: int = 0  # answers of 429/503 before the data
-    page_delay_s: float = 0.0  # each page of /slow-pages takes this long
+    gate_after: int = 0  # /gated serves this many pages, then holds each until `release`
+    release: threading.Event = field(default_factory=threading.Event)
+    _arrived: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait_until(self, predicate: Callable[[list[str]], bool], timeout_s: float = 30) -> None:
+        """Until ``predicate(requests)`` holds, woken by each request (no polling)."""
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: predicate(list(self.requests)), timeout_s):
+                raise AssertionError(f"the API was not asked as expected: {self.requests[-5:]}")
+
+    def _record(self, request: str, headers: dict[str, str]) -> None:
+        with self._arrived:
+            self.requests.append(request)
+            self.seen_headers.append(headers)
+            self._arrived.notify_all()
+
     retry_after: str = "0"
 
     def fill(self, n: int, *, version: int = 1) -> None:
@@ -48,8 +66,7 @@ def build_api(upstream: Upstream) -> FastAPI:
 
     @app.middleware("http")
     async def record(request: Request, call_next: Any) -> Response:
-        upstream.requests.append(str(request.url.path) + "?" + str(request.url.query))
-        upstream.seen_headers.append(dict(request.headers))
+        upstream._record(f"{request.url.path}?{request.url.query}", dict(request.headers))
         if upstream.failures_left > 0 and request.url.path.startswith("/flaky"):
             upstream.failures_left -= 1
             status = 429 if upstream.failures_left % 2 == 0 else 503
@@ -92,11 +109,10 @@ def build_api(upstream: Upstream) -> FastAPI:
     async def since(updated_since: str | None = None) -> Any:
         return [r for r in upstream.records if r["updated_at"] >= (updated_since or "")]
 
-    @app.get("/slow-pages")
-    async def slow_pages(page: int = 1) -> Any:
-        import anyio
-
-        await anyio.sleep(upstream.page_delay_s)
+    @app.get("/gated")
+    async def gated(page: int = 1) -> Any:
+        if page > upstream.gate_after:
+            await anyio.to_thread.run_sync(upstream.release.wait)
         return _page(upstream, page)
 
     @app.get("/loop")
@@ -118,9 +134,8 @@ def build_api(upstream: Upstream) -> FastAPI:
 
     @app.get("/slow")
     async def slow() -> Any:
-        import anyio
-
-        await anyio.sleep(5)
+        """No answer until the test releases it (the client's timeout comes first)."""
+        await anyio.to_thread.run_sync(upstream.release.wait)
         return []
 
     @app.get("/inside")
