@@ -79,36 +79,24 @@ def test_trigger_runs_once_and_is_in_the_history(client: httpx.Client) -> None:
     assert [f["task_id"] for f in page["items"] + rest["items"]] == [again["id"], task["id"]]
 
 
+def nightly_in_oslo(client: httpx.Client, name: str, start: str, end: str) -> list[Any]:
+    """The next fires of a 02:30 Europe/Oslo schedule between ``start`` and ``end``."""
+    body = hourly(name=name, cron="30 2 * * *", timezone="Europe/Oslo", start_at=start, end_at=end)
+    schedule = client.post("/schedules", json=body).json()
+    found = client.get(f"/schedules/{schedule['id']}/next", params={"count": 5}).json()
+    return list(found["items"])
+
+
 def test_next_fires_flag_the_dst_gap_and_fold(client: httpx.Client) -> None:
     """Europe/Oslo in 2027: 02:30 does not exist on 28 March and happens twice on 31 October."""
-    spring = client.post(
-        "/schedules",
-        json=hourly(
-            name="spring",
-            cron="30 2 * * *",
-            timezone="Europe/Oslo",
-            start_at="2027-03-27T00:00:00Z",
-            end_at="2027-03-30T00:00:00Z",
-        ),
-    ).json()
-    items = client.get(f"/schedules/{spring['id']}/next", params={"count": 5}).json()["items"]
+    items = nightly_in_oslo(client, "spring", "2027-03-27T00:00:00Z", "2027-03-30T00:00:00Z")
     assert [i["local"][:16] for i in items] == [
         "2027-03-27T02:30",
         "2027-03-28T03:00",  # the first instant after the gap
         "2027-03-29T02:30",
     ]
     assert [i["dst_gap"] for i in items] == [False, True, False]
-    autumn = client.post(
-        "/schedules",
-        json=hourly(
-            name="autumn",
-            cron="30 2 * * *",
-            timezone="Europe/Oslo",
-            start_at="2027-10-30T00:00:00Z",
-            end_at="2027-11-01T00:00:00Z",
-        ),
-    ).json()
-    items = client.get(f"/schedules/{autumn['id']}/next").json()["items"]
+    items = nightly_in_oslo(client, "autumn", "2027-10-30T00:00:00Z", "2027-11-01T00:00:00Z")
     assert [(i["utc"], i["dst_fold"]) for i in items] == [
         ("2027-10-30T00:30:00Z", False),
         ("2027-10-31T00:30:00Z", True),  # once, at the first of the two 02:30s
@@ -189,3 +177,15 @@ def test_a_tenant_sees_only_its_schedules(
             answer = beta.request(method, f"/schedules/{mine['id']}{path}", **kwargs)
             assert answer.status_code == 404, (method, path, answer.text)
         assert alpha.get(f"/schedules/{mine['id']}").json() == mine, "untouched"
+
+
+def test_schedules_on_a_store_without_them_answer_501(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path, postgres: Any
+) -> None:
+    """The PostgreSQL store keeps no schedules yet: a clear 501, not a 500."""
+    settings = service_settings(tmp_path, database_url=postgres.create_database())
+    with serve(create_app(settings, run_workers=False)).client() as client:
+        refused = client.post("/schedules", json=hourly())
+        assert refused.status_code == 501, refused.text
+        assert "SQLite" in refused.json()["detail"]
+        assert client.get("/schedules").status_code == 501

@@ -23,7 +23,13 @@ from typing import Any, Protocol
 
 from .cron import jitter_offset
 from .engines.base import Engine
-from .errors import ConfigurationError, ConveyorError, InvalidArguments, ScheduleNotFound
+from .errors import (
+    ConfigurationError,
+    ConveyorError,
+    InvalidArguments,
+    NotSupported,
+    ScheduleNotFound,
+)
 from .ids import uuid7
 from .record import TaskRecord
 from .schedule_record import (
@@ -97,7 +103,7 @@ class Schedules:
     def store(self) -> ScheduleStore:
         store = self._yard.store.schedules()
         if store is None:
-            raise ConfigurationError("this store keeps no schedules (they need the SQLite store)")
+            raise NotSupported("this store keeps no schedules yet (they need the SQLite store)")
         return store
 
     # declared in code -----------------------------------------------------------------------
@@ -197,15 +203,7 @@ class Schedules:
         return await self.store.fires(schedule_id, limit=limit, before=before)
 
     async def next_fires(self, schedule_id: str, *, owner: str | None, count: int) -> list[float]:
-        schedule = await self.store.get(schedule_id, owner=owner)
-        if not schedule.enabled or schedule.next_fire_at is None:
-            return []
-        found = [schedule.next_fire_at]
-        for moment in schedule.spec.fires(schedule.next_fire_at, origin=schedule.created_at):
-            if len(found) >= count:
-                break
-            found.append(moment)
-        return found[:count]
+        return upcoming(await self.store.get(schedule_id, owner=owner), count)
 
     async def trigger(self, schedule_id: str, *, owner: str | None) -> TaskRecord:
         """One run now, recorded as ``triggered``; the planned fires are left alone."""
@@ -344,6 +342,18 @@ class Schedules:
                 for d in exc.details
             ]
             raise
+
+
+def upcoming(schedule: ScheduleRecord, count: int) -> list[float]:
+    """The schedule's next ``count`` planned fire times (none while it is paused or ended)."""
+    if not schedule.enabled or schedule.next_fire_at is None:
+        return []
+    found = [schedule.next_fire_at]
+    for moment in schedule.spec.fires(schedule.next_fire_at, origin=schedule.created_at):
+        if len(found) >= count:
+            break
+        found.append(moment)
+    return found[:count]
 
 
 class Scheduler:

@@ -49,13 +49,14 @@ def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for the error codes a route can answer."""
     texts = {
         401: "Missing or invalid API key",
-        404: "No such task",
+        404: "No such task (or schedule, or source)",
         409: "The task's state forbids this",
         413: "Request body too large",
         415: "Unsupported content type",
         422: "Invalid input (what was wrong, where)",
         429: "Too many queued tasks; see Retry-After",
         503: "The store is unavailable",
+        501: "This deployment's store does not offer the feature yet",
         507: "No room on the server's disk for the upload or the store",
     }
     return {code: {"description": texts[code], **ERROR_BODY} for code in codes}

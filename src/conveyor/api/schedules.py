@@ -14,6 +14,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from ..cron import describe
 from ..errors import InvalidArguments
+from ..scheduler import upcoming
 from ..serialization import NumberOnly
 from .auth import tenant_resolver
 from .errors import documented
@@ -144,7 +145,9 @@ def build_schedule_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
     schedules = yard.schedules
     tenant = tenant_resolver(yard.settings)
     Tenant = Annotated[str, Depends(tenant)]
-    router = APIRouter(route_class=strict_route_class(yard.settings.max_body_bytes))
+    router = APIRouter(
+        route_class=strict_route_class(yard.settings.max_body_bytes), responses=documented(501)
+    )
 
     def out(record: Any) -> Response:
         return json_response(record.to_json(prefix))
@@ -262,7 +265,7 @@ def build_schedule_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         count: Annotated[int, Query(ge=1, le=500)] = 10,
     ) -> Response:
         record = await schedules.get(str(schedule_id), owner=owner)
-        moments = await schedules.next_fires(record.id, owner=owner, count=count)
+        moments = upcoming(record, count)
         return json_response(
             {
                 "timezone": record.timezone,

@@ -477,8 +477,8 @@ def _looked_back(value: Any, lookback_s: float) -> str:
 
 def _shown(row: dict[str, Any]) -> dict[str, Any]:
     """A source as the API shows it: header names only, never their values."""
-    spec = orjson.loads(row["spec"]) if isinstance(row["spec"], str) else row["spec"]
-    headers = orjson.loads(row["headers"]) if isinstance(row["headers"], str) else row["headers"]
+    spec = orjson.loads(row["spec"])
+    headers = orjson.loads(row["headers"])
     return {
         "id": row["id"],
         **{k: v for k, v in spec.items() if k not in ("name", "table")},
