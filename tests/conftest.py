@@ -18,12 +18,20 @@ from .support.services import PostgresServer, RabbitMQServer, RedisServer
 ENGINES = ["local", "celery", "celery-amqp"]
 # Modules whose tests run on every engine; the others run on the embedded one.
 EVERY_ENGINE = {"test_engine_contract"}
+# Modules whose tests run on the embedded engine and on Celery with Redis.
+BOTH_ENGINES = {"test_batches", "test_rates"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "engine" in metafunc.fixturenames:
         module = metafunc.module.__name__.rpartition(".")[2]
-        engines = ENGINES if module in EVERY_ENGINE else ["local"]
+        engines = (
+            ENGINES
+            if module in EVERY_ENGINE
+            else ENGINES[:2]
+            if module in BOTH_ENGINES
+            else ["local"]
+        )
         metafunc.parametrize("engine", engines, indirect=True)
 
 

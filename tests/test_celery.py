@@ -23,7 +23,7 @@ from conveyor import Conveyor, Settings, TaskRecord, TaskStatus
 from conveyor.service import create_app
 
 from .support import worker_yard
-from .support.live import LiveServer, follow, free_port
+from .support.live import LiveServer, follow, free_port, most_in_any_window
 from .support.process import Process
 from .support.services import PostgresServer, RedisServer
 
@@ -239,6 +239,26 @@ def test_a_concurrency_limit_holds_across_workers(deploy: Any) -> None:
         running += step
         peak = max(peak, running)
     assert peak == 2, f"{peak} tasks of a type limited to 2 ran at once"
+
+
+def test_a_rate_holds_across_three_pool_processes(deploy: Any) -> None:
+    deployment = deploy()
+    worker = deployment.worker(processes=3, app="tests.support.worker_yard:yard")
+
+    async def submit_and_wait() -> list[TaskRecord]:
+        async with deployment.client_yard() as client:
+            batch = await client.batch("rated.pid", [{}] * 36)
+            async for seen in client.batches.watch(batch.id, interval_s=0.05):
+                last = seen
+            assert last.counts["completed"] == 36, last.counts
+            return await client.batches.items(batch.id)
+
+    items = asyncio.run(asyncio.wait_for(submit_and_wait(), 120))
+    starts = [t.started_at for t in items if t.started_at is not None]
+    assert len(starts) == 36
+    assert most_in_any_window(starts, 1.0) <= 10
+    assert len({t.result for t in items}) >= 2, "several pool processes shared the rate"
+    assert worker.popen.poll() is None
 
 
 def test_cancel_reaches_a_task_running_in_a_pool_process(deploy: Any) -> None:

@@ -17,6 +17,7 @@ from conveyor.status import TaskStatus
 from conveyor.store import sqlite as sqlite_store
 from conveyor.store import sqlite_commit
 from conveyor.store.sqlite import SQLiteStore
+from conveyor.store.sqlite_batches import BATCHES
 
 pytestmark = pytest.mark.anyio
 
@@ -131,7 +132,8 @@ async def test_a_file_from_the_previous_schema_is_counted_when_opened(tmp_path: 
     the queue index and its counts from the tasks already in it."""
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as conn:
-        conn.executescript(sqlite_store._SCHEMA.replace(sqlite_store._COUNTS, ""))
+        old = sqlite_store._SCHEMA.replace(sqlite_store._COUNTS, "").replace(BATCHES, "")
+        conn.executescript(old.replace(",\n    batch_id TEXT", ""))
         conn.execute(
             "CREATE INDEX tasks_ready ON tasks(priority DESC, run_at, seq) WHERE status = 'queued'"
         )
@@ -157,3 +159,4 @@ async def test_a_file_from_the_previous_schema_is_counted_when_opened(tmp_path: 
         (version,) = conn.execute("PRAGMA user_version").fetchone()
     assert "tasks_queue" in indexes and "tasks_ready" not in indexes
     assert "schedules" in indexes and version == sqlite_store.SCHEMA_VERSION
+    assert {"batches", "batch_counts", "tasks_batch_status"} <= indexes

@@ -13,6 +13,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from . import serialization
+from .batch_record import BatchRecord
+from .batches import Batches
 from .blobs import BlobStore
 from .context import TaskContext
 from .engines import Engine, open_engine
@@ -26,6 +28,7 @@ from .errors import (
     WaitTimeout,
 )
 from .ids import uuid7
+from .rates import parse_rate
 from .record import TaskRecord
 from .scheduler import Scheduler, Schedules
 from .settings import Settings
@@ -97,6 +100,7 @@ class Conveyor:
         self._celery: Celery | None = None
         self._subscribed = False
         self.schedules = Schedules(self)
+        self.batches = Batches(self)
         self._scheduler: Scheduler | None = None
 
     # registry ----------------------------------------------------------------------------------
@@ -110,6 +114,7 @@ class Conveyor:
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         backoff_base_s: float | None = None,
         concurrency: int | None = None,
+        rate: str | None = None,
         priority: int = 0,
         executor: Executor | None = None,
         idempotent: bool = False,
@@ -123,6 +128,8 @@ class Conveyor:
             retries: extra attempts after a failure whose exception is in ``retry_on``.
             backoff_base_s: first retry delay (doubles per attempt, with jitter).
             concurrency: at most this many of this type run at once, across all workers.
+            rate: at most this many starts per unit of time, across all workers (``"20/s"``,
+                ``"100/m"``, ``"1000/h"``); a task held back stays queued.
             priority: default priority (higher runs first).
             executor: ``async`` (coroutines), ``thread`` (sync functions), or ``process``
                 (CPU-bound, run in a child process); inferred from the function by default.
@@ -134,6 +141,7 @@ class Conveyor:
             raise TaskTypeError("retries must be ≥ 0 and timeout_s > 0")
         if concurrency is not None and concurrency < 1:
             raise TaskTypeError("concurrency must be ≥ 1")
+        parsed_rate = None if rate is None else parse_rate(rate)
 
         def register(fn: Callable[..., Any]) -> TaskType[Any, Any]:
             task_name = name or f"{fn.__module__}.{fn.__qualname__}"
@@ -148,6 +156,7 @@ class Conveyor:
                 retry_on=retry_on,
                 backoff_base_s=backoff_base_s,
                 concurrency=concurrency,
+                rate=parsed_rate,
                 priority=priority,
                 executor=chosen,
                 idempotent=idempotent,
@@ -422,6 +431,55 @@ class Conveyor:
         ``task_ids`` (one per item) lets a caller place the tasks' input blobs first.
         """
         task_type = self.task_type(name, public_only=public_only)
+        built = self._new_records(
+            task_type,
+            items,
+            owner=owner,
+            priority=priority,
+            delay_s=delay_s,
+            timeout_s=timeout_s,
+            task_ids=task_ids,
+        )
+        stored = await self.store.insert_many(
+            [record for record, _ in built],
+            args_json=[args_json for _, args_json in built],
+            max_queued=self.settings.max_queued,
+        )
+        if self._engine is not None:
+            for record in stored:
+                self._engine.submitted(record)
+        return stored
+
+    async def batch(
+        self,
+        name: str,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        owner: str = "",
+        priority: int | None = None,
+        delay_s: float | None = None,
+        timeout_s: float | None = UNSET,
+    ) -> BatchRecord:
+        """Submit one task of type ``name`` per item of arguments as one batch, committed in
+        one transaction; follow it with ``yard.batches.get(batch.id)``."""
+        return await self.batches.submit(
+            name, items, owner=owner, priority=priority, delay_s=delay_s, timeout_s=timeout_s
+        )
+
+    def _new_records(
+        self,
+        task_type: TaskType[Any, Any],
+        items: Sequence[Mapping[str, Any]],
+        *,
+        owner: str,
+        priority: int | None,
+        delay_s: float | None,
+        timeout_s: float | None,
+        task_ids: Sequence[str] | None = None,
+        batch_id: str | None = None,
+    ) -> list[tuple[TaskRecord, str]]:
+        """New tasks' records and their arguments as JSON, one per item of arguments (an
+        invalid item raises ``InvalidArguments`` locating it under ``items``)."""
         if task_ids is not None and len(task_ids) != len(items):
             raise InvalidArguments("task_ids must name one id per item")
         built = []
@@ -441,17 +499,10 @@ class Conveyor:
                     timeout_s=timeout_s,
                     idempotency_key=None,
                     task_id=None if task_ids is None else task_ids[index],
+                    batch_id=batch_id,
                 )
             )
-        stored = await self.store.insert_many(
-            [record for record, _ in built],
-            args_json=[args_json for _, args_json in built],
-            max_queued=self.settings.max_queued,
-        )
-        if self._engine is not None:
-            for record in stored:
-                self._engine.submitted(record)
-        return stored
+        return built
 
     def _new_record(
         self,
@@ -464,6 +515,7 @@ class Conveyor:
         timeout_s: float | None,
         idempotency_key: str | None,
         task_id: str | None,
+        batch_id: str | None = None,
     ) -> tuple[TaskRecord, str]:
         """A new task's record and its arguments as JSON, its options checked."""
         if delay_s is not None and not (0 <= delay_s <= MAX_DELAY_S and math.isfinite(delay_s)):
@@ -485,6 +537,7 @@ class Conveyor:
             created_at=now,
             run_at=now + (delay_s or 0.0),
             idempotency_key=idempotency_key,
+            batch_id=batch_id,
         )
         try:
             args_json = serialization.dumps(args)
@@ -493,7 +546,19 @@ class Conveyor:
         return record, args_json
 
     async def get(self, task_id: str, *, owner: str | None = None) -> TaskRecord:
-        return await self.store.get(task_id, owner=owner)
+        return await self._explained(await self.store.get(task_id, owner=owner))
+
+    async def _explained(self, record: TaskRecord) -> TaskRecord:
+        """A due queued task of a rate-limited type, held back by its rate, says so in its
+        ``message`` (read from the store: the same answer in every process)."""
+        if record.status is not TaskStatus.QUEUED or record.message is not None:
+            return record
+        task_type = self.task_types.get(record.name)
+        rate = None if task_type is None else task_type.options.rate
+        if rate is not None and record.run_at <= time.time():
+            if await self.store.rate_used(record.name, rate) >= rate.count:
+                record.message = f"waiting for the rate limit of {rate}"
+        return record
 
     async def list(
         self,
@@ -583,7 +648,7 @@ class Conveyor:
         try:
             while True:
                 event = self._change_event(task_id)
-                record = await self.store.get(task_id, owner=owner)
+                record = await self._explained(await self.store.get(task_id, owner=owner))
                 key = (record.status, record.progress, record.message, record.attempts)
                 if key != last:
                     last = key

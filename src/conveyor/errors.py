@@ -73,6 +73,12 @@ class ScheduleNotFound(ConveyorError):
     status_code = 404
 
 
+class BatchNotFound(ConveyorError):
+    """No batch with this id (for this tenant)."""
+
+    status_code = 404
+
+
 class ScheduleConflict(ConveyorError):
     """A schedule of that name exists already for this tenant."""
 

@@ -42,6 +42,7 @@ class TaskRecord:
     worker_id: str | None = None
     lease_expires_at: float | None = None
     result_blob: dict[str, str] | None = None
+    batch_id: str | None = None
     seq: int = 0
 
     @property
@@ -51,6 +52,9 @@ class TaskRecord:
     def to_json(self, prefix: str = "") -> dict[str, Any]:
         """The task JSON of the HTTP API; ``prefix`` is where the router is mounted."""
         base = f"{prefix}/tasks/{self.id}"
+        links = {"self": base, "events": f"{base}/events", "result": f"{base}/result"}
+        if self.batch_id is not None:
+            links["batch"] = f"{prefix}/batches/{self.batch_id}"
         return {
             "id": self.id,
             "name": self.name,
@@ -69,5 +73,6 @@ class TaskRecord:
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
             "run_at": iso(self.run_at),
-            "links": {"self": base, "events": f"{base}/events", "result": f"{base}/result"},
+            "batch_id": self.batch_id,
+            "links": links,
         }

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     poll_s: float = Field(default=0.1, gt=0, le=10, description="Idle poll of the store.")
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_batch_items: int = Field(
+        default=100_000, ge=1, le=10_000_000, description="Items in one batch (POST /batches)."
+    )
+    max_batch_bytes: int = Field(
+        default=64 * 1_048_576, ge=1024, description="Cap of one POST /batches body."
+    )
     max_upload_bytes: int = Field(
         default=50 * 1_048_576, ge=1024, description="Cap of one multipart upload request."
     )

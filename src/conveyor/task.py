@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import (
     Annotated,
@@ -20,9 +20,11 @@ from typing import (
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from .batch_record import BatchRecord
 from .context import TaskContext
 from .errors import InvalidArguments, TaskTypeError
 from .handle import TaskAccess, TaskHandle
+from .rates import Rate
 from .record import TaskRecord
 from .serialization import NumberOnly
 
@@ -50,6 +52,7 @@ class TaskOptions:
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     backoff_base_s: float | None = None
     concurrency: int | None = None
+    rate: Rate | None = None
     priority: int = 0
     executor: Executor = "async"
     idempotent: bool = False
@@ -65,6 +68,7 @@ class TaskOptions:
             "retries": self.retries,
             "retry_on": [exc.__name__ for exc in self.retry_on],
             "concurrency": self.concurrency,
+            "rate": None if self.rate is None else str(self.rate),
             "priority": self.priority,
             "executor": self.executor,
             "idempotent": self.idempotent,
@@ -113,6 +117,10 @@ class Submitter(TaskAccess, Protocol):
         idempotency_key: str | None,
         task_id: str | None = None,
     ) -> tuple[TaskRecord, bool]: ...
+
+    async def batch(
+        self, name: str, items: Sequence[Mapping[str, Any]], *, owner: str = ""
+    ) -> BatchRecord: ...
 
 
 class TaskType(Generic[P, R]):
@@ -172,6 +180,11 @@ class TaskType(Generic[P, R]):
     async def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Validate the arguments, commit the task, and return its handle."""
         return await self.options_for().submit(*args, **kwargs)
+
+    async def batch(self, items: Sequence[Mapping[str, Any]], *, owner: str = "") -> BatchRecord:
+        """Submit one run per item of keyword arguments as one batch (one transaction);
+        ``yard.batches`` follows it."""
+        return await self._submitter.batch(self.name, items, owner=owner)
 
     def options_for(
         self,

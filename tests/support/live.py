@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,19 @@ async def wait_for_status(
 
 
 def follow(
-    client: httpx.Client, task_id: str
+    client: httpx.Client, task_id: str, *, kind: str = "tasks"
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
-    """Read the task's event stream to its end (the task is then terminal): the final task JSON
-    and every ``(event, data)`` the stream sent."""
+    """Read the task's (or with ``kind="batches"``, the batch's) event stream to its end: the
+    final JSON and every ``(event, data)`` the stream sent."""
+    events = read_events(client, f"/{kind}/{task_id}/events")
+    found: dict[str, Any] = client.get(f"/{kind}/{task_id}").json()
+    return found, events
+
+
+def read_events(client: httpx.Client, path: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every ``(event, data)`` of the Server-Sent Events stream at ``path``, to its end."""
     events: list[tuple[str, dict[str, Any]]] = []
-    with client.stream("GET", f"/tasks/{task_id}/events") as stream:
+    with client.stream("GET", path) as stream:
         assert stream.status_code == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
         kind = ""
@@ -57,8 +65,18 @@ def follow(
                 kind = line.partition(":")[2].strip()
             elif line.startswith("data:"):
                 events.append((kind, json.loads(line.partition(":")[2])))
-    task: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
-    return task, events
+    return events
+
+
+def most_in_any_window(times: Sequence[float], window_s: float) -> int:
+    """The largest number of ``times`` inside one half-open window ``[t, t + window_s)``."""
+    ordered = sorted(times)
+    most, first = 0, 0
+    for last, moment in enumerate(ordered):
+        while moment - ordered[first] >= window_s:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
 
 
 def free_port() -> int:

@@ -154,6 +154,8 @@ def thread_stuck(ctx: TaskContext, key: str) -> str:
 def register(yard: Conveyor) -> None:
     """Register every test task type on ``yard``."""
     yard.task(name="t.echo")(echo)
+    yard.task(name="t.rated", rate="10/s")(echo)
+    yard.task(name="t.rated_hourly", rate="2/h")(echo)
     yard.task(name="t.gated")(gated)
     yard.task(name="t.gated_short", timeout_s=0.2)(gated)
     yard.task(name="t.gated_limited", concurrency=2)(gated)

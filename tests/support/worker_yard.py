@@ -35,6 +35,7 @@ def register(yard: Conveyor) -> None:
     yard.task(name="crash.worker", retries=1)(crash_worker)
     yard.task(name="exit.worker")(exit_worker)
     yard.task(name="pid")(pid)
+    yard.task(name="rated.pid", rate="10/s")(pid)
 
 
 yard = Conveyor(Settings())

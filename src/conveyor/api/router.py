@@ -9,38 +9,29 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from ..blobs import safe_filename
-from ..core import MAX_DELAY_S
 from ..errors import ConveyorError, InvalidArguments, TaskStateConflict
 from ..record import TaskRecord
-from ..serialization import NumberOnly
 from ..status import TaskStatus
 from ..task import UNSET
 from .auth import tenant_resolver
+from .batches import BatchCreate, build_batch_router
 from .errors import documented, error_response
 from .routing import raw_endpoint, strict_route_class
 from .schedules import build_schedule_router
-from .shapes import TaskOut, json_response, parse_body
+from .shapes import SubmitOptions, TaskOut, json_response, parse_body
 
 if TYPE_CHECKING:
     from ..core import Conveyor
 
 
-class SubmitRequest(BaseModel):
+class SubmitRequest(SubmitOptions):
     """Body of ``POST /tasks``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200, description="A registered task type.")
     args: dict[str, Any] = Field(default_factory=dict, description="The task's arguments.")
-    # `"delay_s": false` or `"priority": "3"` is a client's mistake, not a value
-    priority: Annotated[int | None, NumberOnly] = Field(
-        default=None, ge=-1000, le=1000, description="Higher first."
-    )
-    delay_s: Annotated[float | None, NumberOnly] = Field(default=None, ge=0, le=MAX_DELAY_S)
-    timeout_s: Annotated[float | None, NumberOnly] = Field(default=None, gt=0, le=MAX_DELAY_S)
 
 
 class TaskPage(BaseModel):
@@ -312,6 +303,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         )
 
     router.include_router(build_schedule_router(yard, prefix=prefix))
+    router.include_router(build_batch_router(yard, prefix=prefix, body_schema=batch_schema(yard)))
     return router
 
 
@@ -346,14 +338,36 @@ def submit_schema(yard: "Conveyor") -> dict[str, Any]:
     return {"title": "SubmitRequest", "oneOf": variants} if variants else base
 
 
+def batch_schema(yard: "Conveyor") -> dict[str, Any]:
+    """The body of ``POST /batches`` as JSON Schema: as :func:`submit_schema`, with ``items``
+    (a list of the type's arguments) in place of ``args``."""
+    submit = submit_schema(yard)
+    variants = []
+    for variant in submit.get("oneOf", []):
+        properties = dict(variant["properties"])
+        items = {
+            "type": "array",
+            "items": properties.pop("args"),
+            "maxItems": yard.settings.max_batch_items,
+        }
+        variants.append(
+            {**variant, "properties": {**properties, "items": items}, "required": ["name", "items"]}
+        )
+    return {"title": "BatchCreate", "oneOf": variants} if variants else {}
+
+
 def anonymous_openapi(spec: dict[str, Any], *, prefix: str = "") -> dict[str, Any]:
     """The OpenAPI document as a caller without a key may see it: the routes and their shapes,
-    but not the task types (``POST /tasks`` takes the generic ``SubmitRequest``)."""
+    but not the task types (``POST /tasks`` and ``POST /batches`` take their generic bodies)."""
     redacted = copy.deepcopy(spec)
     submit = redacted.get("paths", {}).get(f"{prefix}/tasks", {}).get("post")
     if submit is not None:
         content = submit["requestBody"]["content"]["application/json"]
         content["schema"] = SubmitRequest.model_json_schema()
+    batch = redacted.get("paths", {}).get(f"{prefix}/batches", {}).get("post")
+    if batch is not None:
+        content = batch["requestBody"]["content"]["application/json"]
+        content["schema"] = BatchCreate.model_json_schema()
     return redacted
 
 

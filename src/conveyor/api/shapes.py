@@ -1,14 +1,16 @@
 """What several routers answer with: the task as JSON, and strict JSON bodies."""
 
 import json
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import serialization
+from ..core import MAX_DELAY_S
 from ..errors import InvalidArguments
+from ..serialization import NumberOnly
 from ..status import TaskStatus
 from ..task import validated
 
@@ -17,6 +19,7 @@ class TaskLinks(BaseModel):
     self: str
     events: str
     result: str
+    batch: str | None = None
 
 
 class TaskOut(BaseModel):
@@ -39,7 +42,21 @@ class TaskOut(BaseModel):
     started_at: str | None
     finished_at: str | None
     run_at: str
+    batch_id: str | None = None
     links: TaskLinks
+
+
+class SubmitOptions(BaseModel):
+    """The options of a submission (``POST /tasks``, ``POST /batches``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # `"delay_s": false` or `"priority": "3"` is a client's mistake, not a value
+    priority: Annotated[int | None, NumberOnly] = Field(
+        default=None, ge=-1000, le=1000, description="Higher first."
+    )
+    delay_s: Annotated[float | None, NumberOnly] = Field(default=None, ge=0, le=MAX_DELAY_S)
+    timeout_s: Annotated[float | None, NumberOnly] = Field(default=None, gt=0, le=MAX_DELAY_S)
 
 
 def json_response(

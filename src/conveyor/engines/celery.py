@@ -98,6 +98,7 @@ class CeleryEngine:
         self.ledger: PublicationLedger = ledger
         types = host.task_types
         self._limits = {n: t.options.concurrency for n, t in types.items() if t.options.concurrency}
+        self._rates = {n: t.options.rate for n, t in types.items() if t.options.rate}
         if execute:
             self.runner = Runner(
                 host,
@@ -272,6 +273,7 @@ class CeleryEngine:
                 worker_id=self.worker_id,
                 limit=self.runner.limits({name: limit})[name] if limit else None,
                 lease_s=self.settings.lease_s,
+                rate=task_type.options.rate,
             )
         except ConveyorError as exc:  # the store is down: hand the message back, slowly
             logger.error("cannot claim task %s: %s", task_id, exc)
@@ -319,7 +321,9 @@ class CeleryEngine:
         whose message is older than ``republish_after_s`` (lost with the broker)."""
         try:
             due = await self.ledger.due_for_publish(
-                stale_s=self.settings.republish_after_s if stale else None, limits=self._limits
+                stale_s=self.settings.republish_after_s if stale else None,
+                limits=self._limits,
+                rates=self._rates,
             )
         except ConveyorError as exc:
             logger.error("sweep failed: %s", exc)

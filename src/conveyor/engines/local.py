@@ -80,6 +80,7 @@ class LocalEngine:
         types = self.host.task_types
         names = list(types)
         limits = {name: t.options.concurrency for name, t in types.items() if t.options.concurrency}
+        rates = {name: t.options.rate for name, t in types.items() if t.options.rate}
         store = self.host.store
         running = self.runner.running
         while not self._stopping:
@@ -93,6 +94,7 @@ class LocalEngine:
                         limits=self.runner.limits(limits),
                         n=free,
                         lease_s=self.settings.lease_s,
+                        rates=rates,
                     )
                 except ConveyorError as exc:
                     logger.error("claim failed: %s", exc)

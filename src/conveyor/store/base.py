@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
+from ..batch_record import BatchRecord
+from ..rates import Rate
 from ..record import TaskRecord
 from ..schedule_record import FireRecord, ScheduleRecord
 from ..status import TaskStatus
@@ -26,6 +28,10 @@ class Store(Protocol):
     def publication_ledger(self) -> PublicationLedger | None:
         """The ledger of broker messages kept beside the tasks (None: this store has none, and
         the Celery engine refuses it)."""
+        ...
+
+    def batches(self) -> BatchStore:
+        """Where this store keeps batches."""
         ...
 
     def schedules(self) -> ScheduleStore | None:
@@ -77,9 +83,11 @@ class Store(Protocol):
         limits: Mapping[str, int],
         n: int,
         lease_s: float,
+        rates: Mapping[str, Rate] | None = None,
     ) -> list[TaskRecord]:
         """Move up to ``n`` due queued tasks to ``running`` under a lease, best priority first,
-        respecting per-type ``limits`` across every worker sharing the store."""
+        respecting per-type ``limits`` (running at once) and ``rates`` (starts per period) across
+        every worker sharing the store."""
         ...
 
     async def mark_started(self, task_id: str, worker_id: str, attempt: int) -> bool:
@@ -146,6 +154,10 @@ class Store(Protocol):
         """Tasks per status (every status present), of one tenant or (None) of all."""
         ...
 
+    async def rate_used(self, name: str, rate: Rate) -> int:
+        """How many tasks of type ``name`` started within the last ``rate.period_s``."""
+        ...
+
 
 class PublicationLedger(Protocol):
     """Which queued tasks have a broker message in flight (the Celery engine's bookkeeping).
@@ -155,14 +167,26 @@ class PublicationLedger(Protocol):
     """
 
     async def claim_one(
-        self, task_id: str, *, name: str, worker_id: str, limit: int | None, lease_s: float
+        self,
+        task_id: str,
+        *,
+        name: str,
+        worker_id: str,
+        limit: int | None,
+        lease_s: float,
+        rate: Rate | None = None,
     ) -> TaskRecord | None:
         """Claim for the task a message names (the best queued task of its type); None when
         the message is to be dropped (its task finished, cancelled, running, or not yet due)."""
         ...
 
     async def due_for_publish(
-        self, *, stale_s: float | None, limits: Mapping[str, int], n: int = 1000
+        self,
+        *,
+        stale_s: float | None,
+        limits: Mapping[str, int],
+        n: int = 1000,
+        rates: Mapping[str, Rate] | None = None,
     ) -> list[tuple[str, str, int]]:
         """``(id, name, priority)`` of queued, due tasks whose message must be sent (never sent
         since they became due, or with ``stale_s``, sent longer ago); marks them sent."""
@@ -208,3 +232,55 @@ class ScheduleStore(Protocol):
     async def fires(
         self, schedule_id: str, *, limit: int, before: float | None
     ) -> list[FireRecord]: ...
+
+
+class BatchStore(Protocol):
+    """Batches: many tasks of one type submitted together, each an ordinary task carrying the
+    batch's id. Reading a batch's counts does not walk the table's other tasks."""
+
+    async def create(
+        self,
+        batch: BatchRecord,
+        records: Sequence[TaskRecord],
+        *,
+        args_json: Sequence[str],
+        max_queued: int | None,
+    ) -> BatchRecord:
+        """Commit the batch and all its tasks in one transaction, or nothing (``QueueFull``)."""
+        ...
+
+    async def get(self, batch_id: str, *, owner: str | None) -> BatchRecord: ...
+
+    async def list_batches(
+        self, *, owner: str | None, limit: int, before: float | None
+    ) -> list[BatchRecord]:
+        """Newest first, created before ``before``."""
+        ...
+
+    async def items(
+        self,
+        batch_id: str,
+        *,
+        owner: str | None,
+        status: TaskStatus | None,
+        after_seq: int | None,
+        limit: int,
+    ) -> list[TaskRecord]:
+        """The batch's tasks in submission order, after ``after_seq``."""
+        ...
+
+    async def cancel(self, batch_id: str, *, owner: str | None) -> tuple[int, list[str]]:
+        """Cancel the queued items and request cancellation of the running ones: how many were
+        cancelled, and the ids of the running ones asked to stop."""
+        ...
+
+    async def retry(
+        self,
+        batch_id: str,
+        *,
+        owner: str | None,
+        statuses: Collection[TaskStatus],
+        attempts: int,
+    ) -> list[TaskRecord]:
+        """Re-queue the items in ``statuses`` (terminal ones), each with ``attempts`` more."""
+        ...

@@ -23,9 +23,11 @@ from typing import Any
 import asyncpg
 
 from ..errors import QueueFull, StoreUnavailable, TaskNotFound
+from ..rates import Rate
 from ..record import TaskRecord
 from ..status import TaskStatus, cancel_outcome, require_deletable, require_retryable
 from .base import PublicationLedger
+from .postgres_batches import PostgresBatches
 from .postgres_ledger import HeldOutcome, PostgresLedger
 from .postgres_schema import CHANNEL, migrate
 from .postgres_sql import (
@@ -34,7 +36,9 @@ from .postgres_sql import (
     NOW,
     OUTCOME_HOLD_S,
     OUTCOME_TASK,
+    RATE_USED,
     held,
+    record_starts,
     remaining,
     unavailable_on_failure,
 )
@@ -47,6 +51,7 @@ from .rows import (
     record_from_row,
     recovery_statements,
     requeue_statement,
+    retry_set,
 )
 
 logger = logging.getLogger("conveyor.store")
@@ -83,6 +88,7 @@ class PostgresStore:
         self._held: list[tuple[tuple[Any, ...], asyncio.Future[bool]]] = []
         self._held_timer: asyncio.TimerHandle | None = None
         self._ledger = PostgresLedger(self)
+        self._batches = PostgresBatches(self)
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -132,6 +138,20 @@ class PostgresStore:
 
     def publication_ledger(self) -> PublicationLedger:
         return self._ledger
+
+    def batches(self) -> PostgresBatches:
+        """The batches kept beside the tasks."""
+        return self._batches
+
+    def counted(self, n: int) -> None:
+        """``n`` tasks became queued (negative: left the queue) outside the store's own
+        writes: the queued count behind ``429``."""
+        self._queued_count += n
+
+    async def insert_rows(
+        self, conn: asyncpg.Connection, records: Sequence[TaskRecord], args_json: Sequence[str]
+    ) -> None:
+        await _insert_rows(conn, records, args_json)
 
     def schedules(self) -> None:
         """Schedules are kept by the SQLite store only, so far."""
@@ -332,9 +352,10 @@ class PostgresStore:
         limits: Mapping[str, int],
         n: int,
         lease_s: float,
+        rates: Mapping[str, Rate] | None = None,
     ) -> list[TaskRecord]:
         async with self.connection() as conn, conn.transaction():
-            room = await remaining(conn, limits)
+            room = await remaining(conn, limits, rates)
             eligible = [name for name in names if room.get(name, 1) > 0]
             if not eligible:
                 return []
@@ -356,6 +377,8 @@ class PostgresStore:
                 lease_s,
                 chosen,
             )
+            if rates:
+                await record_starts(conn, [(row[2], row[15]) for row in claimed], rates)
         self._queued_count -= len(claimed)
         order = {task_id: i for i, task_id in enumerate(chosen)}
         return sorted((record_from_row(row) for row in claimed), key=lambda r: order[r.id])
@@ -513,10 +536,7 @@ class PostgresStore:
             current = await _fetch(conn, task_id, owner, lock=True)
             require_retryable(task_id, current.status)
             row = await conn.fetchrow(
-                "UPDATE conveyor_tasks SET status = 'queued', max_attempts = attempts + $1, "
-                f"run_at = {NOW}, result = NULL, result_blob = NULL, error = NULL, "
-                "progress = 0, message = NULL, started_at = NULL, finished_at = NULL, "
-                f"cancel_requested = FALSE, worker_id = NULL, published_at = {NOW} "
+                f"UPDATE conveyor_tasks SET {retry_set('$1', NOW)}, published_at = {NOW} "
                 f"WHERE id = $2 RETURNING {COLUMNS}",
                 attempts,
                 task_id,
@@ -558,6 +578,10 @@ class PostgresStore:
             rows = await conn.fetch(sql, *params)
         return [record_from_row(row) for row in rows]
 
+    async def rate_used(self, name: str, rate: Rate) -> int:
+        async with self.connection() as conn:
+            return int(await conn.fetchval(RATE_USED, name, rate.period_s))
+
     async def count_by_status(self, *, owner: str | None = None) -> dict[str, int]:
         where, params = ("WHERE owner = $1", [owner]) if owner is not None else ("", [])
         async with self.connection() as conn:
@@ -574,11 +598,11 @@ async def _insert_rows(
     the submitting host added); each record gets its ``seq`` and stored times."""
     rows = await conn.fetch(
         "INSERT INTO conveyor_tasks (id, name, owner, status, priority, args, "
-        "max_attempts, timeout_s, created_at, run_at, published_at) "
+        "max_attempts, timeout_s, created_at, run_at, published_at, batch_id) "
         "SELECT i, n, o, s, p, a, m, t, k.now, k.now + d, CASE WHEN d <= 0 THEN k.now "
-        "END FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], "
-        "$6::text[], $7::int[], $8::float8[], $9::float8[]) "
-        f"AS u(i, n, o, s, p, a, m, t, d) CROSS JOIN (SELECT {NOW} AS now) k "
+        "END, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], "
+        "$6::text[], $7::int[], $8::float8[], $9::float8[], $10::text[]) "
+        f"AS u(i, n, o, s, p, a, m, t, d, b) CROSS JOIN (SELECT {NOW} AS now) k "
         "RETURNING id, seq, created_at, run_at",
         [r.id for r in records],
         [r.name for r in records],
@@ -589,6 +613,7 @@ async def _insert_rows(
         [r.max_attempts for r in records],
         [r.timeout_s for r in records],
         [max(r.run_at - r.created_at, 0.0) for r in records],
+        [r.batch_id for r in records],
     )
     stored = {row[0]: (row[1], row[2], row[3]) for row in rows}
     for record in records:

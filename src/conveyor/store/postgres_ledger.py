@@ -18,8 +18,9 @@ from typing import Any, Protocol
 import asyncpg
 
 from ..errors import StoreUnavailable
+from ..rates import Rate
 from ..record import TaskRecord
-from .postgres_sql import NO_OUTCOME, NOW, UNPUBLISHED, outcome, remaining
+from .postgres_sql import NO_OUTCOME, NOW, UNPUBLISHED, outcome, record_starts, remaining
 from .rows import COLUMNS, record_from_row
 
 logger = logging.getLogger("conveyor.store")
@@ -79,7 +80,14 @@ class PostgresLedger:
         self._store = store
 
     async def claim_one(
-        self, task_id: str, *, name: str, worker_id: str, limit: int | None, lease_s: float
+        self,
+        task_id: str,
+        *,
+        name: str,
+        worker_id: str,
+        limit: int | None,
+        lease_s: float,
+        rate: Rate | None = None,
     ) -> TaskRecord | None:
         """Claim for the task a message names; None when the message is to be dropped.
 
@@ -92,11 +100,13 @@ class PostgresLedger:
 
         Otherwise the message is dropped: its task is finished, cancelled, running elsewhere, or
         not yet due (a retry waiting for its backoff). A type with a concurrency ``limit`` is
-        claimed under the type's lock, within the limit, across every worker. When the named
+        claimed under the type's lock, within the limit, across every worker; so is a type with
+        a ``rate``, whose start is recorded in the same transaction. When the named
         task stays queued with no message (no room for its type), its ``published_at`` is
         cleared and the sweeper sends it again.
         """
-        if limit is None:
+        locked = limit is not None or rate is not None
+        if not locked:
             held = self._store.take_held(task_id)
         else:  # the type's room counts running tasks: what ended is written first
             held = None
@@ -104,12 +114,16 @@ class PostgresLedger:
         args = (task_id, name, worker_id, lease_s, *(held[0] if held else NO_OUTCOME))
         try:
             async with self._store.hot("claim") as conn:
-                if limit is None:  # one round trip
+                if not locked:  # one round trip
                     found = await conn.fetchrow(CLAIM_ONE, *args)
                 else:
                     async with conn.transaction():
-                        room = (await remaining(conn, {name: limit}))[name] > 0
+                        limits = {} if limit is None else {name: limit}
+                        rates = {} if rate is None else {name: rate}
+                        room = (await remaining(conn, limits, rates))[name] > 0
                         found = await conn.fetchrow(CLAIM_ONE, *args) if room else None
+                        if found is not None and found[1] is not None:
+                            await record_starts(conn, [(name, found[15])], rates)
         except BaseException:
             if held is not None:  # whether it was written is unknown: write it on its own
                 self._store.spawn(self._store.write_outcome(*held))
@@ -130,7 +144,12 @@ class PostgresLedger:
         return record_from_row(row)
 
     async def due_for_publish(
-        self, *, stale_s: float | None, limits: Mapping[str, int], n: int = 1000
+        self,
+        *,
+        stale_s: float | None,
+        limits: Mapping[str, int],
+        n: int = 1000,
+        rates: Mapping[str, Rate] | None = None,
     ) -> list[tuple[str, str, int]]:
         """``(id, name, priority)`` of queued, due tasks whose broker message must be sent:
         never sent since they became due, or (when ``stale_s`` is given) sent more than
@@ -140,7 +159,7 @@ class PostgresLedger:
             stale = f"status = 'queued' AND published_at < {NOW} - {float(stale_s)!r}"
             unsent = f"({UNPUBLISHED}) OR ({stale})"
         async with self._store.connection() as conn, conn.transaction():
-            room = await remaining(conn, limits)
+            room = await remaining(conn, limits, rates)
             saturated = [name for name, left in room.items() if left <= 0]
             rows = await conn.fetch(
                 f"UPDATE conveyor_tasks t SET published_at = {NOW} FROM ("

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import asyncpg
 
 from ..errors import StoreUnavailable
+from ..rates import Rate
 
 NOW = "extract(epoch from clock_timestamp())::float8"
 # Queued tasks whose message is still to be sent (new, delayed, retried): what the sweeper reads
@@ -56,24 +57,56 @@ OUTCOME_TASK = 4  # where an outcome's parameters (see _outcome) hold the task i
 OUTCOME_HOLD_S = 0.005
 
 
-async def remaining(conn: asyncpg.Connection, limits: Mapping[str, int]) -> dict[str, int]:
-    """Room left under each per-type limit; locks those types until the transaction ends."""
-    if not limits:
+# Starts of a rate-limited type within its period (parameters: the type, the period).
+RATE_USED = f"SELECT count(*) FROM conveyor_rate_starts WHERE name = $1 AND at > {NOW} - $2"
+
+
+async def remaining(
+    conn: asyncpg.Connection, limits: Mapping[str, int], rates: Mapping[str, Rate] | None = None
+) -> dict[str, int]:
+    """Room left under each per-type limit and rate (the smaller of the two); locks those
+    types until the transaction ends."""
+    rates = rates or {}
+    if not limits and not rates:
         return {}
-    names = sorted(limits)
+    names = sorted(set(limits) | set(rates))
     await conn.execute(
         "SELECT pg_advisory_xact_lock(hashtext('conveyor:' || n)) FROM unnest($1::text[]) n",
         names,
     )
-    running = {
-        row[0]: row[1]
-        for row in await conn.fetch(
-            "SELECT name, count(*) FROM conveyor_tasks WHERE status = 'running' "
-            "AND name = ANY($1::text[]) GROUP BY name",
-            names,
+    room: dict[str, int] = {}
+    if limits:
+        running = {
+            row[0]: row[1]
+            for row in await conn.fetch(
+                "SELECT name, count(*) FROM conveyor_tasks WHERE status = 'running' "
+                "AND name = ANY($1::text[]) GROUP BY name",
+                sorted(limits),
+            )
+        }
+        room = {name: limit - running.get(name, 0) for name, limit in limits.items()}
+    for name, rate in rates.items():
+        used = await conn.fetchval(RATE_USED, name, rate.period_s)
+        left = rate.count - used
+        room[name] = min(room.get(name, left), left)
+    return room
+
+
+async def record_starts(
+    conn: asyncpg.Connection, starts: Sequence[tuple[str, float]], rates: Mapping[str, Rate]
+) -> None:
+    """Record the starts ``(type, started_at)`` of rate-limited types, and forget the starts
+    older than their period."""
+    limited = [(name, at) for name, at in starts if name in rates]
+    if not limited:
+        return
+    await conn.executemany("INSERT INTO conveyor_rate_starts (name, at) VALUES ($1, $2)", limited)
+    for name in {name for name, _ in limited}:
+        await conn.execute(
+            f"DELETE FROM conveyor_rate_starts WHERE name = $1 AND at <= {NOW} - $2",
+            name,
+            rates[name].period_s,
         )
-    }
-    return {name: limit - running.get(name, 0) for name, limit in limits.items()}
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from ..status import TaskStatus
 COLUMNS = (
     "seq, id, name, owner, status, priority, args, result, error, progress, message, attempts, "
     "max_attempts, timeout_s, created_at, started_at, finished_at, run_at, idempotency_key, "
-    "cancel_requested, worker_id, lease_expires_at, result_blob"
+    "cancel_requested, worker_id, lease_expires_at, result_blob, batch_id"
 )
 
 WORKER_LOST = {
@@ -48,6 +48,7 @@ def record_from_row(row: Sequence[Any]) -> TaskRecord:
         worker_id=row[20],
         lease_expires_at=row[21],
         result_blob=None if row[22] is None else json.loads(row[22]),
+        batch_id=row[23],
     )
 
 
@@ -115,6 +116,16 @@ def recovery_statements(table: str, *, now: str, lost: str) -> tuple[str, str, s
         f"UPDATE {table} SET status = 'failed', error = {lost}, finished_at = {now}, "
         f"lease_expires_at = NULL WHERE {expired} AND NOT cancel_requested "
         f"AND attempts >= max_attempts RETURNING {COLUMNS}",
+    )
+
+
+def retry_set(attempts: str, now: str) -> str:
+    """The SET list that puts a terminal task back in the queue with ``attempts`` more
+    attempts (an explicit retry), due at ``now``: its outcome and claim cleared."""
+    return (
+        f"status = 'queued', max_attempts = attempts + {attempts}, run_at = {now}, "
+        "result = NULL, result_blob = NULL, error = NULL, progress = 0, message = NULL, "
+        "started_at = NULL, finished_at = NULL, cancel_requested = FALSE, worker_id = NULL"
     )
 
 

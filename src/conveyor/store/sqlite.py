@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QueueFull, TaskNotFound
+from ..rates import Rate
 from ..record import TaskRecord
 from ..status import TaskStatus, cancel_outcome, require_deletable, require_retryable
 from . import sqlite_wake as wake
@@ -43,12 +44,14 @@ from .rows import (
     record_from_row,
     recovery_statements,
     requeue_statement,
+    retry_set,
 )
+from .sqlite_batches import BATCH_ADD, BATCH_FINISHED, BATCH_NEW, BATCHES, SQLiteBatches
 from .sqlite_commit import GroupCommit
 from .sqlite_schedules import SCHEDULES, SQLiteSchedules
 from .sqlite_wake import Doorbell
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _COUNTS = """
 CREATE TABLE IF NOT EXISTS task_counts (
     owner TEXT NOT NULL,
@@ -59,6 +62,12 @@ CREATE TABLE IF NOT EXISTS task_counts (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_queue ON tasks(name, priority DESC, run_at, seq)
     WHERE status = 'queued';
+"""
+# The recent starts of rate-limited task types (see conveyor.rates): a claim counts a type's
+# starts within its period and records its own; older rows are pruned as it goes.
+_RATE_STARTS = """
+CREATE TABLE IF NOT EXISTS rate_starts (name TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS rate_starts_name_at ON rate_starts(name, at);
 """
 _SCHEMA = (
     """
@@ -85,7 +94,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     worker_id TEXT,
     lease_expires_at REAL,
-    result_blob TEXT
+    result_blob TEXT,
+    batch_id TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_running ON tasks(worker_id, lease_expires_at)
     WHERE status = 'running';
@@ -96,6 +106,8 @@ CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
 """
     + _COUNTS
     + SCHEDULES
+    + BATCHES
+    + _RATE_STARTS
 )
 
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
@@ -105,6 +117,7 @@ _MIGRATIONS: dict[int, str] = {
     "INSERT INTO task_counts SELECT owner, name, status, count(*) FROM tasks "
     "GROUP BY owner, name, status",
     4: SCHEDULES,
+    5: "ALTER TABLE tasks ADD COLUMN batch_id TEXT;" + BATCHES + _RATE_STARTS,
 }
 _ADD = "UPDATE task_counts SET n = n + ? WHERE owner = ? AND name = ? AND status = ?"
 _NEW_COUNT = "INSERT INTO task_counts (owner, name, status, n) VALUES (?, ?, ?, ?)"
@@ -152,6 +165,7 @@ class WriteTally:
 
     def begin(self) -> None:
         self._local.deltas = {}
+        self._local.batches = {}
         self._local.touched = []
         self._local.queued = False
         self._local.queued_before = None
@@ -159,7 +173,15 @@ class WriteTally:
     def touched(self, task_id: str) -> None:
         self._local.touched.append(task_id)
 
-    def moved(self, task_id: str, owner: str, name: str, old: str | None, new: str | None) -> None:
+    def moved(
+        self,
+        task_id: str,
+        owner: str,
+        name: str,
+        old: str | None,
+        new: str | None,
+        batch_id: str | None = None,
+    ) -> None:
         self._local.touched.append(task_id)
         deltas: dict[tuple[str, str, str], int] = self._local.deltas
         if old == new:
@@ -170,6 +192,12 @@ class WriteTally:
             deltas[owner, name, new] = deltas.get((owner, name, new), 0) + 1
             if new == "queued":
                 self._local.queued = True
+        if batch_id is not None:
+            batches: dict[tuple[str, str], int] = self._local.batches
+            if old is not None:
+                batches[batch_id, old] = batches.get((batch_id, old), 0) - 1
+            if new is not None:
+                batches[batch_id, new] = batches.get((batch_id, new), 0) + 1
 
     def queued(self, conn: sqlite3.Connection) -> int:
         """How many tasks are queued, as this transaction sees them: read from the table once
@@ -189,6 +217,15 @@ class WriteTally:
                 if n and not conn.execute(_ADD, (n, owner, name, status)).rowcount:
                     conn.execute(_NEW_COUNT, (owner, name, status, n))
             deltas.clear()
+        batches: dict[tuple[str, str], int] = self._local.batches
+        if batches:
+            for (batch_id, status), n in batches.items():
+                if n and not conn.execute(BATCH_ADD, (n, batch_id, status)).rowcount:
+                    conn.execute(BATCH_NEW, (batch_id, status, n))
+            now = time.time()
+            for batch_id in {batch_id for batch_id, _ in batches}:
+                conn.execute(BATCH_FINISHED, (batch_id, now))
+            batches.clear()
 
     def after_commit(self) -> None:
         touched: list[str] = self._local.touched
@@ -222,6 +259,7 @@ class SQLiteStore:
         self._write = self._db.write
         self._read = self._db.read
         self._schedules = SQLiteSchedules(self)
+        self._batches = SQLiteBatches(self)
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -259,6 +297,10 @@ class SQLiteStore:
     def schedules(self) -> SQLiteSchedules:
         """The schedules kept in this file."""
         return self._schedules
+
+    def batches(self) -> SQLiteBatches:
+        """The batches kept in this file."""
+        return self._batches
 
     def publication_ledger(self) -> None:
         """SQLite serves only the embedded engine, which publishes nothing."""
@@ -301,8 +343,8 @@ class SQLiteStore:
     def _insert_row(self, conn: sqlite3.Connection, record: TaskRecord, args_json: str) -> None:
         cur = conn.execute(
             "INSERT INTO tasks (id, name, owner, status, priority, args, attempts, "
-            "max_attempts, timeout_s, created_at, run_at, idempotency_key) "
-            "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
+            "max_attempts, timeout_s, created_at, run_at, idempotency_key, batch_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
             (
                 record.id,
                 record.name,
@@ -315,11 +357,19 @@ class SQLiteStore:
                 record.created_at,
                 record.run_at,
                 record.idempotency_key,
+                record.batch_id,
             ),
         )
         assert cur.lastrowid is not None
         record.seq = cur.lastrowid
-        self._counts.moved(record.id, record.owner, record.name, None, record.status.value)
+        self._counts.moved(
+            record.id, record.owner, record.name, None, record.status.value, record.batch_id
+        )
+
+    def _moved(self, record: TaskRecord, old: str) -> None:
+        self._counts.moved(
+            record.id, record.owner, record.name, old, record.status.value, record.batch_id
+        )
 
     def _queued(self, conn: sqlite3.Connection) -> int:
         return self._counts.queued(conn)
@@ -332,7 +382,10 @@ class SQLiteStore:
         limits: Mapping[str, int],
         n: int,
         lease_s: float,
+        rates: Mapping[str, Rate] | None = None,
     ) -> list[TaskRecord]:
+        rates = rates or {}
+
         def op(conn: sqlite3.Connection) -> list[TaskRecord]:
             now = time.time()
             queued: dict[str, int] = {}
@@ -341,6 +394,10 @@ class SQLiteStore:
                 counts = queued if status == "queued" else running
                 counts[name] = counts.get(name, 0) + count  # summed over owners
             remaining = {name: lim - running.get(name, 0) for name, lim in limits.items()}
+            for name, rate in rates.items():
+                if queued.get(name, 0) > 0:
+                    room = rate.count - _rate_used(conn, name, now - rate.period_s)
+                    remaining[name] = min(remaining.get(name, room), room)
             eligible = [  # only the types with queued tasks and room left: one index walk each
                 (name, min(n, remaining.get(name, n)))
                 for name in names
@@ -363,7 +420,15 @@ class SQLiteStore:
                 (worker_id, now + lease_s, now, *chosen),
             ).fetchall()
             for row in claimed:
-                self._counts.moved(row[1], row[3], row[2], "queued", "running")
+                self._counts.moved(row[1], row[3], row[2], "queued", "running", row[23])
+            started = [(row[2], now) for row in claimed if row[2] in rates]
+            if started:
+                conn.executemany("INSERT INTO rate_starts (name, at) VALUES (?, ?)", started)
+                for name in {name for name, _ in started}:
+                    conn.execute(
+                        "DELETE FROM rate_starts WHERE name = ? AND at <= ?",
+                        (name, now - rates[name].period_s),
+                    )
             order = {task_id: i for i, task_id in enumerate(chosen)}
             return sorted((record_from_row(row) for row in claimed), key=lambda r: order[r.id])
 
@@ -414,7 +479,7 @@ class SQLiteStore:
                 "finished_at = ?, lease_expires_at = NULL, "
                 "progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END "
                 "WHERE id = ? AND status = 'running' AND worker_id = ? AND attempts = ? "
-                "RETURNING owner, name",
+                "RETURNING owner, name, batch_id",
                 (
                     status.value,
                     result_json,
@@ -429,7 +494,7 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 return False
-            self._counts.moved(task_id, row[0], row[1], "running", status.value)
+            self._counts.moved(task_id, row[0], row[1], "running", status.value, row[2])
             return True
 
         return await self._write(op)
@@ -462,7 +527,7 @@ class SQLiteStore:
             if row is None:
                 return None
             record = record_from_row(row)
-            self._counts.moved(record.id, record.owner, record.name, "running", record.status.value)
+            self._moved(record, "running")
             return record
 
         return await self._write(op)
@@ -496,9 +561,7 @@ class SQLiteStore:
             rows += conn.execute(failed, (now, lost)).fetchall()
             records = [record_from_row(row) for row in rows]
             for record in records:
-                self._counts.moved(
-                    record.id, record.owner, record.name, "running", record.status.value
-                )
+                self._moved(record, "running")
             return records
 
         return await self._write(op)
@@ -515,9 +578,7 @@ class SQLiteStore:
                 f"UPDATE tasks SET {sql} WHERE id = ? RETURNING {COLUMNS}", (*params, task_id)
             ).fetchone()
             record = record_from_row(row)
-            self._counts.moved(
-                task_id, record.owner, record.name, current.status.value, record.status.value
-            )
+            self._moved(record, current.status.value)
             return record
 
         return await self._write(op)
@@ -527,14 +588,17 @@ class SQLiteStore:
             current = _fetch(conn, task_id, owner)
             require_retryable(task_id, current.status)
             row = conn.execute(
-                "UPDATE tasks SET status = 'queued', max_attempts = attempts + ?, run_at = ?, "
-                "result = NULL, result_blob = NULL, error = NULL, progress = 0, message = NULL, "
-                "started_at = NULL, "
-                "finished_at = NULL, cancel_requested = 0, worker_id = NULL "
-                f"WHERE id = ? RETURNING {COLUMNS}",
+                f"UPDATE tasks SET {retry_set('?', '?')} WHERE id = ? RETURNING {COLUMNS}",
                 (attempts, time.time(), task_id),
             ).fetchone()
-            self._counts.moved(task_id, current.owner, current.name, current.status.value, "queued")
+            self._counts.moved(
+                task_id,
+                current.owner,
+                current.name,
+                current.status.value,
+                "queued",
+                current.batch_id,
+            )
             return record_from_row(row)
 
         return await self._write(op)
@@ -544,7 +608,9 @@ class SQLiteStore:
             current = _fetch(conn, task_id, owner)
             require_deletable(task_id, current.status)
             conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
-            self._counts.moved(task_id, current.owner, current.name, current.status.value, None)
+            self._counts.moved(
+                task_id, current.owner, current.name, current.status.value, None, current.batch_id
+            )
 
         await self._write(op)
 
@@ -579,6 +645,9 @@ class SQLiteStore:
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return [record_from_row(row) for row in rows]
 
+    async def rate_used(self, name: str, rate: Rate) -> int:
+        return await self._read(lambda conn: _rate_used(conn, name, time.time() - rate.period_s))
+
     async def count_by_status(self, *, owner: str | None = None) -> dict[str, int]:
         where, params = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
         rows = await self._read(
@@ -587,6 +656,13 @@ class SQLiteStore:
             ).fetchall()
         )
         return {status.value: 0 for status in TaskStatus} | dict(rows)
+
+
+def _rate_used(conn: sqlite3.Connection, name: str, since: float) -> int:
+    (used,) = conn.execute(
+        "SELECT count(*) FROM rate_starts WHERE name = ? AND at > ?", (name, since)
+    ).fetchone()
+    return int(used)
 
 
 def _fetch(conn: sqlite3.Connection, task_id: str, owner: str | None) -> TaskRecord:

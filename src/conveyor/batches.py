@@ -1,0 +1,194 @@
+"""Batches: many tasks of one type submitted as one, with counts by status.
+
+A batch is committed in one transaction with all its tasks (``BatchStore.create``); each item is
+an ordinary task carrying the batch's id, run, retried and cancelled like any other. The batch's
+counts are read from the store (kept per batch, not counted item by item, on SQLite), so a
+client can follow a batch of 100,000 as cheaply as one of ten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from typing import Any, Protocol
+
+from .batch_record import BatchRecord
+from .engines.base import Engine
+from .errors import InvalidArguments
+from .ids import uuid7
+from .record import TaskRecord
+from .settings import Settings
+from .status import TaskStatus
+from .store.base import BatchStore, Store
+from .task import UNSET, TaskType
+
+# Counts are streamed at most this often: a batch's events are coalesced, not one per item.
+EVENTS_INTERVAL_S = 0.25
+RETRYABLE = frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+class BatchHost(Protocol):
+    """What batches need of :class:`~conveyor.core.Conveyor`."""
+
+    settings: Settings
+
+    @property
+    def task_types(self) -> Mapping[str, TaskType[Any, Any]]: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def engine(self) -> Engine | None: ...
+
+    def task_type(self, name: str, *, public_only: bool = False) -> TaskType[Any, Any]: ...
+
+    def notify(self, task_id: str) -> None: ...
+
+    def _new_records(
+        self,
+        task_type: TaskType[Any, Any],
+        items: Sequence[Mapping[str, Any]],
+        *,
+        owner: str,
+        priority: int | None,
+        delay_s: float | None,
+        timeout_s: float | None,
+        task_ids: Sequence[str] | None = None,
+        batch_id: str | None = None,
+    ) -> list[tuple[TaskRecord, str]]: ...
+
+
+class Batches:
+    """The batches of one :class:`~conveyor.core.Conveyor` (``yard.batches``)."""
+
+    def __init__(self, host: BatchHost) -> None:
+        self._host = host
+
+    @property
+    def _store(self) -> BatchStore:
+        return self._host.store.batches()
+
+    async def submit(
+        self,
+        name: str,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        owner: str = "",
+        priority: int | None = None,
+        delay_s: float | None = None,
+        timeout_s: float | None = UNSET,
+        public_only: bool = False,
+        task_ids: Sequence[str] | None = None,
+    ) -> BatchRecord:
+        """Validate every item, then commit the batch and its tasks in one transaction: all of
+        them or none (``InvalidArguments`` locating the item, ``QueueFull``)."""
+        host = self._host
+        task_type = host.task_type(name, public_only=public_only)
+        batch_id = uuid7()
+        built = host._new_records(
+            task_type,
+            items,
+            owner=owner,
+            priority=priority,
+            delay_s=delay_s,
+            timeout_s=timeout_s,
+            task_ids=task_ids,
+            batch_id=batch_id,
+        )
+        records = [record for record, _ in built]
+        batch = BatchRecord(
+            id=batch_id,
+            name=task_type.name,
+            total=len(records),
+            owner=owner,
+            created_at=time.time(),
+        )
+        stored = await self._store.create(
+            batch,
+            records,
+            args_json=[args_json for _, args_json in built],
+            max_queued=host.settings.max_queued,
+        )
+        engine = host.engine
+        if engine is not None:
+            for record in records:
+                engine.submitted(record)
+        return stored
+
+    async def get(self, batch_id: str, *, owner: str | None = None) -> BatchRecord:
+        return await self._store.get(batch_id, owner=owner)
+
+    async def list_batches(
+        self, *, owner: str | None = None, limit: int = 50, before: float | None = None
+    ) -> list[BatchRecord]:
+        """Batches, newest first (``before``: created before this epoch time)."""
+        return await self._store.list_batches(owner=owner, limit=limit, before=before)
+
+    async def items(
+        self,
+        batch_id: str,
+        *,
+        owner: str | None = None,
+        status: TaskStatus | None = None,
+        after_seq: int | None = None,
+        limit: int = 100,
+    ) -> list[TaskRecord]:
+        """The batch's tasks in submission order (``after_seq``: the cursor of the page)."""
+        return await self._store.items(
+            batch_id, owner=owner, status=status, after_seq=after_seq, limit=limit
+        )
+
+    async def cancel(self, batch_id: str, *, owner: str | None = None) -> BatchRecord:
+        """Cancel the queued items at once; ask the running ones to stop."""
+        _, running = await self._store.cancel(batch_id, owner=owner)
+        engine = self._host.engine
+        for task_id in running:
+            if engine is not None:
+                engine.cancel_local(task_id)
+            self._host.notify(task_id)
+        return await self.get(batch_id, owner=owner)
+
+    async def retry(
+        self,
+        batch_id: str,
+        *,
+        owner: str | None = None,
+        statuses: Collection[TaskStatus] = (TaskStatus.FAILED,),
+    ) -> BatchRecord:
+        """Re-run the items in ``statuses`` (failed by default; failed and/or cancelled)."""
+        wrong = [status.value for status in statuses if status not in RETRYABLE]
+        if wrong or not statuses:
+            raise InvalidArguments(
+                "only failed or cancelled items can be retried",
+                details=[{"loc": ["query", "status"], "msg": f"not retryable: {wrong}"}],
+            )
+        batch = await self.get(batch_id, owner=owner)
+        task_type = self._host.task_types.get(batch.name)
+        attempts = 1 if task_type is None else task_type.options.max_attempts
+        records = await self._store.retry(
+            batch_id, owner=owner, statuses=statuses, attempts=attempts
+        )
+        engine = self._host.engine
+        for record in records:
+            if engine is not None:
+                engine.submitted(record, retried=True)
+            self._host.notify(record.id)
+        return await self.get(batch_id, owner=owner)
+
+    async def watch(
+        self, batch_id: str, *, owner: str | None = None, interval_s: float = EVENTS_INTERVAL_S
+    ) -> AsyncIterator[BatchRecord]:
+        """Yield the batch each time its counts or progress change, at most once per
+        ``interval_s``; the stream ends after the batch has no queued or running item."""
+        last: tuple[Any, ...] | None = None
+        while True:
+            batch = await self.get(batch_id, owner=owner)
+            key = (tuple(sorted(batch.counts.items())), batch.progress)
+            if key != last:
+                last = key
+                yield batch
+            if not batch.active:
+                return
+            await asyncio.sleep(interval_s)

@@ -1,0 +1,235 @@
+"""Batches in the SQLite file: a row per batch, and its counts by status.
+
+A batch's tasks are ordinary rows of ``tasks`` carrying its id. Its counts live in
+``batch_counts`` (one row per batch and status), kept in step by the same per-transaction tally
+as ``task_counts`` (:class:`~conveyor.store.sqlite.WriteTally`): reading a batch costs the same
+with ten items or a million. Its items are read in submission order through ``tasks_batch``
+(``batch_id, seq``) or, filtered by status, ``tasks_batch_status`` (``batch_id, status, seq``):
+a page stops after its rows.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, Protocol, TypeVar
+
+from ..batch_record import BatchRecord
+from ..errors import BatchNotFound
+from ..record import TaskRecord
+from ..status import TaskStatus
+from .rows import COLUMNS, record_from_row, retry_set
+
+T = TypeVar("T")
+
+BATCHES = """
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS batches_owner ON batches(owner, created_at);
+CREATE TABLE IF NOT EXISTS batch_counts (
+    batch_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (batch_id, status)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_batch ON tasks(batch_id, seq) WHERE batch_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_batch_status ON tasks(batch_id, status, seq)
+    WHERE batch_id IS NOT NULL;
+"""
+# Written by the tally before each commit, for each batch whose counts moved.
+BATCH_ADD = "UPDATE batch_counts SET n = n + ? WHERE batch_id = ? AND status = ?"
+BATCH_NEW = "INSERT INTO batch_counts (batch_id, status, n) VALUES (?, ?, ?)"
+BATCH_FINISHED = (
+    "UPDATE batches SET finished_at = CASE WHEN (SELECT coalesce(sum(n), 0) FROM batch_counts "
+    "WHERE batch_id = ?1 AND status IN ('queued', 'running')) = 0 "
+    "THEN coalesce(finished_at, ?2) END WHERE id = ?1"
+)
+_BATCH = "SELECT id, owner, name, total, created_at, finished_at FROM batches WHERE id = ?"
+
+
+class _File(Protocol):
+    """What batches need of the SQLite store: its writes and reads, its counted task insert,
+    and the tally that counts a task's moves."""
+
+    def _write(self, op: Callable[[sqlite3.Connection], T]) -> Awaitable[T]: ...
+
+    def _read(self, op: Callable[[sqlite3.Connection], T]) -> Awaitable[T]: ...
+
+    def _check_room(self, conn: sqlite3.Connection, n: int, max_queued: int | None) -> None: ...
+
+    def _insert_row(self, conn: sqlite3.Connection, record: TaskRecord, args_json: str) -> None: ...
+
+    def _moved(self, record: TaskRecord, old: str) -> None: ...
+
+
+class SQLiteBatches:
+    """The :class:`~conveyor.store.base.BatchStore` of a SQLite store."""
+
+    def __init__(self, store: _File) -> None:
+        self._store = store
+
+    async def create(
+        self,
+        batch: BatchRecord,
+        records: Sequence[TaskRecord],
+        *,
+        args_json: Sequence[str],
+        max_queued: int | None,
+    ) -> BatchRecord:
+        store = self._store
+
+        def op(conn: sqlite3.Connection) -> BatchRecord:
+            store._check_room(conn, len(records), max_queued)
+            conn.execute(
+                "INSERT INTO batches (id, owner, name, total, created_at) VALUES (?, ?, ?, ?, ?)",
+                (batch.id, batch.owner, batch.name, batch.total, batch.created_at),
+            )
+            for record, args in zip(records, args_json, strict=True):
+                store._insert_row(conn, record, args)
+            if not records:
+                conn.execute(
+                    "UPDATE batches SET finished_at = created_at WHERE id = ?", (batch.id,)
+                )
+                batch.finished_at = batch.created_at
+            batch.counts = {status.value: 0 for status in TaskStatus}
+            batch.counts[TaskStatus.QUEUED.value] = len(records)
+            return batch
+
+        return await store._write(op)
+
+    async def get(self, batch_id: str, *, owner: str | None) -> BatchRecord:
+        return await self._store._read(lambda conn: _batch(conn, batch_id, owner))
+
+    async def list_batches(
+        self, *, owner: str | None, limit: int, before: float | None
+    ) -> list[BatchRecord]:
+        def op(conn: sqlite3.Connection) -> list[BatchRecord]:
+            where = ["created_at < ?"]
+            params: list[Any] = [before if before is not None else float("inf")]
+            if owner is not None:
+                where.append("owner = ?")
+                params.append(owner)
+            ids = conn.execute(
+                f"SELECT id FROM batches WHERE {' AND '.join(where)} "
+                "ORDER BY created_at DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+            return [_batch(conn, batch_id, None) for (batch_id,) in ids]
+
+        return await self._store._read(op)
+
+    async def items(
+        self,
+        batch_id: str,
+        *,
+        owner: str | None,
+        status: TaskStatus | None,
+        after_seq: int | None,
+        limit: int,
+    ) -> list[TaskRecord]:
+        def op(conn: sqlite3.Connection) -> list[TaskRecord]:
+            _batch(conn, batch_id, owner)
+            where, params = "batch_id = ? AND seq > ?", [batch_id, after_seq or 0]
+            index = "tasks_batch"
+            if status is not None:
+                where += " AND status = ?"
+                params.append(status.value)
+                index = "tasks_batch_status"
+            rows = conn.execute(
+                f"SELECT {COLUMNS} FROM tasks INDEXED BY {index} WHERE {where} "
+                "ORDER BY seq LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+            return [record_from_row(row) for row in rows]
+
+        return await self._store._read(op)
+
+    async def cancel(self, batch_id: str, *, owner: str | None) -> tuple[int, list[str]]:
+        """Cancel the queued items, request cancellation of the running ones: how many were
+        cancelled, and the ids of those asked to stop."""
+        store = self._store
+
+        def op(conn: sqlite3.Connection) -> tuple[int, list[str]]:
+            _batch(conn, batch_id, owner)
+            rows = conn.execute(
+                "UPDATE tasks SET status = 'cancelled', finished_at = ? "
+                "WHERE batch_id = ? AND status = 'queued' "
+                f"RETURNING {COLUMNS}",
+                (time.time(), batch_id),
+            ).fetchall()
+            for row in rows:
+                store._moved(record_from_row(row), "queued")
+            running = conn.execute(
+                "UPDATE tasks SET cancel_requested = 1 WHERE batch_id = ? AND status = 'running' "
+                "RETURNING id",
+                (batch_id,),
+            ).fetchall()
+            return len(rows), [task_id for (task_id,) in running]
+
+        return await store._write(op)
+
+    async def retry(
+        self,
+        batch_id: str,
+        *,
+        owner: str | None,
+        statuses: Collection[TaskStatus],
+        attempts: int,
+    ) -> list[TaskRecord]:
+        """Put the items in ``statuses`` (failed or cancelled) back in the queue, each with a
+        new budget of ``attempts``."""
+        store = self._store
+        wanted = [status.value for status in statuses]
+
+        def op(conn: sqlite3.Connection) -> list[TaskRecord]:
+            _batch(conn, batch_id, owner)
+            records: list[TaskRecord] = []
+            for status in wanted:
+                rows = conn.execute(
+                    f"UPDATE tasks SET {retry_set('?', '?')} "
+                    f"WHERE batch_id = ? AND status = ? RETURNING {COLUMNS}",
+                    (attempts, time.time(), batch_id, status),
+                ).fetchall()
+                for row in rows:
+                    record = record_from_row(row)
+                    store._moved(record, status)
+                    records.append(record)
+            return records
+
+        return await store._write(op)
+
+
+def _batch(conn: sqlite3.Connection, batch_id: str, owner: str | None) -> BatchRecord:
+    row = conn.execute(_BATCH, (batch_id,)).fetchone()
+    if row is None or (owner is not None and row[1] != owner):
+        raise BatchNotFound(f"no batch with id {batch_id}")
+    counts = {status.value: 0 for status in TaskStatus}
+    counts.update(
+        conn.execute(
+            "SELECT status, n FROM batch_counts WHERE batch_id = ?", (batch_id,)
+        ).fetchall()
+    )
+    running_progress = 0.0
+    if counts[TaskStatus.RUNNING.value]:
+        (running_progress,) = conn.execute(
+            "SELECT coalesce(sum(progress), 0) FROM tasks INDEXED BY tasks_batch_status "
+            "WHERE batch_id = ? AND status = 'running'",
+            (batch_id,),
+        ).fetchone()
+    return BatchRecord(
+        id=row[0],
+        owner=row[1],
+        name=row[2],
+        total=row[3],
+        created_at=row[4],
+        finished_at=row[5],
+        counts=counts,
+        running_progress=running_progress,
+    )
