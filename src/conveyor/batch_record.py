@@ -24,6 +24,7 @@ class BatchRecord:
     finished_at: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
     running_progress: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)  # kept with the batch (a service's data)
 
     @property
     def active(self) -> int:

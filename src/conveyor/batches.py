@@ -81,12 +81,14 @@ class Batches:
         timeout_s: float | None = UNSET,
         public_only: bool = False,
         task_ids: Sequence[str] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        batch_id: str | None = None,
     ) -> BatchRecord:
         """Validate every item, then commit the batch and its tasks in one transaction: all of
         them or none (``InvalidArguments`` locating the item, ``QueueFull``)."""
         host = self._host
         task_type = host.task_type(name, public_only=public_only)
-        batch_id = uuid7()
+        batch_id = batch_id or uuid7()
         built = host._new_records(
             task_type,
             items,
@@ -104,6 +106,7 @@ class Batches:
             total=len(records),
             owner=owner,
             created_at=time.time(),
+            meta=dict(meta or {}),
         )
         stored = await self._store.create(
             batch,
@@ -139,6 +142,10 @@ class Batches:
         return await self._store.items(
             batch_id, owner=owner, status=status, after_seq=after_seq, limit=limit
         )
+
+    async def error_counts(self, batch_id: str) -> dict[tuple[str, str], int]:
+        """Items carrying an error, by ``(status, error type)``."""
+        return await self._store.error_counts(batch_id)
 
     async def cancel(self, batch_id: str, *, owner: str | None = None) -> BatchRecord:
         """Cancel the queued items at once; ask the running ones to stop."""

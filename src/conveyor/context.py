@@ -53,8 +53,11 @@ class TaskContext:
         cancel_event: threading.Event | None = None,
         blobs: BlobStore | None = None,
         scheduled_for: float | None = None,
+        batch_id: str | None = None,
     ) -> None:
         self.task_id = task_id
+        #: the batch this task is an item of (None otherwise)
+        self.batch_id = batch_id
         #: the planned fire time of the schedule that made this task (UTC; None otherwise)
         self.scheduled_for = (
             None if scheduled_for is None else datetime.fromtimestamp(scheduled_for, UTC)

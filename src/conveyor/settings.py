@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
@@ -43,6 +43,21 @@ class Settings(BaseSettings):
     poll_s: float = Field(default=0.1, gt=0, le=10, description="Idle poll of the store.")
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    smtp_url: SecretStr = Field(
+        default=SecretStr("smtp://127.0.0.1:25"),
+        description="Email service: smtp://user:password@host:port or smtps://… (never echoed).",
+    )
+    smtp_from: str | None = Field(default=None, description="Email service: default sender.")
+    smtp_connections: int = Field(
+        default=4, ge=1, le=100, description="Email service: SMTP connections (sends at once)."
+    )
+    smtp_rate: str | None = Field(
+        default=None, description="Email service: at most this many sends, e.g. '20/s'."
+    )
+    email_max_recipients: int = Field(default=100_000, ge=1, le=1_000_000)
+    email_retries: int = Field(
+        default=5, ge=0, le=50, description="Email service: retries after a 4xx reply."
+    )
     max_batch_items: int = Field(
         default=100_000, ge=1, le=10_000_000, description="Items in one batch (POST /batches)."
     )

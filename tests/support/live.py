@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,13 @@ def follow(
     return found, events
 
 
-def read_events(client: httpx.Client, path: str) -> list[tuple[str, dict[str, Any]]]:
-    """Every ``(event, data)`` of the Server-Sent Events stream at ``path``, to its end."""
+def read_events(
+    client: httpx.Client,
+    path: str,
+    until: Callable[[dict[str, Any]], bool] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every ``(event, data)`` of the Server-Sent Events stream at ``path``: to its end, or up to
+    the first whose data satisfies ``until`` (then the stream is closed)."""
     events: list[tuple[str, dict[str, Any]]] = []
     with client.stream("GET", path) as stream:
         assert stream.status_code == 200
@@ -65,6 +70,10 @@ def read_events(client: httpx.Client, path: str) -> list[tuple[str, dict[str, An
                 kind = line.partition(":")[2].strip()
             elif line.startswith("data:"):
                 events.append((kind, json.loads(line.partition(":")[2])))
+                if until is not None and until(events[-1][1]):
+                    return events
+    if until is not None:
+        raise AssertionError(f"{path} ended before the awaited event: {events[-1:]}")
     return events
 
 

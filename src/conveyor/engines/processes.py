@@ -114,7 +114,7 @@ class ProcessPool:
         qualname: str,
         args: dict[str, Any],
         *,
-        task: tuple[str, str, int, int, float | None],
+        task: tuple[str, str, int, int, float | None, str | None],
         blob_root: str,
         on_progress: Callable[[float, str | None], object],
         on_start: Callable[[], object] = lambda: None,
@@ -244,6 +244,7 @@ def _run_in_child(
     attempt: int,
     max_attempts: int,
     scheduled_for: float | None = None,
+    batch_id: str | None = None,
 ) -> list[Any]:
     try:
         fn, takes_context, model = _load_target(module, qualname, name)
@@ -257,6 +258,7 @@ def _run_in_child(
             reporter=lambda percent, text: send(conn, ["progress", percent, text]),
             blobs=BlobStore(blob_root),
             scheduled_for=scheduled_for,
+            batch_id=batch_id,
         )
         value = fn(ctx, **kwargs) if takes_context else fn(**kwargs)
         if inspect.isawaitable(value):

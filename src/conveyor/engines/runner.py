@@ -259,6 +259,7 @@ class Runner:
             cancel_event=run.cancel_event,
             blobs=self.host.blobs,
             scheduled_for=scheduled_for(record.idempotency_key),
+            batch_id=record.batch_id,
         )
         # A process task's timeout starts once a child is its own (see _call), not while it
         # waits for one.
@@ -345,6 +346,7 @@ class Runner:
                     record.attempts,
                     record.max_attempts,
                     scheduled_for(record.idempotency_key),
+                    record.batch_id,
                 ),
                 blob_root=str(self.host.blobs.root),
                 on_progress=functools.partial(self._report_progress, run),

@@ -37,6 +37,13 @@ def build_yard(settings: Settings, *, run_workers: bool = True) -> Conveyor:
         from .ingest import register_ingest_tasks
 
         register_ingest_tasks(yard)
+    if all(
+        _available(module, "conveyor[email]", "the email service")
+        for module in ("aiosmtplib", "email_validator", "jinja2")
+    ):
+        from .email import register_email_tasks
+
+        register_email_tasks(yard)
     return yard
 
 
@@ -81,6 +88,11 @@ def create_app(
         service = ingestion_of(yard)
         if service is not None:
             app.include_router(build_ingest_router(yard, service))
+
+    if "email.send" in yard.task_types:
+        from .email import build_email_router, emails_of
+
+        app.include_router(build_email_router(yard, emails_of(yard)))
 
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
 

@@ -269,6 +269,11 @@ class BatchStore(Protocol):
         """The batch's tasks in submission order, after ``after_seq``."""
         ...
 
+    async def error_counts(self, batch_id: str) -> dict[tuple[str, str], int]:
+        """The batch's items that carry an error, by ``(status, error type)``: a queued one
+        waits for a retry after that error, a failed one ended with it."""
+        ...
+
     async def cancel(self, batch_id: str, *, owner: str | None) -> tuple[int, list[str]]:
         """Cancel the queued items and request cancellation of the running ones: how many were
         cancelled, and the ids of the running ones asked to stop."""

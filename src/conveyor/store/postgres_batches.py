@@ -8,6 +8,7 @@ order and a page stops after its rows.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
@@ -28,13 +29,16 @@ CREATE TABLE IF NOT EXISTS conveyor_batches (
     owner TEXT NOT NULL,
     name TEXT NOT NULL,
     total INTEGER NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL
+    created_at DOUBLE PRECISION NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS conveyor_batches_owner ON conveyor_batches (owner, created_at);
 CREATE INDEX IF NOT EXISTS conveyor_tasks_batch ON conveyor_tasks (batch_id, seq)
     WHERE batch_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS conveyor_tasks_batch_status ON conveyor_tasks (batch_id, status, seq)
     WHERE batch_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS conveyor_tasks_batch_errors ON conveyor_tasks (batch_id, status)
+    WHERE batch_id IS NOT NULL AND error IS NOT NULL;
 CREATE TABLE IF NOT EXISTS conveyor_rate_starts (name TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
 CREATE INDEX IF NOT EXISTS conveyor_rate_starts_name_at ON conveyor_rate_starts (name, at);
 """
@@ -73,12 +77,13 @@ class PostgresBatches:
             if max_queued is not None and await store._queued(conn) + len(records) > max_queued:
                 raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
             batch.created_at = await conn.fetchval(
-                f"INSERT INTO conveyor_batches (id, owner, name, total, created_at) "
-                f"VALUES ($1, $2, $3, $4, {NOW}) RETURNING created_at",
+                f"INSERT INTO conveyor_batches (id, owner, name, total, created_at, meta) "
+                f"VALUES ($1, $2, $3, $4, {NOW}, $5) RETURNING created_at",
                 batch.id,
                 batch.owner,
                 batch.name,
                 batch.total,
+                json.dumps(batch.meta),
             )
             await store.insert_rows(conn, records, args_json)
         store.counted(len(records))
@@ -126,6 +131,15 @@ class PostgresBatches:
             )
         return [record_from_row(row) for row in rows]
 
+    async def error_counts(self, batch_id: str) -> dict[tuple[str, str], int]:
+        async with self._store.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT status, error::json->>'type', count(*) FROM conveyor_tasks "
+                "WHERE batch_id = $1 AND error IS NOT NULL GROUP BY 1, 2",
+                batch_id,
+            )
+        return {(row[0], row[1]): row[2] for row in rows}
+
     async def cancel(self, batch_id: str, *, owner: str | None) -> tuple[int, list[str]]:
         async with self._store.connection() as conn, conn.transaction():
             await _owned(conn, batch_id, owner)
@@ -171,7 +185,8 @@ async def _owned(conn: asyncpg.Connection, batch_id: str, owner: str | None) -> 
 
 async def _batch(conn: asyncpg.Connection, batch_id: str, owner: str | None) -> BatchRecord:
     row = await conn.fetchrow(
-        "SELECT id, owner, name, total, created_at FROM conveyor_batches WHERE id = $1", batch_id
+        "SELECT id, owner, name, total, created_at, meta FROM conveyor_batches WHERE id = $1",
+        batch_id,
     )
     if row is None or (owner is not None and row[1] != owner):
         raise BatchNotFound(f"no batch with id {batch_id}")
@@ -196,4 +211,5 @@ async def _batch(conn: asyncpg.Connection, batch_id: str, owner: str | None) -> 
         finished_at=finished_at if row[3] else row[4],
         counts=counts,
         running_progress=running_progress,
+        meta=json.loads(row[5]),
     )

@@ -10,6 +10,7 @@ a page stops after its rows.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -19,7 +20,7 @@ from ..batch_record import BatchRecord
 from ..errors import BatchNotFound
 from ..record import TaskRecord
 from ..status import TaskStatus
-from .rows import COLUMNS, record_from_row, retry_set
+from .rows import COLUMNS, dump, record_from_row, retry_set
 
 T = TypeVar("T")
 
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS batches (
     name TEXT NOT NULL,
     total INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    meta TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS batches_owner ON batches(owner, created_at);
 CREATE TABLE IF NOT EXISTS batch_counts (
@@ -42,6 +44,8 @@ CREATE TABLE IF NOT EXISTS batch_counts (
 CREATE INDEX IF NOT EXISTS tasks_batch ON tasks(batch_id, seq) WHERE batch_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_batch_status ON tasks(batch_id, status, seq)
     WHERE batch_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_batch_errors ON tasks(batch_id, status)
+    WHERE batch_id IS NOT NULL AND error IS NOT NULL;
 """
 # Written by the tally before each commit, for each batch whose counts moved.
 BATCH_ADD = "UPDATE batch_counts SET n = n + ? WHERE batch_id = ? AND status = ?"
@@ -51,7 +55,13 @@ BATCH_FINISHED = (
     "WHERE batch_id = ?1 AND status IN ('queued', 'running')) = 0 "
     "THEN coalesce(finished_at, ?2) END WHERE id = ?1"
 )
-_BATCH = "SELECT id, owner, name, total, created_at, finished_at FROM batches WHERE id = ?"
+_BATCH = "SELECT id, owner, name, total, created_at, finished_at, meta FROM batches WHERE id = ?"
+# The batch's items with an error, by status and error type (a retried or deferred item keeps
+# the error of its last attempt while queued): a walk over those items only.
+_ERRORS = (
+    "SELECT status, json_extract(error, '$.type'), count(*) FROM tasks "
+    "INDEXED BY tasks_batch_errors WHERE batch_id = ? AND error IS NOT NULL GROUP BY 1, 2"
+)
 
 
 class _File(Protocol):
@@ -88,8 +98,16 @@ class SQLiteBatches:
         def op(conn: sqlite3.Connection) -> BatchRecord:
             store._check_room(conn, len(records), max_queued)
             conn.execute(
-                "INSERT INTO batches (id, owner, name, total, created_at) VALUES (?, ?, ?, ?, ?)",
-                (batch.id, batch.owner, batch.name, batch.total, batch.created_at),
+                "INSERT INTO batches (id, owner, name, total, created_at, meta) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    batch.id,
+                    batch.owner,
+                    batch.name,
+                    batch.total,
+                    batch.created_at,
+                    dump(batch.meta),
+                ),
             )
             for record, args in zip(records, args_json, strict=True):
                 store._insert_row(conn, record, args)
@@ -150,6 +168,10 @@ class SQLiteBatches:
             return [record_from_row(row) for row in rows]
 
         return await self._store._read(op)
+
+    async def error_counts(self, batch_id: str) -> dict[tuple[str, str], int]:
+        rows = await self._store._read(lambda conn: conn.execute(_ERRORS, (batch_id,)).fetchall())
+        return {(status, kind): n for status, kind, n in rows}
 
     async def cancel(self, batch_id: str, *, owner: str | None) -> tuple[int, list[str]]:
         """Cancel the queued items, request cancellation of the running ones: how many were
@@ -232,4 +254,5 @@ def _batch(conn: sqlite3.Connection, batch_id: str, owner: str | None) -> BatchR
         finished_at=row[5],
         counts=counts,
         running_progress=running_progress,
+        meta=json.loads(row[6]),
     )

@@ -1,0 +1,301 @@
+"""The email service against a real SMTP server (aiosmtpd on loopback): per-recipient rendering
+and status, 4xx deferred and retried, 5xx bounced, a connection dropped mid-DATA, duplicates sent
+once, hostile input refused before anything is committed, tenants kept apart."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from conveyor.jobs.email import (
+    Bounced,
+    Deferred,
+    EmailInputError,
+    build_message,
+    parse_smtp_url,
+    send_email,
+)
+from conveyor.service import create_app
+
+from .support.live import LiveServer, follow, read_events, service_settings
+from .support.smtp_server import SmtpServer
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    with SmtpServer() as server:
+        yield server
+
+
+@pytest.fixture
+def make_client(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path, smtp: SmtpServer
+) -> Iterator[Callable[..., httpx.Client]]:
+    clients: list[httpx.Client] = []
+
+    def make(**overrides: Any) -> httpx.Client:
+        values = {
+            "smtp_url": smtp.url,
+            "smtp_from": "news@example.com",
+            "retry_base_s": 0,
+            "email_retries": 2,
+        }
+        client = serve(create_app(service_settings(tmp_path, **(values | overrides)))).client()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def message(**extra: Any) -> dict[str, Any]:
+    return {
+        "subject": "Hello {{ name }}",
+        "text": "Hi {{ name }}, your code is {{ code }}.",
+        "recipients": [{"email": "ann@example.com", "name": "Ann", "vars": {"code": "A1"}}],
+    } | extra
+
+
+def test_each_recipient_gets_its_own_message(
+    make_client: Callable[..., httpx.Client], smtp: SmtpServer
+) -> None:
+    client = make_client()
+    recipients = [
+        {"email": "ann@example.com", "name": "Ann", "vars": {"code": "A1"}},
+        {"email": "ase@example.com", "name": "Åse Ødegård", "vars": {"code": "<b>&"}},
+        {"email": "bob@example.com", "vars": {"code": "B3"}},
+    ]
+    body = message(
+        recipients=recipients,
+        subject="Héllo {{ name }} ✓",
+        html="<p>Hi <i>{{ name }}</i>: {{ code }}</p>",
+        reply_to="help@example.com",
+        headers={"List-Unsubscribe": "<mailto:unsub@example.com>"},
+    )
+    created = client.post("/emails", json=body)
+    assert created.status_code == 202, created.text
+    sent = created.json()
+    assert created.headers["location"] == f"/emails/{sent['id']}"
+    assert sent["total"] == 3 and sent["counts"]["queued"] + sent["counts"]["sending"] <= 3
+
+    final, events = follow(client, sent["id"], kind="emails")
+    assert final["status"] == "finished"
+    assert final["counts"] == {
+        "queued": 0,
+        "sending": 0,
+        "sent": 3,
+        "deferred": 0,
+        "bounced": 0,
+        "failed": 0,
+        "cancelled": 0,
+    }
+    assert events[-1][1]["counts"]["sent"] == 3
+
+    page = client.get(f"/emails/{sent['id']}/recipients").json()
+    by_address = {r["email"]: r for r in page["items"]}
+    assert all(r["status"] == "sent" and r["smtp_code"] == 250 for r in page["items"])
+    assert all("queued as Q" in r["smtp_reply"] for r in page["items"])
+
+    received = {rcpts[0]: msg for rcpts, msg in smtp.handler.wait_for(3)}
+    ase = received["ase@example.com"]
+    assert ase["Subject"] == "Héllo Åse Ødegård ✓"
+    assert ase["To"].addresses[0].display_name == "Åse Ødegård"
+    assert ase["From"].addresses[0].addr_spec == "news@example.com"
+    assert ase["Reply-To"].addresses[0].addr_spec == "help@example.com"
+    assert ase["List-Unsubscribe"] == "<mailto:unsub@example.com>"
+    assert ase["Message-ID"] == by_address["ase@example.com"]["message_id"]
+    html = ase.get_body(("html",)).get_content()
+    assert "<i>Åse Ødegård</i>: &lt;b&gt;&amp;" in html, "variables are escaped in HTML"
+    text = ase.get_body(("plain",)).get_content()
+    assert "your code is <b>&." in text, "plain text is sent as rendered"
+    assert received["bob@example.com"]["Subject"] == "Héllo ✓", "no name: one line, one space"
+
+
+def test_deferred_bounced_and_dropped(
+    make_client: Callable[..., httpx.Client], smtp: SmtpServer
+) -> None:
+    client = make_client()
+    recipients = [
+        {"email": "ok@example.com"},
+        {"email": "bounce@example.com"},
+        {"email": "defer@example.com"},
+        {"email": "drop@example.com"},
+    ]
+    sent = client.post("/emails", json=message(text="Hi", recipients=recipients)).json()
+    final, _ = follow(client, sent["id"], kind="emails")
+    counts = final["counts"]
+    assert (counts["sent"], counts["bounced"], counts["failed"]) == (2, 1, 1), counts
+
+    rows = {r["email"]: r for r in client.get(f"/emails/{sent['id']}/recipients").json()["items"]}
+    assert rows["bounce@example.com"]["status"] == "bounced"
+    assert rows["bounce@example.com"]["smtp_code"] == 550
+    assert rows["bounce@example.com"]["attempts"] == 1, "a 5xx reply is never retried"
+    assert rows["defer@example.com"]["status"] == "failed"
+    assert rows["defer@example.com"]["smtp_code"] == 451
+    assert rows["defer@example.com"]["attempts"] == 3, "a 4xx reply is retried (2 retries)"
+    assert rows["drop@example.com"]["status"] == "sent"
+    assert rows["drop@example.com"]["attempts"] == 2, "a dropped connection, then a fresh one"
+    assert smtp.handler.data_tries["drop@example.com"] == 2
+
+    bounced = client.get(f"/emails/{sent['id']}/recipients", params={"status": "bounced"})
+    assert [r["email"] for r in bounced.json()["items"]] == ["bounce@example.com"]
+
+    csv_text = client.get(f"/emails/{sent['id']}/recipients.csv").text
+    assert csv_text.splitlines()[0].startswith("email,name,status,smtp_code")
+    assert "bounce@example.com,,bounced,550" in csv_text
+
+
+def test_a_deferred_recipient_waits_with_its_next_attempt_visible(
+    make_client: Callable[..., httpx.Client],
+) -> None:
+    client = make_client(retry_base_s=3600)
+    recipients = [{"email": "ok@example.com"}, {"email": "defer@example.com"}]
+    sent = client.post("/emails", json=message(text="Hi", recipients=recipients)).json()
+    events = read_events(
+        client,
+        f"/emails/{sent['id']}/events",
+        until=lambda data: data["counts"]["deferred"] == 1 and data["counts"]["sent"] == 1,
+    )
+    assert all(kind == "counts" and data["status"] == "active" for kind, data in events)
+    deferred = client.get(f"/emails/{sent['id']}/recipients", params={"status": "deferred"})
+    (row,) = deferred.json()["items"]
+    assert row["email"] == "defer@example.com" and row["smtp_code"] == 451
+    assert row["next_attempt_at"] is not None and row["next_attempt_at"].endswith("Z")
+
+    cancelled = client.post(f"/emails/{sent['id']}/cancel").json()
+    assert cancelled["counts"]["cancelled"] == 1 and cancelled["status"] == "finished"
+
+
+def test_duplicates_are_sent_once(
+    make_client: Callable[..., httpx.Client], smtp: SmtpServer
+) -> None:
+    client = make_client()
+    recipients = [
+        {"email": "ann@example.com"},
+        {"email": "ann@EXAMPLE.com"},
+        {"email": "Ann@example.com"},
+        {"email": "bob@example.com"},
+    ]
+    sent = client.post("/emails", json=message(text="Hi", recipients=recipients)).json()
+    assert sent["total"] == 2, "addresses are compared without case"
+    follow(client, sent["id"], kind="emails")
+    received = smtp.handler.wait_for(2)
+    assert sorted(rcpts[0] for rcpts, _ in received) == ["ann@example.com", "bob@example.com"]
+
+
+@pytest.mark.parametrize(
+    ("change", "loc"),
+    [
+        (
+            {"recipients": [{"email": "ok@example.com"}, {"email": "not an address"}]},
+            ["body", "recipients", 1, "email"],
+        ),
+        ({"subject": "Hi\r\nBcc: victim@example.com"}, ["body", "subject"]),
+        (
+            {"recipients": [{"email": "ok@example.com", "name": "A\nB"}]},
+            ["body", "recipients", 0, "name"],
+        ),
+        ({"recipients": [{"email": "ok@example.com\r\nX: y"}]}, ["body", "recipients", 0, "email"]),
+        ({"headers": {"Bcc": "victim@example.com"}}, ["body", "headers", "Bcc"]),
+        ({"headers": {"X-Campaign": "a\r\nBcc: v@example.com"}}, ["body", "headers", "X-Campaign"]),
+        ({"text": "Hi {{ name"}, ["body", "template"]),
+        ({"text": "Hi {{ missing }}"}, ["body", "text"]),
+        ({"text": "{{ ''.__class__.__mro__[1].__subclasses__() }}"}, ["body", "text"]),
+        ({"text": None}, ["body", "text"]),
+        ({"from": "nobody"}, ["body", "from"]),
+        ({"recipients": []}, ["body", "recipients"]),
+    ],
+)
+def test_bad_emails_name_what_is_wrong(
+    make_client: Callable[..., httpx.Client],
+    smtp: SmtpServer,
+    change: dict[str, Any],
+    loc: list[Any],
+) -> None:
+    client = make_client()
+    response = client.post("/emails", json=message(**change))
+    assert response.status_code == 422, response.text
+    assert loc in [d["loc"] for d in response.json()["detail"]], response.json()
+    assert client.get("/batches").json()["items"] == [], "nothing was committed"
+
+
+def test_sizes_and_sender_are_checked(make_client: Callable[..., httpx.Client]) -> None:
+    client = make_client(email_max_recipients=3, smtp_from=None)
+    many = [{"email": f"r{i}@example.com"} for i in range(4)]
+    too_many = client.post("/emails", json=message(recipients=many, **{"from": "a@example.com"}))
+    assert too_many.status_code == 413
+    no_sender = client.post("/emails", json=message())
+    assert no_sender.status_code == 422 and "CONVEYOR_SMTP_FROM" in no_sender.text
+    truncated = client.post(
+        "/emails", content=b'{"subject": "x", "recip', headers={"content-type": "application/json"}
+    )
+    assert truncated.status_code == 422
+    assert client.get("/health").status_code == 200
+
+
+def test_tenants_see_only_their_emails(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path, smtp: SmtpServer
+) -> None:
+    settings = service_settings(
+        tmp_path, api_keys="alpha:ka,beta:kb", smtp_url=smtp.url, smtp_from="n@example.com"
+    )
+    server = serve(create_app(settings))
+    alpha = server.client(headers={"authorization": "Bearer ka"})
+    beta = server.client(headers={"authorization": "Bearer kb"})
+    with alpha, beta:
+        sent = alpha.post("/emails", json=message()).json()
+        for method, path in [
+            ("GET", ""),
+            ("GET", "/recipients"),
+            ("GET", "/recipients.csv"),
+            ("GET", "/events"),
+            ("POST", "/cancel"),
+            ("POST", "/retry"),
+        ]:
+            assert beta.request(method, f"/emails/{sent['id']}{path}").status_code == 404, path
+        assert alpha.get(f"/emails/{sent['id']}").status_code == 200
+
+
+def test_an_ordinary_batch_is_not_an_email(make_client: Callable[..., httpx.Client]) -> None:
+    client = make_client()
+    batch = client.post("/batches", json={"name": "demo.echo", "items": [{"value": 1}]}).json()
+    assert client.get(f"/emails/{batch['id']}").status_code == 404
+
+
+@pytest.mark.anyio
+async def test_the_library_sends_one_message(smtp: SmtpServer) -> None:
+    target = parse_smtp_url(smtp.url)
+    built = build_message(
+        sender="a@example.com",
+        to="b@example.com",
+        subject="One",
+        text="Body",
+        html=None,
+        message_id="<one@example.com>",
+    )
+    accepted = await send_email(target, built, sender="a@example.com", recipient="b@example.com")
+    assert accepted.code == 250 and "queued as" in accepted.reply
+    ((rcpts, received),) = smtp.handler.wait_for(1)
+    assert rcpts == ["b@example.com"] and received["Message-ID"] == "<one@example.com>"
+    with pytest.raises(Bounced) as bounced:
+        await send_email(target, built, sender="a@example.com", recipient="bounce@example.com")
+    assert bounced.value.code == 550
+    with pytest.raises(Deferred):
+        await send_email(target, built, sender="a@example.com", recipient="defer@example.com")
+
+
+def test_smtp_urls_keep_their_password_secret() -> None:
+    target = parse_smtp_url("smtps://mailer:s3cr%40t@mail.example.com?starttls=off")
+    assert (target.host, target.port, target.use_tls) == ("mail.example.com", 465, True)
+    assert target.password == "s3cr@t"
+    assert "s3cr" not in repr(target) and "s3cr" not in str(target)
+    with pytest.raises(EmailInputError):
+        parse_smtp_url("http://mail.example.com")
