@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.celery_engine
 	$(PY) -m benchmarks.ingest
 	$(PY) -m benchmarks.schedules
+	$(PY) -m benchmarks.batches
 
 # the fault suite for minutes (the embedded engine): prints what it counted
 soak: $(STAMP)
