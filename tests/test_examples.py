@@ -177,3 +177,27 @@ def test_periodic_ingest(
     assert later["inserted"] == 0 and later["unchanged"] == 95, "nothing twice"
     stored = client.get("/items", params={"limit": 1000}).json()
     assert sorted(r["id"] for r in stored) == list(range(1, 96))
+
+
+def test_welcome_emails(
+    example: Any, monkeypatch: pytest.MonkeyPatch, serve: Callable[[FastAPI], LiveServer]
+) -> None:
+    from .support.smtp_server import SmtpServer
+
+    with SmtpServer() as smtp:
+        monkeypatch.setenv("CONVEYOR_SMTP_URL", smtp.url)
+        _, client = example("welcome_emails")
+        ok = client.post("/signup", json={"email": "ada@example.com", "name": "Ada"})
+        assert ok.status_code == 202
+        bounced = client.post("/signup", json={"email": "bounce@example.com", "name": "Bo"})
+        assert finished(client, ok.json()["task_id"])["status"] == "completed"
+        assert finished(client, bounced.json()["task_id"])["status"] == "failed"
+        status = client.get(f"/signup/{ok.json()['task_id']}").json()
+        assert status["status"] == "sent" and "queued as" in status["smtp_reply"]
+        refused = client.get(f"/signup/{bounced.json()['task_id']}").json()
+        assert refused["status"] == "failed" and refused["smtp_reply"].startswith("550")
+        assert refused["attempts"] == 1, "a 5xx reply is not retried"
+        ((rcpts, message),) = smtp.handler.wait_for(1)
+        assert rcpts == ["ada@example.com"] and message["Subject"] == "Welcome, Ada"
+        bad = client.post("/signup", json={"email": "not an address", "name": "X"})
+        assert bad.status_code == 422
