@@ -160,3 +160,72 @@ async def test_a_file_from_the_previous_schema_is_counted_when_opened(tmp_path: 
     assert "tasks_queue" in indexes and "tasks_ready" not in indexes
     assert "schedules" in indexes and version == sqlite_store.SCHEMA_VERSION
     assert {"batches", "batch_counts", "tasks_batch_status"} <= indexes
+
+
+async def test_batch_and_rate_statements_stay_in_their_own_rows(
+    tmp_path: Path, recorded: list[str]
+) -> None:
+    """Reading a batch, paging its items (by status too), counting its errors and a rate-limited
+    claim walk the batch's (or the type's) own index entries, never the backlog."""
+    from conveyor.batch_record import BatchRecord
+    from conveyor.rates import Rate
+    from conveyor.record import TaskRecord
+
+    path = tmp_path / "tasks.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    fill(path, analyze=False)
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        now = time.time()
+        items = [
+            TaskRecord(
+                id=f"b{i:07d}-0000-0000-0000-000000000000",
+                name="t.echo",
+                status=TaskStatus.QUEUED,
+                args={},
+                created_at=now,
+                run_at=now,
+                batch_id="batch-1",
+            )
+            for i in range(500)
+        ]
+        batch = BatchRecord(id="batch-1", name="t.echo", total=500, created_at=now)
+        await store.batches().create(batch, items, args_json=["{}"] * 500, max_queued=None)
+        recorded.clear()
+        batches = store.batches()
+        await batches.get("batch-1", owner="")
+        for status in (None, TaskStatus.QUEUED, TaskStatus.FAILED):
+            await batches.items("batch-1", owner="", status=status, after_seq=None, limit=50)
+        await batches.error_counts("batch-1")
+        claimed = await store.claim(
+            worker_id="w",
+            names=["t.echo"],
+            limits={},
+            n=4,
+            lease_s=30,
+            rates={"t.echo": Rate(3, 1.0)},
+        )
+        assert len(claimed) == 3, "the rate lets three start"
+        await store.rate_used("t.echo", Rate(3, 1.0))
+        await batches.get("batch-1", owner="")  # with running items: their progress summed
+    finally:
+        await store.close()
+
+    wanted = ("batch", "rate_starts")
+    hot = {
+        s
+        for s in recorded
+        if s.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE"))
+        and any(w in s for w in wanted)
+    }
+    assert len(hot) >= 7, hot
+    conn = sqlite3.connect(path)
+    for statement in hot:
+        steps = plan(conn, statement)
+        for step in steps:
+            assert not step.startswith("SCAN tasks"), (statement, steps)
+            if "GROUP BY" not in statement:
+                assert "TEMP B-TREE" not in step, (statement, steps)
