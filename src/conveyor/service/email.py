@@ -40,7 +40,6 @@ from ..api.shapes import json_response, parse_body
 from ..batch_record import BatchRecord
 from ..context import TaskContext
 from ..errors import BatchNotFound, ConveyorError, InvalidArguments, PayloadTooLarge
-from ..ids import uuid7
 from ..jobs.csvstats import neutralised
 from ..jobs.email import (
     Deferred,
@@ -61,7 +60,6 @@ if TYPE_CHECKING:
 
 TASK = "email.send"
 KIND = "email"
-STATUSES = ("queued", "sending", "sent", "deferred", "bounced", "failed", "cancelled")
 _BY_TASK_STATUS = {
     "queued": TaskStatus.QUEUED,
     "deferred": TaskStatus.QUEUED,
@@ -206,9 +204,7 @@ class Emails:
         delay = None
         if body.send_at is not None:
             delay = max(0.0, body.send_at.timestamp() - datetime.now(UTC).timestamp())
-        return await self.yard.batches.submit(
-            TASK, items, owner=owner, delay_s=delay, meta=meta, batch_id=uuid7()
-        )
+        return await self.yard.batches.submit(TASK, items, owner=owner, delay_s=delay, meta=meta)
 
     def _message_meta(self, body: EmailIn) -> dict[str, Any]:
         sender = body.sender or self.yard.settings.smtp_from
