@@ -11,7 +11,9 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from pydantic import ValidationError
 
+from conveyor import Settings
 from conveyor.jobs.email import (
     Bounced,
     Deferred,
@@ -290,6 +292,13 @@ async def test_the_library_sends_one_message(smtp: SmtpServer) -> None:
     assert bounced.value.code == 550
     with pytest.raises(Deferred):
         await send_email(target, built, sender="a@example.com", recipient="defer@example.com")
+
+
+def test_a_bad_smtp_rate_is_a_settings_error() -> None:
+    with pytest.raises(ValidationError, match="smtp_rate"):
+        Settings(smtp_rate="fast")
+    assert Settings(smtp_rate="20/s").smtp_rate == "20/s"
+    assert "s3cr" not in repr(Settings(smtp_url="smtp://u:s3cr@mail.example.com"))
 
 
 def test_smtp_urls_keep_their_password_secret() -> None:

@@ -21,7 +21,7 @@ from .record import TaskRecord
 from .settings import Settings
 from .status import TaskStatus
 from .store.base import BatchStore, Store
-from .task import UNSET, TaskType
+from .task import UNSET, TaskType, new_records
 
 # Counts are streamed at most this often: a batch's events are coalesced, not one per item.
 EVENTS_INTERVAL_S = 0.25
@@ -45,19 +45,6 @@ class BatchHost(Protocol):
     def task_type(self, name: str, *, public_only: bool = False) -> TaskType[Any, Any]: ...
 
     def notify(self, task_id: str) -> None: ...
-
-    def _new_records(
-        self,
-        task_type: TaskType[Any, Any],
-        items: Sequence[Mapping[str, Any]],
-        *,
-        owner: str,
-        priority: int | None,
-        delay_s: float | None,
-        timeout_s: float | None,
-        task_ids: Sequence[str] | None = None,
-        batch_id: str | None = None,
-    ) -> list[tuple[TaskRecord, str]]: ...
 
 
 class Batches:
@@ -89,7 +76,7 @@ class Batches:
         host = self._host
         task_type = host.task_type(name, public_only=public_only)
         batch_id = batch_id or uuid7()
-        built = host._new_records(
+        built = new_records(
             task_type,
             items,
             owner=owner,

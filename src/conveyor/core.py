@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -12,7 +11,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
-from . import serialization
 from .batch_record import BatchRecord
 from .batches import Batches
 from .blobs import BlobStore
@@ -21,20 +19,18 @@ from .engines import Engine, open_engine
 from .errors import (
     ConfigurationError,
     ConveyorError,
-    InvalidArguments,
     NotStarted,
     TaskTypeError,
     UnknownTaskType,
     WaitTimeout,
 )
-from .ids import uuid7
 from .rates import parse_rate
 from .record import TaskRecord
 from .scheduler import Scheduler, Schedules
 from .settings import Settings
 from .status import TaskStatus
 from .store import Store, open_store
-from .task import UNSET, Executor, TaskOptions, TaskType
+from .task import UNSET, Executor, TaskOptions, TaskType, new_record, new_records
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -45,7 +41,6 @@ R = TypeVar("R")
 
 logger = logging.getLogger("conveyor")
 
-MAX_DELAY_S = 366 * 24 * 3600.0
 _WATCH_POLL_S = 0.25
 
 
@@ -396,7 +391,7 @@ class Conveyor:
         idempotency_key: str | None,
         task_id: str | None = None,
     ) -> tuple[TaskRecord, bool]:
-        record, args_json = self._new_record(
+        record, args_json = new_record(
             task_type,
             args,
             owner=owner,
@@ -431,7 +426,7 @@ class Conveyor:
         ``task_ids`` (one per item) lets a caller place the tasks' input blobs first.
         """
         task_type = self.task_type(name, public_only=public_only)
-        built = self._new_records(
+        built = new_records(
             task_type,
             items,
             owner=owner,
@@ -465,85 +460,6 @@ class Conveyor:
         return await self.batches.submit(
             name, items, owner=owner, priority=priority, delay_s=delay_s, timeout_s=timeout_s
         )
-
-    def _new_records(
-        self,
-        task_type: TaskType[Any, Any],
-        items: Sequence[Mapping[str, Any]],
-        *,
-        owner: str,
-        priority: int | None,
-        delay_s: float | None,
-        timeout_s: float | None,
-        task_ids: Sequence[str] | None = None,
-        batch_id: str | None = None,
-    ) -> list[tuple[TaskRecord, str]]:
-        """New tasks' records and their arguments as JSON, one per item of arguments (an
-        invalid item raises ``InvalidArguments`` locating it under ``items``)."""
-        if task_ids is not None and len(task_ids) != len(items):
-            raise InvalidArguments("task_ids must name one id per item")
-        built = []
-        for index, item in enumerate(items):
-            try:
-                args = task_type.validate(item)
-            except InvalidArguments as exc:
-                exc.details = [{**d, "loc": ["items", index, *d["loc"]]} for d in exc.details]
-                raise
-            built.append(
-                self._new_record(
-                    task_type,
-                    args,
-                    owner=owner,
-                    priority=priority,
-                    delay_s=delay_s,
-                    timeout_s=timeout_s,
-                    idempotency_key=None,
-                    task_id=None if task_ids is None else task_ids[index],
-                    batch_id=batch_id,
-                )
-            )
-        return built
-
-    def _new_record(
-        self,
-        task_type: TaskType[Any, Any],
-        args: dict[str, Any],
-        *,
-        owner: str,
-        priority: int | None,
-        delay_s: float | None,
-        timeout_s: float | None,
-        idempotency_key: str | None,
-        task_id: str | None,
-        batch_id: str | None = None,
-    ) -> tuple[TaskRecord, str]:
-        """A new task's record and its arguments as JSON, its options checked."""
-        if delay_s is not None and not (0 <= delay_s <= MAX_DELAY_S and math.isfinite(delay_s)):
-            raise InvalidArguments(f"delay_s must be between 0 and {MAX_DELAY_S:.0f}")
-        if timeout_s is UNSET:
-            timeout_s = task_type.options.timeout_s
-        elif timeout_s is not None and not (0 < timeout_s < math.inf):
-            raise InvalidArguments("timeout_s must be a positive number")
-        now = time.time()
-        record = TaskRecord(
-            id=task_id or uuid7(),
-            name=task_type.name,
-            status=TaskStatus.QUEUED,
-            args=args,
-            owner=owner,
-            priority=task_type.options.priority if priority is None else priority,
-            max_attempts=task_type.options.max_attempts,
-            timeout_s=timeout_s,
-            created_at=now,
-            run_at=now + (delay_s or 0.0),
-            idempotency_key=idempotency_key,
-            batch_id=batch_id,
-        )
-        try:
-            args_json = serialization.dumps(args)
-        except serialization.JSONError as exc:
-            raise InvalidArguments(f"arguments of task {task_type.name!r} are {exc}") from exc
-        return record, args_json
 
     async def get(self, task_id: str, *, owner: str | None = None) -> TaskRecord:
         return await self._explained(await self.store.get(task_id, owner=owner))

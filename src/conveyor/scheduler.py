@@ -42,7 +42,7 @@ from .schedule_record import (
 )
 from .settings import Settings
 from .store.base import ScheduleStore, Store
-from .task import UNSET, TaskType
+from .task import UNSET, TaskType, new_record
 
 
 class ScheduleHost(Protocol):
@@ -57,19 +57,6 @@ class ScheduleHost(Protocol):
     def engine(self) -> Engine | None: ...
 
     def task_type(self, name: str, *, public_only: bool = False) -> TaskType[Any, Any]: ...
-
-    def _new_record(
-        self,
-        task_type: TaskType[Any, Any],
-        args: dict[str, Any],
-        *,
-        owner: str,
-        priority: int | None,
-        delay_s: float | None,
-        timeout_s: float | None,
-        idempotency_key: str | None,
-        task_id: str | None,
-    ) -> tuple[TaskRecord, str]: ...
 
 
 logger = logging.getLogger("conveyor.schedules")
@@ -273,7 +260,7 @@ class Schedules:
         try:
             task_type = self._yard.task_type(schedule.task)
             args = task_type.validate(schedule.args)
-            return self._yard._new_record(
+            return new_record(
                 task_type,
                 args,
                 owner=schedule.owner,

@@ -9,7 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, TaskTypeError
+from .rates import parse_rate
 
 
 class Settings(BaseSettings):
@@ -110,6 +111,16 @@ class Settings(BaseSettings):
     )
     retry_base_s: float = Field(default=1.0, ge=0)
     retry_max_s: float = Field(default=300.0, ge=0)
+
+    @field_validator("smtp_rate")
+    @classmethod
+    def _a_rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_rate(value)
+            except TaskTypeError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import (
@@ -20,18 +22,22 @@ from typing import (
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from . import serialization
 from .batch_record import BatchRecord
 from .context import TaskContext
 from .errors import InvalidArguments, TaskTypeError
 from .handle import TaskAccess, TaskHandle
+from .ids import uuid7
 from .rates import Rate
 from .record import TaskRecord
 from .serialization import NumberOnly
+from .status import TaskStatus
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 Executor = Literal["async", "thread", "process"]
+MAX_DELAY_S = 366 * 24 * 3600.0  # the longest delay (and timeout) a submission may ask for
 
 
 class _Unset:
@@ -258,3 +264,82 @@ def _argument_model(fn: Callable[..., Any], name: str) -> tuple[bool, type[BaseM
     except Exception as exc:
         raise TaskTypeError(f"task {name!r}: unsupported argument types: {exc}") from exc
     return takes_context, model
+
+
+def new_records(
+    task_type: TaskType[Any, Any],
+    items: Sequence[Mapping[str, Any]],
+    *,
+    owner: str,
+    priority: int | None,
+    delay_s: float | None,
+    timeout_s: float | None,
+    task_ids: Sequence[str] | None = None,
+    batch_id: str | None = None,
+) -> list[tuple[TaskRecord, str]]:
+    """New tasks' records and their arguments as JSON, one per item of arguments (an
+    invalid item raises ``InvalidArguments`` locating it under ``items``)."""
+    if task_ids is not None and len(task_ids) != len(items):
+        raise InvalidArguments("task_ids must name one id per item")
+    built = []
+    for index, item in enumerate(items):
+        try:
+            args = task_type.validate(item)
+        except InvalidArguments as exc:
+            exc.details = [{**d, "loc": ["items", index, *d["loc"]]} for d in exc.details]
+            raise
+        built.append(
+            new_record(
+                task_type,
+                args,
+                owner=owner,
+                priority=priority,
+                delay_s=delay_s,
+                timeout_s=timeout_s,
+                idempotency_key=None,
+                task_id=None if task_ids is None else task_ids[index],
+                batch_id=batch_id,
+            )
+        )
+    return built
+
+
+def new_record(
+    task_type: TaskType[Any, Any],
+    args: dict[str, Any],
+    *,
+    owner: str,
+    priority: int | None,
+    delay_s: float | None,
+    timeout_s: float | None,
+    idempotency_key: str | None,
+    task_id: str | None,
+    batch_id: str | None = None,
+) -> tuple[TaskRecord, str]:
+    """A new task's record and its arguments as JSON, its options checked."""
+    if delay_s is not None and not (0 <= delay_s <= MAX_DELAY_S and math.isfinite(delay_s)):
+        raise InvalidArguments(f"delay_s must be between 0 and {MAX_DELAY_S:.0f}")
+    if timeout_s is UNSET:
+        timeout_s = task_type.options.timeout_s
+    elif timeout_s is not None and not (0 < timeout_s < math.inf):
+        raise InvalidArguments("timeout_s must be a positive number")
+    now = time.time()
+    record = TaskRecord(
+        id=task_id or uuid7(),
+        name=task_type.name,
+        status=TaskStatus.QUEUED,
+        args=args,
+        owner=owner,
+        priority=task_type.options.priority if priority is None else priority,
+        max_attempts=task_type.options.max_attempts,
+        timeout_s=timeout_s,
+        created_at=now,
+        run_at=now + (delay_s or 0.0),
+        idempotency_key=idempotency_key,
+        batch_id=batch_id,
+    )
+    try:
+        args_json = serialization.dumps(args)
+    except serialization.JSONError as exc:
+        raise InvalidArguments(f"arguments of task {task_type.name!r} are {exc}") from exc
+    return record, args_json

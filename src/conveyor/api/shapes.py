@@ -8,11 +8,10 @@ from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import serialization
-from ..core import MAX_DELAY_S
 from ..errors import InvalidArguments
 from ..serialization import NumberOnly
 from ..status import TaskStatus
-from ..task import validated
+from ..task import MAX_DELAY_S, validated
 
 
 class TaskLinks(BaseModel):

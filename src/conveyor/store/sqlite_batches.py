@@ -2,8 +2,8 @@
 
 A batch's tasks are ordinary rows of ``tasks`` carrying its id. Its counts live in
 ``batch_counts`` (one row per batch and status), kept in step by the same per-transaction tally
-as ``task_counts`` (:class:`~conveyor.store.sqlite.WriteTally`): reading a batch costs the same
-with ten items or a million. Its items are read in submission order through ``tasks_batch``
+as ``task_counts`` (:class:`~conveyor.store.sqlite_tally.WriteTally`): reading a batch costs
+the same with ten items or a million. Its items are read in submission order through ``tasks_batch``
 (``batch_id, seq``) or, filtered by status, ``tasks_batch_status`` (``batch_id, status, seq``):
 a page stops after its rows.
 """
