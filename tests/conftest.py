@@ -5,21 +5,23 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 
 from conveyor import Conveyor, Settings
 
 from .support import tasks
-from .support.live import LiveServer
+from .support.live import LiveServer, service_settings
 from .support.services import PostgresServer, RabbitMQServer, RedisServer
+from .support.smtp_server import SmtpServer
 
 # "celery" uses Redis as the broker, "celery-amqp" RabbitMQ; both use PostgreSQL.
 ENGINES = ["local", "celery", "celery-amqp"]
 # Modules whose tests run on every engine; the others run on the embedded one.
 EVERY_ENGINE = {"test_engine_contract"}
 # Modules whose tests run on the embedded engine and on Celery with Redis.
-BOTH_ENGINES = {"test_batches", "test_rates"}
+BOTH_ENGINES = {"test_batches", "test_rates", "test_email_requests"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -143,3 +145,39 @@ def serve() -> Iterator[Callable[[FastAPI], LiveServer]]:
     yield start
     for server in reversed(servers):
         server.__exit__()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    """A real SMTP server on loopback (aiosmtpd), answering by address (see its module)."""
+    with SmtpServer() as server:
+        yield server
+
+
+@pytest.fixture
+def make_client(
+    serve: Callable[[FastAPI], LiveServer],
+    tmp_path: Path,
+    smtp: SmtpServer,
+    engine_settings: dict[str, Any],
+) -> Iterator[Callable[..., httpx.Client]]:
+    """A client of the ready service (on the module's engine) that sends mail to ``smtp``."""
+    from conveyor.service import create_app
+
+    clients: list[httpx.Client] = []
+
+    def make(**overrides: Any) -> httpx.Client:
+        values = {
+            "smtp_url": smtp.url,
+            "smtp_from": "news@example.com",
+            "retry_base_s": 0,
+            "email_retries": 2,
+            **engine_settings,
+        }
+        client = serve(create_app(service_settings(tmp_path, **(values | overrides)))).client()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

@@ -4,7 +4,7 @@ once, hostile input refused before anything is committed, tenants kept apart."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,45 +25,9 @@ from conveyor.jobs.email import (
 from conveyor.service import create_app
 
 from .support.live import LiveServer, follow, read_events, service_settings
-from .support.smtp_server import SmtpServer
+from .support.smtp_server import SmtpServer, message
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpServer]:
-    with SmtpServer() as server:
-        yield server
-
-
-@pytest.fixture
-def make_client(
-    serve: Callable[[FastAPI], LiveServer], tmp_path: Path, smtp: SmtpServer
-) -> Iterator[Callable[..., httpx.Client]]:
-    clients: list[httpx.Client] = []
-
-    def make(**overrides: Any) -> httpx.Client:
-        values = {
-            "smtp_url": smtp.url,
-            "smtp_from": "news@example.com",
-            "retry_base_s": 0,
-            "email_retries": 2,
-        }
-        client = serve(create_app(service_settings(tmp_path, **(values | overrides)))).client()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
-
-
-def message(**extra: Any) -> dict[str, Any]:
-    return {
-        "subject": "Hello {{ name }}",
-        "text": "Hi {{ name }}, your code is {{ code }}.",
-        "recipients": [{"email": "ann@example.com", "name": "Ann", "vars": {"code": "A1"}}],
-    } | extra
 
 
 def test_each_recipient_gets_its_own_message(

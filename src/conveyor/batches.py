@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from .batch_record import BatchRecord
 from .engines.base import Engine
-from .errors import InvalidArguments
+from .errors import BatchExists, BatchNotFound, InvalidArguments
 from .ids import uuid7
 from .record import TaskRecord
 from .settings import Settings
@@ -26,6 +27,8 @@ from .task import UNSET, TaskType, new_records
 # Counts are streamed at most this often: a batch's events are coalesced, not one per item.
 EVENTS_INTERVAL_S = 0.25
 RETRYABLE = frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED})
+# A batch submitted under an idempotency key gets an id derived from (owner, key).
+_KEYED = uuid.UUID("5b0c8a52-6a0e-4c1f-9d39-2f7a8e1c0b64")
 
 
 class BatchHost(Protocol):
@@ -107,6 +110,28 @@ class Batches:
                 engine.submitted(record)
         return stored
 
+    async def submit_once(
+        self,
+        key: str,
+        name: str,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        owner: str = "",
+        **options: Any,
+    ) -> tuple[BatchRecord, bool]:
+        """:meth:`submit` under an idempotency key: the batch this owner first submitted with
+        ``key`` and ``False``, or the new batch and ``True``. Two racing submissions with one
+        key commit one batch (its id is derived from the owner and the key)."""
+        batch_id = str(uuid.uuid5(_KEYED, f"{owner}\x00{key}"))
+        try:
+            return await self.get(batch_id, owner=owner), False
+        except BatchNotFound:
+            pass
+        try:
+            return await self.submit(name, items, owner=owner, batch_id=batch_id, **options), True
+        except BatchExists:
+            return await self.get(batch_id, owner=owner), False
+
     async def get(self, batch_id: str, *, owner: str | None = None) -> BatchRecord:
         return await self._store.get(batch_id, owner=owner)
 
@@ -150,8 +175,11 @@ class Batches:
         *,
         owner: str | None = None,
         statuses: Collection[TaskStatus] = (TaskStatus.FAILED,),
+        only_error: str | None = None,
+        except_error: str | None = None,
     ) -> BatchRecord:
-        """Re-run the items in ``statuses`` (failed by default; failed and/or cancelled)."""
+        """Re-run the items in ``statuses`` (failed by default; failed and/or cancelled), of
+        those only the ones whose error type is ``only_error``, or is not ``except_error``."""
         wrong = [status.value for status in statuses if status not in RETRYABLE]
         if wrong or not statuses:
             raise InvalidArguments(
@@ -162,14 +190,31 @@ class Batches:
         task_type = self._host.task_types.get(batch.name)
         attempts = 1 if task_type is None else task_type.options.max_attempts
         records = await self._store.retry(
-            batch_id, owner=owner, statuses=statuses, attempts=attempts
+            batch_id,
+            owner=owner,
+            statuses=statuses,
+            attempts=attempts,
+            only_error=only_error,
+            except_error=except_error,
         )
+        self._requeued(records)
+        return await self.get(batch_id, owner=owner)
+
+    async def retry_now(
+        self, batch_id: str, *, owner: str | None = None, error_type: str | None = None
+    ) -> BatchRecord:
+        """Make the queued items that wait for a retry (after an error of ``error_type``, or
+        any) due now, instead of at the end of their backoff."""
+        records = await self._store.hasten(batch_id, owner=owner, error_type=error_type)
+        self._requeued(records)
+        return await self.get(batch_id, owner=owner)
+
+    def _requeued(self, records: Sequence[TaskRecord]) -> None:
         engine = self._host.engine
         for record in records:
             if engine is not None:
                 engine.submitted(record, retried=True)
             self._host.notify(record.id)
-        return await self.get(batch_id, owner=owner)
 
     async def watch(
         self, batch_id: str, *, owner: str | None = None, interval_s: float = EVENTS_INTERVAL_S

@@ -79,6 +79,13 @@ class BatchNotFound(ConveyorError):
     status_code = 404
 
 
+class BatchExists(ConveyorError):
+    """A batch with this id is committed already (a concurrent submission under the same
+    idempotency key won)."""
+
+    status_code = 409
+
+
 class ScheduleConflict(ConveyorError):
     """A schedule of that name exists already for this tenant."""
 

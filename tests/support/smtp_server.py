@@ -27,12 +27,15 @@ class Handler:
     def __init__(self) -> None:
         self.received: list[tuple[list[str], EmailMessage]] = []
         self.data_tries: Counter[str] = Counter()
+        self.rcpt_refusals: Counter[str] = Counter()
         self.changed = threading.Condition()
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
     ) -> str:
         local = address.partition("@")[0]
+        if local.startswith(("defer", "bounce")):
+            self.rcpt_refusals[address] += 1
         if local.startswith("defer"):
             return "451 4.3.0 Mailbox busy, try again later"
         if local.startswith("bounce"):
@@ -83,3 +86,11 @@ class SmtpServer:
 
     def __exit__(self, *exc: object) -> None:
         self.controller.stop()
+
+
+def message(**extra: Any) -> dict[str, Any]:
+    return {
+        "subject": "Hello {{ name }}",
+        "text": "Hi {{ name }}, your code is {{ code }}.",
+        "recipients": [{"email": "ann@example.com", "name": "Ann", "vars": {"code": "A1"}}],
+    } | extra

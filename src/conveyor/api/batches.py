@@ -20,7 +20,14 @@ from ..task import UNSET
 from .auth import tenant_resolver
 from .errors import documented
 from .routing import strict_route_class
-from .shapes import SubmitOptions, TaskOut, json_response, parse_body
+from .shapes import (
+    IDEMPOTENCY_HEADER,
+    SubmitOptions,
+    TaskOut,
+    idempotency_key,
+    json_response,
+    parse_body,
+)
 
 if TYPE_CHECKING:
     from ..core import Conveyor
@@ -95,12 +102,18 @@ def build_batch_router(
                 "content": {
                     "application/json": {"schema": body_schema or BatchCreate.model_json_schema()}
                 },
-            }
+            },
+            "parameters": [IDEMPOTENCY_HEADER],
         },
-        responses={202: {"model": BatchOut}, **documented(413, 422, 429)},
+        responses={
+            202: {"model": BatchOut, "description": "Committed; `Location` names the batch."},
+            200: {"model": BatchOut, "description": "The batch already submitted with this key."},
+            **documented(413, 422, 429),
+        },
         response_class=Response,
     )
     async def create(request: Request, owner: Tenant) -> Response:
+        key = idempotency_key(request)
         body = parse_body(await request.body(), BatchCreate)
         if len(body.items) > settings.max_batch_items:
             raise InvalidArguments(
@@ -113,16 +126,18 @@ def build_batch_router(
                     }
                 ],
             )
-        batch = await batches.submit(
-            body.name,
-            body.items,
-            owner=owner,
-            priority=body.priority,
-            delay_s=body.delay_s,
-            timeout_s=body.timeout_s if "timeout_s" in body.model_fields_set else UNSET,
-            public_only=True,
-        )
-        response = out(batch, 202)
+        options: dict[str, Any] = {
+            "owner": owner,
+            "priority": body.priority,
+            "delay_s": body.delay_s,
+            "timeout_s": body.timeout_s if "timeout_s" in body.model_fields_set else UNSET,
+            "public_only": True,
+        }
+        if key is None:
+            batch, created = await batches.submit(body.name, body.items, **options), True
+        else:
+            batch, created = await batches.submit_once(key, body.name, body.items, **options)
+        response = out(batch, 202 if created else 200)
         response.headers["Location"] = f"{prefix}/batches/{batch.id}"
         return response
 

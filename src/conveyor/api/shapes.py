@@ -1,10 +1,11 @@
 """What several routers answer with: the task as JSON, and strict JSON bodies."""
 
 import json
+import re
 from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import Response
+from fastapi import Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import serialization
@@ -86,3 +87,31 @@ def parse_body(raw: bytes, model: type[M]) -> M:
             details=[{"loc": ["body"], "msg": f"JSON decode error: {exc}", "type": "json_invalid"}],
         ) from exc
     return validated(model, payload, location=("body",), message="invalid request body")
+
+
+KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
+_KEY = re.compile(KEY_PATTERN)
+IDEMPOTENCY_HEADER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "The same key (per tenant) answers what it first created, with 200.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": KEY_PATTERN},
+}
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key`` header, checked (``422`` naming the header)."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not _KEY.fullmatch(key):
+        raise InvalidArguments(
+            "invalid Idempotency-Key",
+            details=[
+                {
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": f"Idempotency-Key must match {KEY_PATTERN} (1 to 200 characters)",
+                    "type": "string_pattern_mismatch",
+                }
+            ],
+        )
+    return key

@@ -90,7 +90,8 @@ def create_app(
             app.include_router(build_ingest_router(yard, service))
 
     if "email.send" in yard.task_types:
-        from .email import build_email_router, emails_of
+        from .email import emails_of
+        from .email_api import build_email_router
 
         app.include_router(build_email_router(yard, emails_of(yard)))
 

@@ -24,23 +24,14 @@ import csv
 import io
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal
-from uuid import UUID
+from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from fastapi.responses import StreamingResponse
-from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from ..api.auth import tenant_resolver
-from ..api.errors import documented
-from ..api.routing import strict_route_class
-from ..api.shapes import json_response, parse_body
 from ..batch_record import BatchRecord
 from ..context import TaskContext
-from ..errors import BatchNotFound, ConveyorError, InvalidArguments, PayloadTooLarge
-from ..jobs.csvstats import neutralised
+from ..errors import BatchNotFound, InvalidArguments, PayloadTooLarge
 from ..jobs.email import (
     Deferred,
     EmailInputError,
@@ -95,46 +86,6 @@ class EmailIn(BaseModel):
     send_at: AwareDatetime | None = None
 
 
-class EmailCounts(BaseModel):
-    queued: int
-    sending: int
-    sent: int
-    deferred: int
-    bounced: int
-    failed: int
-    cancelled: int
-
-
-class EmailOut(BaseModel):
-    id: str
-    status: Literal["active", "finished"]
-    total: int
-    counts: EmailCounts
-    progress: float
-    subject: str
-    sender: str
-    created_at: str
-    finished_at: str | None
-    links: dict[str, str]
-
-
-class RecipientOut(BaseModel):
-    email: str
-    name: str | None
-    status: str
-    smtp_code: int | None
-    smtp_reply: str | None
-    attempts: int
-    message_id: str
-    next_attempt_at: str | None
-    task_id: str
-
-
-class RecipientPage(BaseModel):
-    items: list[RecipientOut]
-    next_cursor: str | None
-
-
 def _refused(where: str, message: str) -> InvalidArguments:
     loc = ["body", *(int(p) if p.isdigit() else p for p in where.split("."))]
     return InvalidArguments(
@@ -187,8 +138,11 @@ class Emails:
 
     # submitting --------------------------------------------------------------------------------
 
-    async def submit(self, body: EmailIn, *, owner: str) -> BatchRecord:
-        """Check the whole message, then commit one task per distinct recipient."""
+    async def submit(
+        self, body: EmailIn, *, owner: str, idempotency_key: str | None = None
+    ) -> tuple[BatchRecord, bool]:
+        """Check the whole message, then commit one task per distinct recipient: the email and
+        whether it is new (``False``: the one first submitted with ``idempotency_key``)."""
         settings = self.yard.settings
         if len(body.recipients) > settings.email_max_recipients:
             raise PayloadTooLarge(
@@ -204,7 +158,13 @@ class Emails:
         delay = None
         if body.send_at is not None:
             delay = max(0.0, body.send_at.timestamp() - datetime.now(UTC).timestamp())
-        return await self.yard.batches.submit(TASK, items, owner=owner, delay_s=delay, meta=meta)
+            meta["send_at"] = iso(body.send_at.timestamp())
+        batches = self.yard.batches
+        if idempotency_key is None:
+            return await batches.submit(TASK, items, owner=owner, delay_s=delay, meta=meta), True
+        return await batches.submit_once(
+            idempotency_key, TASK, items, owner=owner, delay_s=delay, meta=meta
+        )
 
     def _message_meta(self, body: EmailIn) -> dict[str, Any]:
         sender = body.sender or self.yard.settings.smtp_from
@@ -317,6 +277,26 @@ class Emails:
             raise BatchNotFound(f"no email with id {email_id}")
         return batch
 
+    async def retry(self, email_id: str, *, owner: str | None, statuses: set[str]) -> BatchRecord:
+        """Send again to the recipients in ``statuses``: ``failed``, ``bounced``, ``cancelled``
+        (a new budget of attempts), ``deferred`` (now, instead of at the end of the backoff)."""
+        await self.get(email_id, owner=owner)
+        batches = self.yard.batches
+        ended = statuses & {"failed", "bounced"}
+        if ended:
+            await batches.retry(
+                email_id,
+                owner=owner,
+                statuses=(TaskStatus.FAILED,),
+                only_error="Bounced" if ended == {"bounced"} else None,
+                except_error="Bounced" if ended == {"failed"} else None,
+            )
+        if "cancelled" in statuses:
+            await batches.retry(email_id, owner=owner, statuses=(TaskStatus.CANCELLED,))
+        if "deferred" in statuses:
+            await batches.retry_now(email_id, owner=owner, error_type="Deferred")
+        return await self.get(email_id, owner=owner)
+
     async def to_json(self, batch: BatchRecord) -> dict[str, Any]:
         errors = await self.yard.batches.error_counts(batch.id)
         deferred = errors.get(("queued", "Deferred"), 0)
@@ -339,6 +319,7 @@ class Emails:
             "progress": batch.progress,
             "subject": batch.meta.get("subject"),
             "sender": batch.meta.get("from"),
+            "send_at": batch.meta.get("send_at"),
             "created_at": iso(batch.created_at),
             "finished_at": None if batch.active else iso(batch.finished_at),
             "links": {
@@ -386,6 +367,52 @@ class Emails:
             after = page[-1].seq
 
 
+def recipients_from_csv(data: bytes, *, limit: int) -> list[dict[str, Any]]:
+    """Recipients from CSV text: an ``email`` column, an optional ``name``, every other column
+    a template variable; blank lines skipped. ``InvalidArguments`` locates what is wrong by
+    the recipient's index and the file's line."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _refused("recipients", f"the CSV is not UTF-8 (byte {exc.start})") from None
+    rows = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [cell.strip() for cell in next(rows, [])]
+        lowered = [cell.lower() for cell in header]
+        if "email" not in lowered:
+            raise _refused("recipients", "the CSV's first row must name an 'email' column")
+        if len(set(lowered)) != len(lowered):
+            raise _refused("recipients", "the CSV's first row names a column twice")
+        recipients: list[dict[str, Any]] = []
+        for number, row in enumerate(rows, start=1):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise _refused(
+                    f"recipients.{len(recipients)}",
+                    f"line {number + 1} has {len(row)} cells; the header has {len(header)}",
+                )
+            if len(recipients) == limit:
+                raise PayloadTooLarge(f"more than {limit} recipients")
+            cells = dict(zip(lowered, row, strict=True))
+            recipients.append(
+                {
+                    "email": cells["email"].strip(),
+                    "name": cells.get("name") or None,
+                    "vars": {
+                        key: value
+                        for key, low, value in zip(header, lowered, row, strict=True)
+                        if low not in ("email", "name")
+                    },
+                }
+            )
+    except csv.Error as exc:
+        raise _refused("recipients", f"unreadable CSV: {exc}") from None
+    if not recipients:
+        raise _refused("recipients", "the CSV names no recipient")
+    return recipients
+
+
 def context(item: dict[str, Any]) -> dict[str, Any]:
     """A template's variables: the recipient's ``vars``, then its ``email`` and ``name``."""
     return {**item.get("vars", {}), "email": item["to"], "name": item.get("name") or ""}
@@ -428,155 +455,3 @@ def register_email_tasks(yard: "Conveyor") -> Emails:
     )(email_send)
     _SERVICES[yard] = service
     return service
-
-
-EmailId = Annotated[UUID, Path(description="The email's id (a UUID).")]
-RecipientStatus = Literal["queued", "sending", "sent", "deferred", "bounced", "failed", "cancelled"]
-
-
-def build_email_router(yard: "Conveyor", service: Emails) -> APIRouter:
-    settings = yard.settings
-    tenant = tenant_resolver(settings)
-    Tenant = Annotated[str, Depends(tenant)]
-    router = APIRouter(
-        prefix="/emails",
-        tags=["emails"],
-        route_class=strict_route_class(settings.max_batch_bytes),
-    )
-
-    async def visible_email(email_id: EmailId, owner: Tenant) -> BatchRecord:
-        return await service.get(str(email_id), owner=owner)
-
-    @router.post(
-        "",
-        status_code=202,
-        summary="Send a message to many recipients, each with its own status",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": EmailIn.model_json_schema()}},
-            }
-        },
-        responses={202: {"model": EmailOut}, **documented(413, 422, 429)},
-        response_class=Response,
-    )
-    async def submit(request: Request, owner: Tenant) -> Response:
-        body = parse_body(await request.body(), EmailIn)
-        batch = await service.submit(body, owner=owner)
-        return json_response(await service.to_json(batch), 202, {"Location": f"/emails/{batch.id}"})
-
-    @router.get(
-        "/{email_id}",
-        summary="An email: counts by recipient status, progress",
-        response_model=EmailOut,
-        responses=documented(404, 422),
-        response_class=Response,
-    )
-    async def get(email_id: EmailId, owner: Tenant) -> Response:
-        return json_response(await service.to_json(await service.get(str(email_id), owner=owner)))
-
-    @router.get(
-        "/{email_id}/recipients",
-        summary="The recipients in submission order, optionally of one status",
-        response_model=RecipientPage,
-        responses=documented(404, 422),
-        response_class=Response,
-    )
-    async def recipients(
-        email_id: EmailId,
-        owner: Tenant,
-        status: RecipientStatus | None = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        cursor: Annotated[str | None, Query(max_length=18, pattern=r"^[0-9]{1,18}$")] = None,
-    ) -> Response:
-        page, next_seq = await service.recipients(
-            str(email_id),
-            owner=owner,
-            status=status,
-            after_seq=int(cursor) if cursor is not None else None,
-            limit=limit,
-        )
-        return json_response(
-            {
-                "items": [recipient_json(task) for task in page],
-                "next_cursor": None if next_seq is None else str(next_seq),
-            }
-        )
-
-    @router.get(
-        "/{email_id}/recipients.csv",
-        summary="Every recipient and its status as CSV (formula-like cells neutralised)",
-        responses={200: {"content": {"text/csv": {}}}, **documented(404, 422)},
-        response_class=StreamingResponse,
-    )
-    async def recipients_csv(email_id: EmailId, owner: Tenant) -> StreamingResponse:
-        await service.get(str(email_id), owner=owner)
-        columns = ["email", "name", "status", "smtp_code", "smtp_reply", "attempts", "message_id"]
-
-        async def rows() -> AsyncIterator[bytes]:
-            yield _csv_line(columns)
-            async for task in service.all_recipients(str(email_id), owner=owner):
-                found = recipient_json(task)
-                yield _csv_line([neutralised(found[column]) for column in columns])
-
-        return StreamingResponse(
-            rows(),
-            media_type="text/csv; charset=utf-8",
-            headers={"Content-Disposition": f'attachment; filename="email-{email_id}.csv"'},
-        )
-
-    @router.get(
-        "/{email_id}/events",
-        summary="Stream the email's counts (Server-Sent Events, coalesced) until it finishes",
-        response_class=EventSourceResponse,
-        responses=documented(404, 422),
-    )
-    async def events(
-        email: Annotated[BatchRecord, Depends(visible_email)], owner: Tenant
-    ) -> AsyncIterator[ServerSentEvent]:
-        try:
-            async for current in yard.batches.watch(email.id, owner=owner):
-                yield ServerSentEvent(event="counts", data=await service.to_json(current))
-        except ConveyorError as exc:
-            yield ServerSentEvent(event="error", data={"detail": exc.message})
-
-    @router.post(
-        "/{email_id}/cancel",
-        summary="Cancel the recipients not yet sent",
-        response_model=EmailOut,
-        responses=documented(404, 422),
-        response_class=Response,
-    )
-    async def cancel(email_id: EmailId, owner: Tenant) -> Response:
-        await service.get(str(email_id), owner=owner)
-        return json_response(
-            await service.to_json(await yard.batches.cancel(str(email_id), owner=owner))
-        )
-
-    @router.post(
-        "/{email_id}/retry",
-        status_code=202,
-        summary="Send again to the recipients that failed (and/or were cancelled)",
-        responses={202: {"model": EmailOut}, **documented(404, 422)},
-        response_class=Response,
-    )
-    async def retry(
-        email_id: EmailId,
-        owner: Tenant,
-        status: Annotated[
-            str,
-            Query(max_length=40, pattern=r"^(failed|cancelled)(,(failed|cancelled))?$"),
-        ] = "failed",
-    ) -> Response:
-        await service.get(str(email_id), owner=owner)
-        wanted = {TaskStatus(part) for part in status.split(",")}
-        batch = await yard.batches.retry(str(email_id), owner=owner, statuses=wanted)
-        return json_response(await service.to_json(batch), 202)
-
-    return router
-
-
-def _csv_line(cells: list[Any]) -> bytes:
-    out = io.StringIO()
-    csv.writer(out).writerow(cells)
-    return out.getvalue().encode()

@@ -246,7 +246,8 @@ class BatchStore(Protocol):
         args_json: Sequence[str],
         max_queued: int | None,
     ) -> BatchRecord:
-        """Commit the batch and all its tasks in one transaction, or nothing (``QueueFull``)."""
+        """Commit the batch and all its tasks in one transaction, or nothing (``QueueFull``;
+        ``BatchExists`` when a batch of that id is committed already)."""
         ...
 
     async def get(self, batch_id: str, *, owner: str | None) -> BatchRecord: ...
@@ -286,6 +287,16 @@ class BatchStore(Protocol):
         owner: str | None,
         statuses: Collection[TaskStatus],
         attempts: int,
+        only_error: str | None = None,
+        except_error: str | None = None,
     ) -> list[TaskRecord]:
-        """Re-queue the items in ``statuses`` (terminal ones), each with ``attempts`` more."""
+        """Re-queue the items in ``statuses`` (terminal ones), each with ``attempts`` more;
+        only those whose error type is ``only_error``, or is not ``except_error``."""
+        ...
+
+    async def hasten(
+        self, batch_id: str, *, owner: str | None, error_type: str | None
+    ) -> list[TaskRecord]:
+        """Make due now the queued items waiting for a retry (after an error of type
+        ``error_type``, or of any type)."""
         ...

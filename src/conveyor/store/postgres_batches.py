@@ -16,7 +16,7 @@ from typing import Protocol
 import asyncpg
 
 from ..batch_record import BatchRecord
-from ..errors import BatchNotFound, QueueFull
+from ..errors import BatchExists, BatchNotFound, QueueFull
 from ..record import TaskRecord
 from ..status import TaskStatus
 from .postgres_sql import NOW
@@ -76,15 +76,19 @@ class PostgresBatches:
         async with store.connection() as conn, conn.transaction():
             if max_queued is not None and await store._queued(conn) + len(records) > max_queued:
                 raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
-            batch.created_at = await conn.fetchval(
+            created_at = await conn.fetchval(
                 f"INSERT INTO conveyor_batches (id, owner, name, total, created_at, meta) "
-                f"VALUES ($1, $2, $3, $4, {NOW}, $5) RETURNING created_at",
+                f"VALUES ($1, $2, $3, $4, {NOW}, $5) ON CONFLICT (id) DO NOTHING "
+                "RETURNING created_at",
                 batch.id,
                 batch.owner,
                 batch.name,
                 batch.total,
                 json.dumps(batch.meta),
             )
+            if created_at is None:
+                raise BatchExists(f"batch {batch.id} exists already")
+            batch.created_at = created_at
             await store.insert_rows(conn, records, args_json)
         store.counted(len(records))
         batch.counts = {status.value: 0 for status in TaskStatus}
@@ -163,17 +167,39 @@ class PostgresBatches:
         owner: str | None,
         statuses: Collection[TaskStatus],
         attempts: int,
+        only_error: str | None = None,
+        except_error: str | None = None,
     ) -> list[TaskRecord]:
+        kind = "(error::json->>'type')"
         async with self._store.connection() as conn, conn.transaction():
             await _owned(conn, batch_id, owner)
             rows = await conn.fetch(
                 f"UPDATE conveyor_tasks SET {retry_set('$1', NOW)}, published_at = {NOW} "
-                f"WHERE batch_id = $2 AND status = ANY($3::text[]) RETURNING {COLUMNS}",
+                "WHERE batch_id = $2 AND status = ANY($3::text[]) "
+                f"AND ($4::text IS NULL OR {kind} = $4) "
+                f"AND ($5::text IS NULL OR {kind} IS NULL OR {kind} <> $5) RETURNING {COLUMNS}",
                 attempts,
                 batch_id,
                 [status.value for status in statuses],
+                only_error,
+                except_error,
             )
         self._store.counted(len(rows))
+        return [record_from_row(row) for row in rows]
+
+    async def hasten(
+        self, batch_id: str, *, owner: str | None, error_type: str | None
+    ) -> list[TaskRecord]:
+        async with self._store.connection() as conn, conn.transaction():
+            await _owned(conn, batch_id, owner)
+            rows = await conn.fetch(
+                f"UPDATE conveyor_tasks SET run_at = {NOW}, published_at = {NOW} "
+                "WHERE batch_id = $1 AND status = 'queued' AND error IS NOT NULL "
+                f"AND run_at > {NOW} AND ($2::text IS NULL OR error::json->>'type' = $2) "
+                f"RETURNING {COLUMNS}",
+                batch_id,
+                error_type,
+            )
         return [record_from_row(row) for row in rows]
 
 

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol, TypeVar
 
 from ..batch_record import BatchRecord
-from ..errors import BatchNotFound
+from ..errors import BatchExists, BatchNotFound
 from ..record import TaskRecord
 from ..status import TaskStatus
 from .rows import COLUMNS, dump, record_from_row, retry_set
@@ -97,9 +97,9 @@ class SQLiteBatches:
 
         def op(conn: sqlite3.Connection) -> BatchRecord:
             store._check_room(conn, len(records), max_queued)
-            conn.execute(
+            inserted = conn.execute(
                 "INSERT INTO batches (id, owner, name, total, created_at, meta) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 (
                     batch.id,
                     batch.owner,
@@ -109,6 +109,8 @@ class SQLiteBatches:
                     dump(batch.meta),
                 ),
             )
+            if inserted.rowcount == 0:
+                raise BatchExists(f"batch {batch.id} exists already")
             for record, args in zip(records, args_json, strict=True):
                 store._insert_row(conn, record, args)
             if not records:
@@ -204,20 +206,28 @@ class SQLiteBatches:
         owner: str | None,
         statuses: Collection[TaskStatus],
         attempts: int,
+        only_error: str | None = None,
+        except_error: str | None = None,
     ) -> list[TaskRecord]:
         """Put the items in ``statuses`` (failed or cancelled) back in the queue, each with a
-        new budget of ``attempts``."""
+        new budget of ``attempts`` (filtered by error type)."""
         store = self._store
         wanted = [status.value for status in statuses]
+        kind = "json_extract(error, '$.type')"
+        where, params = "batch_id = ? AND status = ?", []
+        if only_error is not None:
+            where, params = f"{where} AND {kind} = ?", [only_error]
+        if except_error is not None:
+            where += f" AND ({kind} IS NULL OR {kind} <> ?)"
+            params.append(except_error)
 
         def op(conn: sqlite3.Connection) -> list[TaskRecord]:
             _batch(conn, batch_id, owner)
             records: list[TaskRecord] = []
             for status in wanted:
                 rows = conn.execute(
-                    f"UPDATE tasks SET {retry_set('?', '?')} "
-                    f"WHERE batch_id = ? AND status = ? RETURNING {COLUMNS}",
-                    (attempts, time.time(), batch_id, status),
+                    f"UPDATE tasks SET {retry_set('?', '?')} WHERE {where} RETURNING {COLUMNS}",
+                    (attempts, time.time(), batch_id, status, *params),
                 ).fetchall()
                 for row in rows:
                     record = record_from_row(row)
@@ -226,6 +236,22 @@ class SQLiteBatches:
             return records
 
         return await store._write(op)
+
+    async def hasten(
+        self, batch_id: str, *, owner: str | None, error_type: str | None
+    ) -> list[TaskRecord]:
+        def op(conn: sqlite3.Connection) -> list[TaskRecord]:
+            _batch(conn, batch_id, owner)
+            now = time.time()
+            rows = conn.execute(
+                "UPDATE tasks INDEXED BY tasks_batch_status SET run_at = ? "
+                "WHERE batch_id = ? AND status = 'queued' AND error IS NOT NULL AND run_at > ? "
+                f"AND (? IS NULL OR json_extract(error, '$.type') = ?) RETURNING {COLUMNS}",
+                (now, batch_id, now, error_type, error_type),
+            ).fetchall()
+            return [record_from_row(row) for row in rows]
+
+        return await self._store._write(op)
 
 
 def _batch(conn: sqlite3.Connection, batch_id: str, owner: str | None) -> BatchRecord:
