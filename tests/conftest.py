@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from conveyor import Conveyor, Settings
 
 from .support import tasks
 from .support.live import LiveServer, service_settings
+from .support.process import Process
 from .support.services import PostgresServer, RabbitMQServer, RedisServer
 from .support.smtp_server import SmtpServer
 
@@ -181,3 +184,27 @@ def make_client(
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    """Start `conveyor` subprocesses on the test's data folder (killed at the end): `spawn(*args,
+    ready=line, **env)`."""
+    processes: list[Process] = []
+    env = {
+        **os.environ,
+        "CONVEYOR_DATA_DIR": str(tmp_path),
+        "CONVEYOR_LEASE_S": "2",
+        "CONVEYOR_POLL_S": "0.05",
+        "CONVEYOR_LOG_LEVEL": "warning",
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
+
+    def start(*args: str, ready: str, **extra_env: str) -> Process:
+        process = Process(list(args), env | extra_env, ready)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.kill()

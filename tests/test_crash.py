@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,46 +11,12 @@ import httpx
 import pytest
 
 from .support.live import follow, free_port
-from .support.process import Process
+from .support.process import start_server
 
 pytestmark = pytest.mark.timeout(300)
 
 TASKS = 200
 SLEEP_ARGS = {"seconds": 0.3, "steps": 3}
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Any]:
-    processes: list[Process] = []
-    env = {
-        **os.environ,
-        "CONVEYOR_DATA_DIR": str(tmp_path),
-        "CONVEYOR_LEASE_S": "2",
-        "CONVEYOR_POLL_S": "0.05",
-        "CONVEYOR_LOG_LEVEL": "warning",
-        "PYTHONPATH": os.pathsep.join(sys.path),
-    }
-
-    def start(*args: str, ready: str, **extra_env: str) -> Process:
-        process = Process(list(args), env | extra_env, ready)
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        process.kill()
-
-
-def start_server(spawn: Any, port: int, **env: str) -> Process:
-    return spawn(
-        "serve",
-        "--port",
-        str(port),
-        "--log-level",
-        "info",
-        ready="Uvicorn running on",  # logged once the socket is bound
-        **env,
-    )
 
 
 def follow_to_end(client: httpx.Client, task_id: str) -> dict[str, Any]:

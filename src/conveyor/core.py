@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -97,6 +97,7 @@ class Conveyor:
         self.schedules = Schedules(self)
         self.batches = Batches(self)
         self._scheduler: Scheduler | None = None
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
     # registry ----------------------------------------------------------------------------------
 
@@ -316,12 +317,18 @@ class Conveyor:
                 self._scheduler = None
             if self._engine is not None:
                 await self._engine.stop(self.settings.shutdown_grace_s)
+            for callback in self._on_stop:
+                await callback()
         finally:
             self._engine = None
             if self._store is not None:
                 await self._store.close()
             self._store = None
             self._started = False
+
+    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Await ``callback`` at each stop, once the workers are done (close what tasks used)."""
+        self._on_stop.append(callback)
 
     async def __aenter__(self) -> Conveyor:
         await self.start()

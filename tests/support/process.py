@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import Any
 
 
 class Process:
@@ -46,3 +47,16 @@ class Process:
         self._reader.join(10)
         if self.popen.stdout is not None:
             self.popen.stdout.close()
+
+
+def start_server(spawn: Any, port: int, **env: str) -> Process:
+    """`conveyor serve` on ``port`` through the ``spawn`` fixture, started once it listens."""
+    return spawn(
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "info",
+        ready="Uvicorn running on",  # logged once the socket is bound
+        **env,
+    )

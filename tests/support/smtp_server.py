@@ -10,6 +10,7 @@ on each one (no polling)."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import threading
@@ -28,6 +29,8 @@ class Handler:
         self.received: list[tuple[list[str], EmailMessage]] = []
         self.data_tries: Counter[str] = Counter()
         self.rcpt_refusals: Counter[str] = Counter()
+        # per message received: (over TLS, the login it was sent under or None)
+        self.sessions: list[tuple[bool, str | None]] = []
         self.changed = threading.Condition()
 
     async def handle_RCPT(
@@ -54,7 +57,10 @@ class Handler:
         content = envelope.original_content or b""
         message = email.message_from_bytes(content, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
+        login = getattr(session.auth_data, "login", None) if session.authenticated else None
         with self.changed:
+            tls = server.transport is not None and server.transport.get_extra_info("ssl_object")
+            self.sessions.append((bool(tls), login and login.decode()))
             self.received.append((recipients, message))
             number = len(self.received)
             self.changed.notify_all()
@@ -68,11 +74,36 @@ class Handler:
             return list(self.received)
 
 
+class _Controller(Controller):
+    """Keeps every connection's protocol, to close what is left open at stop (aiosmtpd leaves
+    the socket of a connection ended during STARTTLS or AUTH open)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.protocols: list[SMTP] = []
+
+    def factory(self) -> SMTP:
+        protocol = super().factory()
+        self.protocols.append(protocol)
+        return protocol
+
+    def close_connections(self) -> None:
+        async def close() -> None:
+            for protocol in self.protocols:
+                for transport in (protocol.transport, protocol._original_transport):
+                    if isinstance(transport, asyncio.Transport):
+                        transport.abort()
+            for _ in range(3):  # loop turns: the closes scheduled by abort() run before the stop
+                await asyncio.sleep(0)
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+
+
 class SmtpServer:
     def __init__(self, **smtp_parameters: Any) -> None:
         self.handler = Handler()
         self.port = free_port()
-        self.controller = Controller(
+        self.controller = _Controller(
             self.handler, hostname="127.0.0.1", port=self.port, **smtp_parameters
         )
 
@@ -85,6 +116,7 @@ class SmtpServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.controller.close_connections()
         self.controller.stop()
 
 

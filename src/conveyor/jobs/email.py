@@ -257,7 +257,11 @@ class SmtpPool:
             tls_context=target.tls_context,
         )
         try:
-            await smtp.connect()
+            try:
+                await smtp.connect()
+            except BaseException:
+                smtp.close()  # a refused login or handshake leaves no socket behind
+                raise
         except aiosmtplib.SMTPAuthenticationError as exc:
             raise Deferred(exc.code, f"authentication failed: {exc.message}") from None
         except aiosmtplib.SMTPResponseException as exc:

@@ -266,8 +266,10 @@ class Emails:
         }
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
+        """Close the pooled SMTP connections (at the Conveyor's stop)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
 
     # reading -----------------------------------------------------------------------------------
 
@@ -453,5 +455,6 @@ def register_email_tasks(yard: "Conveyor") -> Emails:
         concurrency=settings.smtp_connections,
         rate=settings.smtp_rate,
     )(email_send)
+    yard.on_stop(service.close)
     _SERVICES[yard] = service
     return service
