@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.ingest
 	$(PY) -m benchmarks.schedules
 	$(PY) -m benchmarks.batches
+	$(PY) -m benchmarks.email
 
 # the fault suite for minutes (the embedded engine): prints what it counted
 soak: $(STAMP)

@@ -43,6 +43,11 @@ def test_cli_submit_wait_status_list_cancel(server: LiveServer) -> None:
     assert cancelled.exit_code == 0 and '"status": "cancelled"' in cancelled.output
     listing = runner.invoke(cli, ["list", "--status", "cancelled", *url])
     assert listing.exit_code == 0 and "demo.echo" in listing.output
+    everything = runner.invoke(cli, ["list", *url], env={"COLUMNS": "80"})
+    assert everything.exit_code == 0
+    assert max(len(line) for line in everything.output.splitlines()) <= 80
+    for listed in (task_id, queued_id):
+        assert listed in everything.output, "an id is never cut: it is copied into `status`"
     bad = runner.invoke(cli, ["submit", "demo.sleep", "seconds=abc", *url])
     assert bad.exit_code == 1 and "seconds" in bad.output
     missing = runner.invoke(cli, ["status", "00000000-0000-0000-0000-000000000000", *url])

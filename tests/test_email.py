@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from email_validator import EmailNotValidError, validate_email
 from fastapi import FastAPI
 from pydantic import ValidationError
 
@@ -21,6 +22,7 @@ from conveyor.jobs.email import (
     build_message,
     parse_smtp_url,
     send_email,
+    valid_address,
 )
 from conveyor.service import create_app
 
@@ -272,3 +274,36 @@ def test_smtp_urls_keep_their_password_secret() -> None:
     assert "s3cr" not in repr(target) and "s3cr" not in str(target)
     with pytest.raises(EmailInputError):
         parse_smtp_url("http://mail.example.com")
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "ann@example.com",
+        "Ann@EXAMPLE.com",
+        "a.b+c@sub.example.co.uk",
+        "a..b@example.com",
+        ".a@example.com",
+        "a@localhost",
+        "a@-bad.com",
+        "a@ex_ample.com",
+        "x" * 65 + "@example.com",
+        "a@" + "b" * 64 + ".com",
+        "üser@example.com",
+        "a@bücher.de",
+        '"q q"@example.com',
+        "a@example.com.",
+        "a@[127.0.0.1]",
+        "a@test.local",
+    ],
+)
+def test_addresses_are_judged_as_email_validator_judges_them(address: str) -> None:
+    try:
+        expected: str | None = str(validate_email(address, check_deliverability=False).normalized)
+    except EmailNotValidError:
+        expected = None
+    try:
+        found: str | None = valid_address(address, "to")
+    except EmailInputError:
+        found = None
+    assert found == expected

@@ -325,15 +325,39 @@ def list_tasks(
     if name:
         params["name"] = name
     page = _request("GET", url, api_key, "/tasks", params=params)
-    table = Table("id", "name", "status", "progress", "attempts", "created")
+    # fits 80 columns with names of up to 12 characters; the id is never cut or wrapped (it is
+    # copied into other commands), longer names wrap instead
+    table = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("id", no_wrap=True, min_width=36)
+    for column in ("name", "status", "%", "try", "created (UTC)"):
+        table.add_column(column, overflow="fold")
     for item in page["items"]:
         table.add_row(
             item["id"],
             item["name"],
             item["status"],
-            f"{item['progress']:.0f}%",
+            f"{item['progress']:.0f}",
             f"{item['attempts']}/{item['max_attempts']}",
-            item["created_at"],
+            item["created_at"][5:16].replace("T", " "),
+        )
+    console.print(table)
+
+
+@app.command()
+def workers(url: Url = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
+    """The worker processes alive on the service's store."""
+    page = _request("GET", url, api_key, "/workers")
+    table = Table(box=None, pad_edge=False)
+    table.add_column("id", no_wrap=True)
+    for column in ("engine", "concurrency", "running", "last heartbeat"):
+        table.add_column(column, overflow="fold")
+    for item in page["items"]:
+        table.add_row(
+            item["id"],
+            item["engine"],
+            str(item["concurrency"]),
+            str(item["running"]),
+            item["last_heartbeat_at"][11:19],
         )
     console.print(table)
 

@@ -76,3 +76,31 @@ class TaskRecord:
             "batch_id": self.batch_id,
             "links": links,
         }
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    """One worker process as it registers itself in the store (times: epoch seconds)."""
+
+    id: str
+    host: str
+    pid: int
+    engine: str
+    concurrency: int
+    task_types: list[str]
+    started_at: float
+    last_heartbeat_at: float | None = None
+    running: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "pid": self.pid,
+            "engine": self.engine,
+            "concurrency": self.concurrency,
+            "task_types": self.task_types,
+            "running": self.running,
+            "started_at": iso(self.started_at),
+            "last_heartbeat_at": iso(self.last_heartbeat_at),
+        }

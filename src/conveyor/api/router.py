@@ -51,6 +51,22 @@ class TaskTypeOut(BaseModel):
     args_schema: dict[str, Any]
 
 
+class WorkerOut(BaseModel):
+    id: str
+    host: str
+    pid: int
+    engine: str
+    concurrency: int
+    task_types: list[str]
+    running: int
+    started_at: str
+    last_heartbeat_at: str
+
+
+class WorkerPage(BaseModel):
+    items: list[WorkerOut]
+
+
 TaskId = Annotated[UUID, Path(description="The task's id (a UUID).")]
 
 
@@ -287,6 +303,17 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
                 "abandoned_threads": yard.abandoned_threads,
             }
         )
+
+    @router.get(
+        "/workers",
+        summary="The worker processes alive on this store (a heartbeat within the lease)",
+        response_model=WorkerPage,
+        responses=documented(503),
+        response_class=Response,
+    )
+    async def workers(owner: Tenant) -> Response:
+        alive = await yard.store.workers().alive(lease_s=settings.lease_s)
+        return json_response({"items": [worker.to_json() for worker in alive]})
 
     router.include_router(build_schedule_router(yard, prefix=prefix))
     router.include_router(build_batch_router(yard, prefix=prefix, body_schema=batch_schema(yard)))

@@ -118,6 +118,9 @@ class CeleryEngine:
             self.runner.bind()
             if self._consume:  # a pool process runs one task at a time: its child comes on use
                 await self.runner.warm()
+            else:
+                self.runner.concurrency = 1
+            await self.runner.register()
             self._loops.append(
                 asyncio.create_task(self.runner.heartbeat_loop(), name="conveyor-heartbeat")
             )

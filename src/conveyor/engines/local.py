@@ -46,6 +46,7 @@ class LocalEngine:
         self.host.store.watch_queue(self._wake.set)  # tasks submitted by other processes
         await recover(self.host)
         await self.runner.warm()  # before claiming: no task waits for a spawn
+        await self.runner.register()
         self._loops = [
             asyncio.create_task(self._dispatch_loop(), name="conveyor-dispatch"),
             asyncio.create_task(self.runner.heartbeat_loop(), name="conveyor-heartbeat"),

@@ -11,6 +11,7 @@ claim token, so a stale worker's write is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -28,7 +29,7 @@ from ..backoff import retry_delay_s
 from ..blobs import encode_result
 from ..context import TaskContext
 from ..errors import ConveyorError, TaskCancelled
-from ..record import TaskRecord
+from ..record import TaskRecord, WorkerRecord
 from ..schedule_record import scheduled_for
 from ..status import TaskStatus
 from ..task import TaskType
@@ -128,6 +129,8 @@ class Runner:
         self._processes = ProcessPool(process_workers)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        self._me: WorkerRecord | None = None
+        self.concurrency = self.settings.concurrency  # what this worker runs at once
 
     def bind(self) -> None:
         """Attach to the running event loop (call from it before ``launch``)."""
@@ -176,20 +179,45 @@ class Runner:
             run.task.cancel()  # threads stop cooperatively through ctx.cancelled
         return True
 
+    async def register(self) -> None:
+        """Insert or renew this worker's row in the store (at start, then every heartbeat)."""
+        if self._me is None:
+            self._me = WorkerRecord(
+                id=self.worker_id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                engine=self.settings.engine,
+                concurrency=self.concurrency,
+                task_types=sorted(self.host.task_types),
+                started_at=time.time(),
+            )
+        self._me.running = len(self.running)
+        await self.host.store.workers().beat(self._me, lease_s=self.settings.lease_s)
+
     async def heartbeat_loop(self) -> None:
-        """Renew the leases of the tasks held here; stop those whose cancel was requested."""
+        """Renew this worker's row and the leases of the tasks held here; stop those whose
+        cancel was requested. The worker's row is deleted when the loop is cancelled (a stop)."""
         interval = heartbeat_interval_s(self.settings.lease_s)
-        while True:
-            await asyncio.sleep(interval)
-            if not self.running:
-                continue
-            try:  # only what this runner holds: a task it let go of is left to expire
-                for task_id in await self.host.store.heartbeat(
-                    self.worker_id, list(self.running), self.settings.lease_s
-                ):
-                    self.cancel_local(task_id)
-            except ConveyorError as exc:
-                logger.error("heartbeat failed: %s", exc)
+        workers = self.host.store.workers()
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await self.register()
+                except ConveyorError as exc:
+                    logger.error("worker heartbeat failed: %s", exc)
+                if not self.running:
+                    continue
+                try:  # only what this runner holds: a task it let go of is left to expire
+                    for task_id in await self.host.store.heartbeat(
+                        self.worker_id, list(self.running), self.settings.lease_s
+                    ):
+                        self.cancel_local(task_id)
+                except ConveyorError as exc:
+                    logger.error("heartbeat failed: %s", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await workers.gone(self.worker_id)
 
     async def drain(self, grace_s: float) -> None:
         """Wait up to ``grace_s`` for running tasks, then put the rest back in the queue."""

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from ..batch_record import BatchRecord
 from ..rates import Rate
-from ..record import TaskRecord
+from ..record import TaskRecord, WorkerRecord
 from ..schedule_record import FireRecord, ScheduleRecord
 from ..status import TaskStatus
 
@@ -32,6 +32,10 @@ class Store(Protocol):
 
     def batches(self) -> BatchStore:
         """Where this store keeps batches."""
+        ...
+
+    def workers(self) -> WorkerStore:
+        """Where worker processes register themselves."""
         ...
 
     def schedules(self) -> ScheduleStore | None:
@@ -299,4 +303,21 @@ class BatchStore(Protocol):
     ) -> list[TaskRecord]:
         """Make due now the queued items waiting for a retry (after an error of type
         ``error_type``, or of any type)."""
+        ...
+
+
+class WorkerStore(Protocol):
+    """The worker processes sharing this store, each renewing its row at its heartbeat."""
+
+    async def beat(self, worker: WorkerRecord, *, lease_s: float) -> None:
+        """Insert or renew the worker's row (its heartbeat time is the store's clock); rows of
+        processes silent for ten leases are deleted."""
+        ...
+
+    async def gone(self, worker_id: str) -> None:
+        """The worker stopped: its row is deleted."""
+        ...
+
+    async def alive(self, *, lease_s: float) -> list[WorkerRecord]:
+        """Workers whose last heartbeat is within ``lease_s``, oldest first."""
         ...

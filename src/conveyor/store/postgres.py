@@ -53,6 +53,7 @@ from .rows import (
     requeue_statement,
     retry_set,
 )
+from .workers import PostgresWorkers
 
 logger = logging.getLogger("conveyor.store")
 
@@ -140,8 +141,10 @@ class PostgresStore:
         return self._ledger
 
     def batches(self) -> PostgresBatches:
-        """The batches kept beside the tasks."""
         return self._batches
+
+    def workers(self) -> PostgresWorkers:
+        return PostgresWorkers(self)
 
     def counted(self, n: int) -> None:
         """``n`` tasks became queued (negative: left the queue) outside the store's own

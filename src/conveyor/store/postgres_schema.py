@@ -7,8 +7,9 @@ import asyncpg
 from ..errors import StoreUnavailable
 from .postgres_batches import BATCHES
 from .postgres_sql import UNPUBLISHED
+from .workers import POSTGRES_WORKERS
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CHANNEL = "conveyor_tasks"  # a task's state, progress or message changed: id
 _LOCK_MIGRATE = 7_436_021  # advisory lock held while the schema is created or migrated
 _UNPUBLISHED_INDEX = (
@@ -77,7 +78,12 @@ CREATE TRIGGER conveyor_tasks_changed
     ON conveyor_tasks FOR EACH ROW EXECUTE FUNCTION conveyor_notify();
 """
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
-_MIGRATIONS: dict[int, str] = {2: _UNPUBLISHED_INDEX, 3: _NOTIFY_FUNCTION, 4: BATCHES}
+_MIGRATIONS: dict[int, str] = {
+    2: _UNPUBLISHED_INDEX,
+    3: _NOTIFY_FUNCTION,
+    4: BATCHES,
+    5: POSTGRES_WORKERS,
+}
 
 
 async def migrate(conn: asyncpg.Connection) -> None:
@@ -87,6 +93,7 @@ async def migrate(conn: asyncpg.Connection) -> None:
         if not exists:
             await conn.execute(_SCHEMA)
             await conn.execute(BATCHES)
+            await conn.execute(POSTGRES_WORKERS)
             await conn.execute("INSERT INTO conveyor_schema (version) VALUES ($1)", SCHEMA_VERSION)
             return
         version = await conn.fetchval("SELECT max(version) FROM conveyor_schema") or 1

@@ -50,8 +50,9 @@ from .sqlite_commit import GroupCommit
 from .sqlite_schedules import SCHEDULES, SQLiteSchedules
 from .sqlite_tally import WriteTally
 from .sqlite_wake import Doorbell
+from .workers import SQLITE_WORKERS, SQLiteWorkers
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _COUNTS = """
 CREATE TABLE IF NOT EXISTS task_counts (
     owner TEXT NOT NULL,
@@ -108,6 +109,7 @@ CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
     + SCHEDULES
     + BATCHES
     + _RATE_STARTS
+    + SQLITE_WORKERS
 )
 
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
@@ -118,6 +120,7 @@ _MIGRATIONS: dict[int, str] = {
     "GROUP BY owner, name, status",
     4: SCHEDULES,
     5: "ALTER TABLE tasks ADD COLUMN batch_id TEXT;" + BATCHES + _RATE_STARTS,
+    6: SQLITE_WORKERS,
 }
 _WAITING_AND_RUNNING = (
     "SELECT name, status, n FROM task_counts WHERE status IN ('queued', 'running') AND n > 0"
@@ -175,6 +178,7 @@ class SQLiteStore:
         self._read = self._db.read
         self._schedules = SQLiteSchedules(self)
         self._batches = SQLiteBatches(self)
+        self._workers = SQLiteWorkers(self)
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -216,6 +220,9 @@ class SQLiteStore:
     def batches(self) -> SQLiteBatches:
         """The batches kept in this file."""
         return self._batches
+
+    def workers(self) -> SQLiteWorkers:
+        return self._workers
 
     def publication_ledger(self) -> None:
         """SQLite serves only the embedded engine, which publishes nothing."""
