@@ -15,7 +15,7 @@ import pytest
 
 from conveyor.errors import QueueFull, TaskNotFound, TaskStateConflict
 from conveyor.ids import uuid7
-from conveyor.record import TaskRecord
+from conveyor.record import TaskRecord, WorkerRecord
 from conveyor.status import TaskStatus
 from conveyor.store import Store
 from conveyor.store.postgres import PostgresStore
@@ -372,3 +372,38 @@ async def test_counts_follow_every_kind_of_write(store: Store) -> None:
     with pytest.raises(QueueFull):
         await add(store, max_queued=totals["queued"])
     await add(store, max_queued=totals["queued"] + 1)
+
+
+async def test_stats_count_by_type_and_status_and_age_the_oldest_queued(store: Store) -> None:
+    empty = await store.stats().snapshot()
+    assert empty.counts == {} or set(empty.counts.values()) == {0}
+    assert empty.oldest_queued_age_s is None
+    await add(store, "t.echo")
+    await add(store, "t.echo", delay_s=3600)
+    await add(store, "t.other")
+    await claim(store, 1, names=("t.other",))
+    snapshot = await store.stats().snapshot()
+    assert snapshot.counts[("t.echo", "queued")] == 2
+    assert snapshot.counts[("t.other", "running")] == 1
+    assert snapshot.oldest_queued_age_s is not None and 0 <= snapshot.oldest_queued_age_s < 60
+
+
+async def test_workers_register_renew_and_leave(store: Store) -> None:
+    workers = store.workers()
+    me = WorkerRecord(
+        id=WORKER,
+        host="host",
+        pid=1,
+        engine="local",
+        concurrency=4,
+        task_types=["t.echo"],
+        started_at=time.time(),
+    )
+    await workers.beat(me, lease_s=30)
+    me.running = 3
+    await workers.beat(me, lease_s=30)
+    (found,) = await workers.alive(lease_s=30)
+    assert (found.id, found.running, found.task_types) == (WORKER, 3, ["t.echo"])
+    assert found.last_heartbeat_at is not None and abs(found.last_heartbeat_at - time.time()) < 60
+    await workers.gone(WORKER)
+    assert await workers.alive(lease_s=30) == []

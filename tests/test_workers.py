@@ -5,7 +5,6 @@ a worker that stops cleanly leaves the list at once, one killed leaves it after 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,32 +16,15 @@ from typer.testing import CliRunner
 from conveyor import Conveyor
 from conveyor.cli import app as cli
 
-from .support.live import follow, free_port
-from .support.process import start_server
+from .support.live import follow, free_port, listed, wait_until
+from .support.process import serve_with_worker
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def listed(client: httpx.Client) -> dict[int, dict[str, Any]]:
-    response = client.get("/workers")
-    assert response.status_code == 200, response.text
-    return {worker["pid"]: worker for worker in response.json()["items"]}
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    """Poll a condition that only time makes true (a lease running out), up to a deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.1)
-
-
 def test_workers_register_and_leave(spawn: Any, tmp_path: Path) -> None:
     port = free_port()
-    server = start_server(spawn, port, CONVEYOR_CONCURRENCY="3")
-    worker = spawn(
-        "worker", "--concurrency", "5", ready="worker running", CONVEYOR_LOG_LEVEL="info"
-    )
+    server, worker = serve_with_worker(spawn, port)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         wait_until(lambda: {server.popen.pid, worker.popen.pid} <= set(listed(client)))
         found = listed(client)

@@ -318,7 +318,10 @@ class Conveyor:
             if self._engine is not None:
                 await self._engine.stop(self.settings.shutdown_grace_s)
             for callback in self._on_stop:
-                await callback()
+                try:
+                    await callback()
+                except Exception:  # one failing close leaves the others and the store to close
+                    logger.exception("a stop callback failed")
         finally:
             self._engine = None
             if self._store is not None:

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
         default="",
         description="Comma-separated `tenant:key` pairs (a bare `key` is tenant `default`).",
     )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for GET /metrics (needed there when API keys are set).",
+    )
     concurrency: int = Field(default=16, ge=1, le=10_000, description="Global limit per process.")
     process_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     process_warmup: bool = Field(

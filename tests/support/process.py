@@ -60,3 +60,12 @@ def start_server(spawn: Any, port: int, **env: str) -> Process:
         ready="Uvicorn running on",  # logged once the socket is bound
         **env,
     )
+
+
+def serve_with_worker(spawn: Any, port: int) -> tuple[Process, Process]:
+    """`conveyor serve` (3 tasks at once) and a `conveyor worker` (5) on one SQLite file."""
+    server = start_server(spawn, port, CONVEYOR_CONCURRENCY="3")
+    worker = spawn(
+        "worker", "--concurrency", "5", ready="worker running", CONVEYOR_LOG_LEVEL="info"
+    )
+    return server, worker

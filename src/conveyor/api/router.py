@@ -18,6 +18,7 @@ from ..task import UNSET
 from .auth import tenant_resolver
 from .batches import BatchCreate, build_batch_router
 from .errors import documented, error_response
+from .metrics import build_metrics_router
 from .routing import raw_endpoint, strict_route_class
 from .schedules import build_schedule_router
 from .shapes import (
@@ -315,6 +316,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         alive = await yard.store.workers().alive(lease_s=settings.lease_s)
         return json_response({"items": [worker.to_json() for worker in alive]})
 
+    router.include_router(build_metrics_router(yard))
     router.include_router(build_schedule_router(yard, prefix=prefix))
     router.include_router(build_batch_router(yard, prefix=prefix, body_schema=batch_schema(yard)))
     return router

@@ -372,7 +372,7 @@ class Emails:
 def recipients_from_csv(data: bytes, *, limit: int) -> list[dict[str, Any]]:
     """Recipients from CSV text: an ``email`` column, an optional ``name``, every other column
     a template variable; blank lines skipped. ``InvalidArguments`` locates what is wrong by
-    the recipient's index and the file's line."""
+    the recipient's index and the CSV row."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -392,7 +392,7 @@ def recipients_from_csv(data: bytes, *, limit: int) -> list[dict[str, Any]]:
             if len(row) != len(header):
                 raise _refused(
                     f"recipients.{len(recipients)}",
-                    f"line {number + 1} has {len(row)} cells; the header has {len(header)}",
+                    f"row {number + 1} has {len(row)} cells; the header has {len(header)}",
                 )
             if len(recipients) == limit:
                 raise PayloadTooLarge(f"more than {limit} recipients")

@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import serialization
 from ..api.auth import tenant_resolver
@@ -80,6 +81,7 @@ _AGAIN = "(deferred|failed|bounced|cancelled)"
 UPLOAD_SCHEMA = {
     "type": "object",
     "required": ["message", "recipients"],
+    "additionalProperties": False,
     "properties": {
         "message": {"type": "string", "description": "The JSON body without `recipients`."},
         "recipients": {
@@ -272,7 +274,23 @@ async def read_submission(request: Request, settings: Settings) -> EmailIn:
             "POST /emails takes application/json or multipart/form-data, "
             f"not {content_type or 'no content type'}",
         )
-    async with request.form(max_files=2, max_fields=2, max_part_size=len(raw) + 1) as form:
+    try:
+        form = await request.form(max_files=2, max_fields=4, max_part_size=len(raw) + 1)
+    except StarletteHTTPException as exc:  # the multipart parser's own refusal (400)
+        raise InvalidArguments(
+            f"unreadable multipart body: {exc.detail}",
+            details=[{"loc": ["body"], "msg": str(exc.detail), "type": "value_error"}],
+        ) from None
+    try:
+        unknown = sorted(set(form.keys()) - {"message", "recipients"})
+        if unknown:
+            raise InvalidArguments(
+                f"unknown parts: {unknown}",
+                details=[
+                    {"loc": ["body", name], "msg": "not a part of this form", "type": "extra"}
+                    for name in unknown
+                ],
+            )
         message, upload = form.get("message"), form.get("recipients")
         if isinstance(message, UploadFile):
             message = (await message.read()).decode("utf-8", "replace")
@@ -281,6 +299,8 @@ async def read_submission(request: Request, settings: Settings) -> EmailIn:
         if not isinstance(upload, UploadFile):
             raise _missing("recipients", "a 'recipients' file part (CSV)")
         csv_bytes = await upload.read()
+    finally:
+        await form.close()
     try:
         payload = serialization.loads(message.encode())
     except serialization.JSONError as exc:

@@ -11,6 +11,7 @@ from ..rates import Rate
 from ..record import TaskRecord, WorkerRecord
 from ..schedule_record import FireRecord, ScheduleRecord
 from ..status import TaskStatus
+from .stats import Snapshot
 
 
 class Store(Protocol):
@@ -36,6 +37,10 @@ class Store(Protocol):
 
     def workers(self) -> WorkerStore:
         """Where worker processes register themselves."""
+        ...
+
+    def stats(self) -> StatsReader:
+        """What a metrics scrape reads."""
         ...
 
     def schedules(self) -> ScheduleStore | None:
@@ -320,4 +325,10 @@ class WorkerStore(Protocol):
 
     async def alive(self, *, lease_s: float) -> list[WorkerRecord]:
         """Workers whose last heartbeat is within ``lease_s``, oldest first."""
+        ...
+
+
+class StatsReader(Protocol):
+    async def snapshot(self) -> Snapshot:
+        """Task counts by type and status, and the oldest queued task's age."""
         ...

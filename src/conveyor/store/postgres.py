@@ -38,6 +38,7 @@ from .postgres_sql import (
     OUTCOME_TASK,
     RATE_USED,
     held,
+    insert_rows,
     record_starts,
     remaining,
     unavailable_on_failure,
@@ -53,6 +54,7 @@ from .rows import (
     requeue_statement,
     retry_set,
 )
+from .stats import PostgresStats
 from .workers import PostgresWorkers
 
 logger = logging.getLogger("conveyor.store")
@@ -146,6 +148,9 @@ class PostgresStore:
     def workers(self) -> PostgresWorkers:
         return PostgresWorkers(self)
 
+    def stats(self) -> PostgresStats:
+        return PostgresStats(self)
+
     def counted(self, n: int) -> None:
         """``n`` tasks became queued (negative: left the queue) outside the store's own
         writes: the queued count behind ``429``."""
@@ -154,7 +159,7 @@ class PostgresStore:
     async def insert_rows(
         self, conn: asyncpg.Connection, records: Sequence[TaskRecord], args_json: Sequence[str]
     ) -> None:
-        await _insert_rows(conn, records, args_json)
+        await insert_rows(conn, records, args_json)
 
     def schedules(self) -> None:
         """Schedules are kept by the SQLite store only, so far."""
@@ -316,7 +321,7 @@ class PostgresStore:
                 if not batch:
                     return
                 records = [record for record, _, _ in batch]
-                await _insert_rows(conn, records, [args for _, args, _ in batch])
+                await insert_rows(conn, records, [args for _, args, _ in batch])
         except Exception as exc:
             for _, _, future in batch:
                 if not future.done():
@@ -333,7 +338,7 @@ class PostgresStore:
         async with self.connection() as conn, conn.transaction():
             if max_queued is not None and await self._queued(conn) + len(records) > max_queued:
                 raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
-            await _insert_rows(conn, records, args_json)
+            await insert_rows(conn, records, args_json)
         self._queued_count += len(records)
         return list(records)
 
@@ -592,35 +597,6 @@ class PostgresStore:
                 f"SELECT status, count(*) FROM conveyor_tasks {where} GROUP BY status", *params
             )
         return {status.value: 0 for status in TaskStatus} | {row[0]: row[1] for row in rows}
-
-
-async def _insert_rows(
-    conn: asyncpg.Connection, records: Sequence[TaskRecord], args_json: Sequence[str]
-) -> None:
-    """One statement for many new tasks, their times on the database's clock (the delay is what
-    the submitting host added); each record gets its ``seq`` and stored times."""
-    rows = await conn.fetch(
-        "INSERT INTO conveyor_tasks (id, name, owner, status, priority, args, "
-        "max_attempts, timeout_s, created_at, run_at, published_at, batch_id) "
-        "SELECT i, n, o, s, p, a, m, t, k.now, k.now + d, CASE WHEN d <= 0 THEN k.now "
-        "END, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], "
-        "$6::text[], $7::int[], $8::float8[], $9::float8[], $10::text[]) "
-        f"AS u(i, n, o, s, p, a, m, t, d, b) CROSS JOIN (SELECT {NOW} AS now) k "
-        "RETURNING id, seq, created_at, run_at",
-        [r.id for r in records],
-        [r.name for r in records],
-        [r.owner for r in records],
-        [r.status.value for r in records],
-        [r.priority for r in records],
-        list(args_json),
-        [r.max_attempts for r in records],
-        [r.timeout_s for r in records],
-        [max(r.run_at - r.created_at, 0.0) for r in records],
-        [r.batch_id for r in records],
-    )
-    stored = {row[0]: (row[1], row[2], row[3]) for row in rows}
-    for record in records:
-        record.seq, record.created_at, record.run_at = stored[record.id]
 
 
 async def _by_key(conn: asyncpg.Connection, record: TaskRecord) -> TaskRecord | None:

@@ -9,6 +9,7 @@ import asyncpg
 
 from ..errors import StoreUnavailable
 from ..rates import Rate
+from ..record import TaskRecord
 
 NOW = "extract(epoch from clock_timestamp())::float8"
 # Queued tasks whose message is still to be sent (new, delayed, retried): what the sweeper reads
@@ -118,3 +119,32 @@ def unavailable_on_failure() -> Iterator[None]:
         raise StoreUnavailable(f"PostgreSQL is unreachable: {exc}") from exc
     except asyncpg.PostgresError as exc:
         raise StoreUnavailable(f"PostgreSQL failed: {exc}") from exc
+
+
+async def insert_rows(
+    conn: asyncpg.Connection, records: Sequence[TaskRecord], args_json: Sequence[str]
+) -> None:
+    """One statement for many new tasks, their times on the database's clock (the delay is what
+    the submitting host added); each record gets its ``seq`` and stored times."""
+    rows = await conn.fetch(
+        "INSERT INTO conveyor_tasks (id, name, owner, status, priority, args, "
+        "max_attempts, timeout_s, created_at, run_at, published_at, batch_id) "
+        "SELECT i, n, o, s, p, a, m, t, k.now, k.now + d, CASE WHEN d <= 0 THEN k.now "
+        "END, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], "
+        "$6::text[], $7::int[], $8::float8[], $9::float8[], $10::text[]) "
+        f"AS u(i, n, o, s, p, a, m, t, d, b) CROSS JOIN (SELECT {NOW} AS now) k "
+        "RETURNING id, seq, created_at, run_at",
+        [r.id for r in records],
+        [r.name for r in records],
+        [r.owner for r in records],
+        [r.status.value for r in records],
+        [r.priority for r in records],
+        list(args_json),
+        [r.max_attempts for r in records],
+        [r.timeout_s for r in records],
+        [max(r.run_at - r.created_at, 0.0) for r in records],
+        [r.batch_id for r in records],
+    )
+    stored = {row[0]: (row[1], row[2], row[3]) for row in rows}
+    for record in records:
+        record.seq, record.created_at, record.run_at = stored[record.id]

@@ -50,6 +50,7 @@ from .sqlite_commit import GroupCommit
 from .sqlite_schedules import SCHEDULES, SQLiteSchedules
 from .sqlite_tally import WriteTally
 from .sqlite_wake import Doorbell
+from .stats import SQLiteStats
 from .workers import SQLITE_WORKERS, SQLiteWorkers
 
 SCHEMA_VERSION = 6
@@ -223,6 +224,9 @@ class SQLiteStore:
 
     def workers(self) -> SQLiteWorkers:
         return self._workers
+
+    def stats(self) -> SQLiteStats:
+        return SQLiteStats(self)
 
     def publication_ledger(self) -> None:
         """SQLite serves only the embedded engine, which publishes nothing."""

@@ -1,0 +1,72 @@
+"""What a metrics scrape reads of a store: task counts by type and status, and the age of the
+oldest queued task. Each is a constant number of index reads on SQLite (``task_counts`` is one
+row per owner, type and status; the oldest queued task is the first of ``tasks_status_seq``);
+on PostgreSQL the counts are grouped from the table (cached by the caller between scrapes).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import asyncpg
+
+from .postgres_sql import NOW
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Task counts by ``(task type, status)``; the oldest queued task's age (seconds, None
+    when nothing is queued), on the store's clock."""
+
+    counts: dict[tuple[str, str], int]
+    oldest_queued_age_s: float | None
+
+
+class _File(Protocol):
+    def _read(self, op: Callable[[sqlite3.Connection], T]) -> Awaitable[T]: ...
+
+
+class SQLiteStats:
+    def __init__(self, store: _File) -> None:
+        self._store = store
+
+    async def snapshot(self) -> Snapshot:
+        def op(conn: sqlite3.Connection) -> Snapshot:
+            rows = conn.execute(
+                "SELECT name, status, sum(n) FROM task_counts GROUP BY name, status"
+            ).fetchall()
+            oldest = conn.execute(
+                "SELECT created_at FROM tasks INDEXED BY tasks_status_seq "
+                "WHERE status = 'queued' ORDER BY seq LIMIT 1"
+            ).fetchone()
+            age = None if oldest is None else max(0.0, time.time() - oldest[0])
+            return Snapshot({(name, status): n for name, status, n in rows}, age)
+
+        return await self._store._read(op)
+
+
+class _Pool(Protocol):
+    def connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]: ...
+
+
+class PostgresStats:
+    def __init__(self, store: _Pool) -> None:
+        self._store = store
+
+    async def snapshot(self) -> Snapshot:
+        async with self._store.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT name, status, count(*) FROM conveyor_tasks GROUP BY name, status"
+            )
+            age = await conn.fetchval(
+                f"SELECT greatest(0, {NOW} - created_at) FROM conveyor_tasks "
+                "WHERE status = 'queued' ORDER BY seq LIMIT 1"
+            )
+        return Snapshot({(row[0], row[1]): row[2] for row in rows}, age)
