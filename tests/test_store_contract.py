@@ -20,6 +20,7 @@ from conveyor.status import TaskStatus
 from conveyor.store import Store
 from conveyor.store.postgres import PostgresStore
 from conveyor.store.sqlite import SQLiteStore
+from conveyor.tasklogs import MAX_LINES, LogLine
 
 pytestmark = pytest.mark.anyio
 
@@ -407,3 +408,16 @@ async def test_workers_register_renew_and_leave(store: Store) -> None:
     assert found.last_heartbeat_at is not None and abs(found.last_heartbeat_at - time.time()) < 60
     await workers.gone(WORKER)
     assert await workers.alive(lease_s=30) == []
+
+
+async def test_a_task_keeps_its_last_log_lines(store: Store) -> None:
+    task = await add(store)
+    lines = [LogLine(time.time(), "INFO", f"line {i}", 1) for i in range(MAX_LINES + 5)]
+    await store.logs().append(task.id, lines[:10])
+    await store.logs().append(task.id, lines[10:])
+    kept = await store.logs().read(task.id, after=0, limit=MAX_LINES + 10)
+    assert [line.message for _, line in kept] == [f"line {i}" for i in range(5, MAX_LINES + 5)]
+    page = await store.logs().read(task.id, after=kept[1][0], limit=2)
+    assert [line.message for _, line in page] == ["line 7", "line 8"]
+    await store.logs().delete(task.id)
+    assert await store.logs().read(task.id, after=0, limit=10) == []

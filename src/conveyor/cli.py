@@ -26,6 +26,7 @@ from .core import Conveyor
 from .errors import ConfigurationError
 from .loader import load_yard
 from .settings import Settings, describe_errors
+from .tasklogs import JsonFormatter, TextFormatter
 
 app = typer.Typer(
     help="Conveyor: durable background tasks for FastAPI.",
@@ -60,9 +61,14 @@ AppOption = Annotated[
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    """Log to stderr at ``level``; ``CONVEYOR_LOG_FORMAT=json`` writes one JSON object per line.
+    Records logged inside a task carry its id, type, attempt and worker either way."""
+    fmt = os.environ.get("CONVEYOR_LOG_FORMAT", "text").lower()
+    if fmt not in ("text", "json"):
+        raise typer.BadParameter(f"CONVEYOR_LOG_FORMAT must be text or json, not {fmt!r}")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def _settings(concurrency: int | None, data_dir: Path | None) -> Settings:

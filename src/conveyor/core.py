@@ -522,8 +522,9 @@ class Conveyor:
         return record
 
     async def delete(self, task_id: str, *, owner: str | None = None) -> None:
-        """Forget a terminal task and remove its blobs."""
+        """Forget a terminal task and remove its log lines and blobs."""
         await self.store.delete(task_id, owner=owner)
+        await self.store.logs().delete(task_id)
         await asyncio.to_thread(self.blobs.delete_task, task_id)
         self.notify(task_id)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import sys
 import threading
 import time
@@ -151,9 +153,27 @@ def thread_stuck(ctx: TaskContext, key: str) -> str:
     return key
 
 
+def logs_sync(ctx: TaskContext, fail_first: bool) -> str:
+    """Logs through the logging module (as library code does) and ``ctx.log``, on a thread."""
+    logging.getLogger("tests.library").warning("library line on attempt %d", ctx.attempt)
+    ctx.log.info("ctx line on attempt %d", ctx.attempt)
+    if fail_first and ctx.attempt == 1:
+        raise RuntimeError("the first attempt fails")
+    return threading.current_thread().name
+
+
+def logs_process(ctx: TaskContext) -> int:
+    """The same, in a child process."""
+    logging.getLogger("tests.child").warning("child line from %d", os.getpid())
+    ctx.log.info("child ctx line")
+    return os.getpid()
+
+
 def register(yard: Conveyor) -> None:
     """Register every test task type on ``yard``."""
     yard.task(name="t.echo")(echo)
+    yard.task(name="t.logs_sync", retries=1, backoff_base_s=0.0)(logs_sync)
+    yard.task(name="t.logs_process", executor="process")(logs_process)
     yard.task(name="t.rated", rate="10/s")(echo)
     yard.task(name="t.rated_hourly", rate="2/h")(echo)
     yard.task(name="t.gated")(gated)

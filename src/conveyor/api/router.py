@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from ..blobs import safe_filename
 from ..errors import ConveyorError, InvalidArguments, TaskStateConflict
-from ..record import TaskRecord
+from ..record import TaskRecord, iso
 from ..status import TaskStatus
 from ..task import UNSET
 from .auth import tenant_resolver
@@ -50,6 +50,18 @@ class TaskTypeOut(BaseModel):
     name: str
     options: dict[str, Any]
     args_schema: dict[str, Any]
+
+
+class LogLineOut(BaseModel):
+    at: str
+    level: str
+    message: str
+    attempt: int
+
+
+class LogPage(BaseModel):
+    items: list[LogLineOut]
+    next_cursor: str | None
 
 
 class WorkerOut(BaseModel):
@@ -238,6 +250,28 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
 
     async def visible_task(task_id: TaskId, owner: Tenant) -> TaskRecord:
         return await yard.get(str(task_id), owner=owner)
+
+    @router.get(
+        "/tasks/{task_id}/logs",
+        summary="The task's own log lines (every attempt), oldest first",
+        response_model=LogPage,
+        responses=documented(404, 422),
+        response_class=Response,
+    )
+    async def task_logs(
+        record: Annotated[TaskRecord, Depends(visible_task)],
+        limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+        cursor: Annotated[str | None, Query(max_length=18, pattern=r"^[0-9]+$")] = None,
+    ) -> Response:
+        found = await yard.store.logs().read(
+            record.id, after=int(cursor) if cursor else 0, limit=limit
+        )
+        items = [
+            {"at": iso(ln.at), "level": ln.level, "message": ln.message, "attempt": ln.attempt}
+            for _, ln in found
+        ]
+        more = len(found) == limit
+        return json_response({"items": items, "next_cursor": str(found[-1][0]) if more else None})
 
     @router.get(
         "/tasks/{task_id}/events",

@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import signal
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -22,7 +23,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from .. import serialization
+from .. import serialization, tasklogs
 from ..blobs import BlobStore, encode_result
 from ..context import TaskContext
 
@@ -118,6 +119,7 @@ class ProcessPool:
         blob_root: str,
         on_progress: Callable[[float, str | None], object],
         on_start: Callable[[], object] = lambda: None,
+        on_log: Callable[[str, str, float], object] = lambda level, text, at: None,
     ) -> tuple[str, str | None]:
         """Run the task type ``module:qualname`` in a child; ``(result JSON, blob JSON)``.
 
@@ -134,6 +136,9 @@ class ProcessPool:
                     message = await child.receive()
                     if message[0] == "progress":
                         on_progress(message[1], message[2])
+                        continue
+                    if message[0] == "log":
+                        on_log(message[1], message[2], message[3])
                         continue
                     reusable = True
                     if message[0] == "ok":
@@ -203,6 +208,7 @@ def _child_main(conn: Connection) -> None:
     # CPU-bound children yield to the parent: the event loop that hands them their next task
     # (and serves the API) must not wait behind them for a time slice
     os.nice(CHILD_NICENESS)
+    tasklogs.install()
     while True:
         try:
             message = receive(conn)
@@ -260,6 +266,7 @@ def _run_in_child(
             scheduled_for=scheduled_for,
             batch_id=batch_id,
         )
+        tasklogs.CURRENT.set(_PipeLog(conn, task_id, name, attempt))
         value = fn(ctx, **kwargs) if takes_context else fn(**kwargs)
         if inspect.isawaitable(value):
             value = asyncio.run(_await(value))
@@ -270,6 +277,17 @@ def _run_in_child(
     except BaseException as exc:  # sys.exit() in a task ends the task, not the child
         tb = "".join(traceback.format_exception(exc))
         return ["error", type(exc).__name__, error_message(exc), tb, exception_names(type(exc))]
+
+
+class _PipeLog(tasklogs.TaskLog):
+    """A child's task log: each line goes to the parent at once, which keeps it."""
+
+    def __init__(self, conn: Connection, task_id: str, task: str, attempt: int) -> None:
+        super().__init__(task_id, task, attempt, worker=f"child:{os.getpid()}")
+        self._conn = conn
+
+    def add(self, level: str, message: str, at: float | None = None) -> None:
+        send(self._conn, ["log", level, message[: tasklogs.MAX_MESSAGE], at or time.time()])
 
 
 def error_message(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import serialization
+from .. import serialization, tasklogs
 from ..backoff import retry_delay_s
 from ..blobs import encode_result
 from ..context import TaskContext
@@ -95,6 +96,7 @@ class _Running:
     task: asyncio.Task[None] | None = None
     progress: ProgressWriter | None = None
     executed: asyncio.Event = field(default_factory=asyncio.Event)
+    log: tasklogs.TaskLog | None = None
 
 
 class Runner:
@@ -130,6 +132,7 @@ class Runner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._me: WorkerRecord | None = None
+        tasklogs.install()
         self.concurrency = self.settings.concurrency  # what this worker runs at once
 
     def bind(self) -> None:
@@ -206,6 +209,8 @@ class Runner:
                     await self.register()
                 except ConveyorError as exc:
                     logger.error("worker heartbeat failed: %s", exc)
+                for run in list(self.running.values()):
+                    await self._write_log(run)
                 if not self.running:
                     continue
                 try:  # only what this runner holds: a task it let go of is left to expire
@@ -278,6 +283,9 @@ class Runner:
 
     async def _attempt(self, run: _Running) -> None:
         record, task_type = run.record, run.task_type
+        # this attempt's own context (its asyncio task's): what it logs is the task's
+        run.log = tasklogs.TaskLog(record.id, record.name, record.attempts, self.worker_id)
+        tasklogs.CURRENT.set(run.log)
         ctx = TaskContext(
             task_id=record.id,
             name=record.name,
@@ -299,6 +307,8 @@ class Runner:
                     result_json, blob_json = await self._call(run, ctx, timeout)
                 finally:
                     run.executed.set()
+                    await self._write_log(run)  # before the outcome: a client that sees
+                    # the task end finds its lines
         except asyncio.CancelledError as exc:
             if self._draining:
                 raise
@@ -379,6 +389,7 @@ class Runner:
                 blob_root=str(self.host.blobs.root),
                 on_progress=functools.partial(self._report_progress, run),
                 on_start=started,
+                on_log=run.log.add if run.log is not None else lambda *line: None,
             )
         kwargs = task_type.call_kwargs(record.args)
         fn = task_type.fn
@@ -390,8 +401,20 @@ class Runner:
                 if task_type.takes_context
                 else (functools.partial(fn, **kwargs))
             )
-            value = await self.threads.run(call, type_name=task_type.name)
+            in_context = functools.partial(contextvars.copy_context().run, call)
+            value = await self.threads.run(in_context, type_name=task_type.name)
         return encode_result(value)
+
+    async def _write_log(self, run: _Running) -> None:
+        """Write the lines the task logged since the last write (never raises: a log that
+        cannot be written is not the task's failure)."""
+        lines = run.log.take() if run.log is not None else []
+        if not lines:
+            return
+        try:
+            await self.host.store.logs().append(run.record.id, lines)
+        except Exception as exc:
+            logger.warning("the log lines of task %s are lost: %s", run.record.id, exc)
 
     async def _finish(
         self,

@@ -40,6 +40,7 @@ async def _sleep(
 ) -> dict[str, float]:
     for step in range(steps):
         await asyncio.sleep(seconds / steps)
+        ctx.log.info("step %d of %d", step + 1, steps)
         await ctx.progress(100 * (step + 1) / steps, f"step {step + 1} of {steps}")
     return {"slept": seconds}
 

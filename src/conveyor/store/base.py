@@ -11,6 +11,7 @@ from ..rates import Rate
 from ..record import TaskRecord, WorkerRecord
 from ..schedule_record import FireRecord, ScheduleRecord
 from ..status import TaskStatus
+from ..tasklogs import LogLine
 from .stats import Snapshot
 
 
@@ -37,6 +38,10 @@ class Store(Protocol):
 
     def workers(self) -> WorkerStore:
         """Where worker processes register themselves."""
+        ...
+
+    def logs(self) -> LogStore:
+        """Where tasks' own log lines are kept."""
         ...
 
     def stats(self) -> StatsReader:
@@ -332,3 +337,15 @@ class StatsReader(Protocol):
     async def snapshot(self) -> Snapshot:
         """Task counts by type and status, and the oldest queued task's age."""
         ...
+
+
+class LogStore(Protocol):
+    async def append(self, task_id: str, lines: Sequence[LogLine]) -> None:
+        """Add lines to the task's log, keeping its last ``MAX_LINES``."""
+        ...
+
+    async def read(self, task_id: str, *, after: int, limit: int) -> list[tuple[int, LogLine]]:
+        """The task's lines after cursor ``after``, each with its cursor."""
+        ...
+
+    async def delete(self, task_id: str) -> None: ...

@@ -27,6 +27,7 @@ from ..rates import Rate
 from ..record import TaskRecord
 from ..status import TaskStatus, cancel_outcome, require_deletable, require_retryable
 from .base import PublicationLedger
+from .logs import PostgresLogs
 from .postgres_batches import PostgresBatches
 from .postgres_ledger import HeldOutcome, PostgresLedger
 from .postgres_schema import CHANNEL, migrate
@@ -150,6 +151,9 @@ class PostgresStore:
 
     def stats(self) -> PostgresStats:
         return PostgresStats(self)
+
+    def logs(self) -> PostgresLogs:
+        return PostgresLogs(self)
 
     def counted(self, n: int) -> None:
         """``n`` tasks became queued (negative: left the queue) outside the store's own

@@ -34,6 +34,7 @@ from ..rates import Rate
 from ..record import TaskRecord
 from ..status import TaskStatus, cancel_outcome, require_deletable, require_retryable
 from . import sqlite_wake as wake
+from .logs import SQLITE_LOGS, SQLiteLogs
 from .rows import (
     COLUMNS,
     WORKER_LOST,
@@ -53,7 +54,7 @@ from .sqlite_wake import Doorbell
 from .stats import SQLiteStats
 from .workers import SQLITE_WORKERS, SQLiteWorkers
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 _COUNTS = """
 CREATE TABLE IF NOT EXISTS task_counts (
     owner TEXT NOT NULL,
@@ -111,6 +112,7 @@ CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
     + BATCHES
     + _RATE_STARTS
     + SQLITE_WORKERS
+    + SQLITE_LOGS
 )
 
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
@@ -122,6 +124,7 @@ _MIGRATIONS: dict[int, str] = {
     4: SCHEDULES,
     5: "ALTER TABLE tasks ADD COLUMN batch_id TEXT;" + BATCHES + _RATE_STARTS,
     6: SQLITE_WORKERS,
+    7: SQLITE_LOGS,
 }
 _WAITING_AND_RUNNING = (
     "SELECT name, status, n FROM task_counts WHERE status IN ('queued', 'running') AND n > 0"
@@ -227,6 +230,9 @@ class SQLiteStore:
 
     def stats(self) -> SQLiteStats:
         return SQLiteStats(self)
+
+    def logs(self) -> SQLiteLogs:
+        return SQLiteLogs(self)
 
     def publication_ledger(self) -> None:
         """SQLite serves only the embedded engine, which publishes nothing."""
