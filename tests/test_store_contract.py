@@ -421,3 +421,21 @@ async def test_a_task_keeps_its_last_log_lines(store: Store) -> None:
     assert [line.message for _, line in page] == ["line 7", "line 8"]
     await store.logs().delete(task.id)
     assert await store.logs().read(task.id, after=0, limit=10) == []
+
+
+async def test_purge_deletes_expired_finished_tasks_in_batches(store: Store) -> None:
+    done = [await add(store) for _ in range(3)]
+    waiting = await add(store, delay_s=3600)
+    for record in await claim(store, 3):
+        await store.finish(record.id, WORKER, 1, status=TaskStatus.COMPLETED, result_json="1")
+    await store.logs().append(done[0].id, [LogLine(time.time(), "INFO", "x", 1)])
+    purge = store.retention().purge
+    assert await purge("completed", finished_before=time.time() - 3600, limit=10) == []
+    first = await purge("completed", finished_before=time.time() + 1, limit=2)
+    rest = await purge("completed", finished_before=time.time() + 1, limit=2)
+    assert len(first) == 2 and len(rest) == 1
+    assert set(first + rest) == {record.id for record in done}
+    assert await store.logs().read(done[0].id, after=0, limit=10) == []
+    counts = await store.count_by_status()
+    assert counts["completed"] == 0 and counts["queued"] == 1
+    assert (await store.get(waiting.id)).status is TaskStatus.QUEUED

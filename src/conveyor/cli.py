@@ -25,7 +25,9 @@ from rich.table import Table
 from .core import Conveyor
 from .errors import ConfigurationError
 from .loader import load_yard
+from .rates import parse_duration
 from .settings import Settings, describe_errors
+from .status import TERMINAL, TaskStatus
 from .tasklogs import JsonFormatter, TextFormatter
 
 app = typer.Typer(
@@ -184,6 +186,38 @@ def worker(
         )
         return
     asyncio.run(_run_until_signalled(yard))
+
+
+@app.command()
+def purge(
+    older_than: Annotated[
+        str, typer.Option(help="Finished more than this long ago: 1d, 12h, 30m, 90s.")
+    ],
+    status: Annotated[
+        list[str] | None,
+        typer.Option(help="completed, failed or cancelled (repeatable; default: all three)."),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Delete finished tasks (results, blobs, log lines) from the store, in small batches."""
+    try:
+        seconds = parse_duration(older_than)
+        statuses = [TaskStatus(s) for s in status] if status else sorted(TERMINAL)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if seconds is None:
+        raise typer.BadParameter("--older-than must be a duration, not none")
+    settings = _settings(None, data_dir)
+
+    async def run() -> int:
+        async with Conveyor(settings, run_workers=False) as yard:
+            return await yard.retention.purge(seconds, statuses=statuses)
+
+    try:
+        deleted = asyncio.run(run())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    console.print(f"deleted {deleted} tasks finished more than {older_than} ago")
 
 
 async def _run_until_signalled(yard: Conveyor) -> None:

@@ -26,6 +26,7 @@ from .errors import (
 )
 from .rates import parse_rate
 from .record import TaskRecord
+from .retention import Retention
 from .scheduler import Scheduler, Schedules
 from .settings import Settings
 from .status import TaskStatus
@@ -98,6 +99,7 @@ class Conveyor:
         self.batches = Batches(self)
         self._scheduler: Scheduler | None = None
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self.retention = Retention(self)
 
     # registry ----------------------------------------------------------------------------------
 
@@ -271,6 +273,7 @@ class Conveyor:
             if engine is not None:
                 self._engine = engine
                 await engine.start()
+                self.retention.start()
             if store.schedules() is not None:
                 await self.schedules.sync_declared()
                 if self.run_workers:
@@ -312,6 +315,7 @@ class Conveyor:
         if not self._started:
             return
         try:
+            await self.retention.stop()
             if self._scheduler is not None:
                 await self._scheduler.stop()
                 self._scheduler = None

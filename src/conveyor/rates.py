@@ -47,3 +47,18 @@ def parse_rate(text: str) -> Rate:
     if not 1 <= count <= MAX_COUNT or every < 1:
         raise TaskTypeError(f"rate {text!r}: the count must be 1 to {MAX_COUNT}, per ≥ 1 unit")
     return Rate(count, every * _UNITS[found["unit"][0]])
+
+
+_DURATION = re.compile(r"^\s*(?P<n>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """``"7d"``, ``"12h"``, ``"30m"``, ``"90s"`` or ``"3600"`` (seconds) → seconds; ``"none"``
+    → None (keep for ever). ``ValueError`` naming the accepted forms."""
+    if text.strip().lower() in ("none", "never", "forever"):
+        return None
+    found = _DURATION.match(text.lower())
+    if found is None or float(found["n"]) <= 0:
+        raise ValueError(f"{text!r}: write a positive duration such as 7d, 12h, 30m, 90s, or none")
+    return float(found["n"]) * _DURATION_UNITS[found["unit"] or "s"]

@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError, TaskTypeError
-from .rates import parse_rate
+from .rates import parse_duration, parse_rate
 
 
 class Settings(BaseSettings):
@@ -113,6 +113,11 @@ class Settings(BaseSettings):
         description="Comma-separated hosts the ingestion may fetch although they resolve to "
         "loopback or private addresses (every other inside address is refused).",
     )
+    result_ttl: str | None = Field(
+        default="7d",
+        description="Finished tasks (their results, blobs and log lines) are deleted this long "
+        "after they finished: 7d, 12h, 30m, 90s, or none to keep them.",
+    )
     retry_base_s: float = Field(default=1.0, ge=0)
     retry_max_s: float = Field(default=300.0, ge=0)
 
@@ -125,6 +130,18 @@ class Settings(BaseSettings):
             except TaskTypeError as exc:
                 raise ValueError(str(exc)) from None
         return value
+
+    @field_validator("result_ttl")
+    @classmethod
+    def _a_duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @property
+    def result_ttl_s(self) -> float | None:
+        """``result_ttl`` in seconds (None: kept for ever)."""
+        return None if self.result_ttl is None else parse_duration(self.result_ttl)
 
     @field_validator("database_url")
     @classmethod

@@ -40,6 +40,10 @@ class Store(Protocol):
         """Where worker processes register themselves."""
         ...
 
+    def retention(self) -> RetentionStore:
+        """Deleting expired finished tasks."""
+        ...
+
     def logs(self) -> LogStore:
         """Where tasks' own log lines are kept."""
         ...
@@ -349,3 +353,11 @@ class LogStore(Protocol):
         ...
 
     async def delete(self, task_id: str) -> None: ...
+
+
+class RetentionStore(Protocol):
+    async def purge(self, status: str, *, finished_before: float, limit: int) -> list[str]:
+        """Delete up to ``limit`` tasks of the terminal ``status`` that finished before
+        ``finished_before`` (epoch seconds), with their log lines, in one transaction: their
+        ids."""
+        ...

@@ -44,6 +44,7 @@ from .postgres_sql import (
     remaining,
     unavailable_on_failure,
 )
+from .retention import PostgresRetention
 from .rows import (
     COLUMNS,
     WORKER_LOST,
@@ -154,6 +155,9 @@ class PostgresStore:
 
     def logs(self) -> PostgresLogs:
         return PostgresLogs(self)
+
+    def retention(self) -> PostgresRetention:
+        return PostgresRetention(self)
 
     def counted(self, n: int) -> None:
         """``n`` tasks became queued (negative: left the queue) outside the store's own

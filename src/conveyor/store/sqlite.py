@@ -35,6 +35,7 @@ from ..record import TaskRecord
 from ..status import TaskStatus, cancel_outcome, require_deletable, require_retryable
 from . import sqlite_wake as wake
 from .logs import SQLITE_LOGS, SQLiteLogs
+from .retention import SQLiteRetention
 from .rows import (
     COLUMNS,
     WORKER_LOST,
@@ -233,6 +234,9 @@ class SQLiteStore:
 
     def logs(self) -> SQLiteLogs:
         return SQLiteLogs(self)
+
+    def retention(self) -> SQLiteRetention:
+        return SQLiteRetention(self)
 
     def publication_ledger(self) -> None:
         """SQLite serves only the embedded engine, which publishes nothing."""
