@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.schedules
 	$(PY) -m benchmarks.batches
 	$(PY) -m benchmarks.email
+	$(PY) -m benchmarks.retention
 
 # the fault suite for minutes (the embedded engine): prints what it counted
 soak: $(STAMP)
