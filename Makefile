@@ -22,12 +22,14 @@ run: $(STAMP)
 	$(VENV)/bin/conveyor serve --host $(HOST) --port $(PORT)
 
 # The tests start their own PostgreSQL, Redis and RabbitMQ servers (free loopback ports,
-# temporary folders) from Debian's packages, installed here when missing.
+# temporary folders) from Debian's packages, and drive Debian's chromium (through Playwright)
+# for the dashboard; all installed here when missing.
 services:
 	@command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
-	  && test -x /usr/lib/rabbitmq/bin/rabbitmq-server \
+	  && test -x /usr/lib/rabbitmq/bin/rabbitmq-server && command -v chromium >/dev/null \
 	|| $(SUDO) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	   apt-get install -y -qq --no-install-recommends redis-server postgresql rabbitmq-server'
+	   apt-get install -y -qq --no-install-recommends redis-server postgresql rabbitmq-server \
+	   chromium'
 
 test: $(STAMP) services
 	$(PY) -m pytest

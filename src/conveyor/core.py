@@ -35,7 +35,7 @@ from .task import UNSET, Executor, TaskOptions, TaskType, new_record, new_record
 
 if TYPE_CHECKING:
     from celery import Celery
-    from fastapi import APIRouter
+    from fastapi import APIRouter, FastAPI
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -354,6 +354,13 @@ class Conveyor:
         """FastAPI lifespan: ``FastAPI(lifespan=yard.lifespan)``."""
         async with self:
             yield
+
+    def dashboard(self, *, auth: Callable[..., Awaitable[str]] | None = None) -> FastAPI:
+        """The dashboard as an app to mount: ``app.mount("/dashboard", yard.dashboard())``;
+        ``auth``: a FastAPI dependency answering the caller's tenant (default: the API keys)."""
+        from .dashboard import build_dashboard
+
+        return build_dashboard(self, auth=auth)
 
     def router(self, *, prefix: str = "") -> APIRouter:
         """The ``/tasks`` HTTP API as a FastAPI router."""

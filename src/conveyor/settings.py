@@ -34,6 +34,10 @@ class Settings(BaseSettings):
         default="",
         description="Comma-separated `tenant:key` pairs (a bare `key` is tenant `default`).",
     )
+    dashboard_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs dashboard sessions and CSRF tokens (default: from the API keys).",
+    )
     metrics_token: SecretStr | None = Field(
         default=None,
         description="Bearer token for GET /metrics (needed there when API keys are set).",

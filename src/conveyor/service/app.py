@@ -95,6 +95,7 @@ def create_app(
 
         app.include_router(build_email_router(yard, emails_of(yard)))
 
+    app.mount("/dashboard", yard.dashboard())
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
 
     if keyed:

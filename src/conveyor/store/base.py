@@ -338,8 +338,9 @@ class WorkerStore(Protocol):
 
 
 class StatsReader(Protocol):
-    async def snapshot(self) -> Snapshot:
-        """Task counts by type and status, and the oldest queued task's age."""
+    async def snapshot(self, *, owner: str | None = None) -> Snapshot:
+        """Task counts by type and status (``owner``'s, or all), and the oldest queued task's
+        age."""
         ...
 
 

@@ -22,8 +22,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Task counts by ``(task type, status)``; the oldest queued task's age (seconds, None
-    when nothing is queued), on the store's clock."""
+    """Task counts by ``(task type, status)`` (of one owner, or all); the oldest queued task's
+    age (seconds, None when nothing is queued; every owner's), on the store's clock."""
 
     counts: dict[tuple[str, str], int]
     oldest_queued_age_s: float | None
@@ -37,10 +37,12 @@ class SQLiteStats:
     def __init__(self, store: _File) -> None:
         self._store = store
 
-    async def snapshot(self) -> Snapshot:
+    async def snapshot(self, *, owner: str | None = None) -> Snapshot:
         def op(conn: sqlite3.Connection) -> Snapshot:
             rows = conn.execute(
-                "SELECT name, status, sum(n) FROM task_counts GROUP BY name, status"
+                "SELECT name, status, sum(n) FROM task_counts WHERE ?1 IS NULL OR owner = ?1 "
+                "GROUP BY name, status",
+                (owner,),
             ).fetchall()
             oldest = conn.execute(
                 "SELECT created_at FROM tasks INDEXED BY tasks_status_seq "
@@ -60,10 +62,12 @@ class PostgresStats:
     def __init__(self, store: _Pool) -> None:
         self._store = store
 
-    async def snapshot(self) -> Snapshot:
+    async def snapshot(self, *, owner: str | None = None) -> Snapshot:
         async with self._store.connection() as conn:
             rows = await conn.fetch(
-                "SELECT name, status, count(*) FROM conveyor_tasks GROUP BY name, status"
+                "SELECT name, status, count(*) FROM conveyor_tasks "
+                "WHERE $1::text IS NULL OR owner = $1 GROUP BY name, status",
+                owner,
             )
             age = await conn.fetchval(
                 f"SELECT greatest(0, {NOW} - created_at) FROM conveyor_tasks "

@@ -1,0 +1,233 @@
+"""The dashboard: server-rendered pages over the store, mounted in any FastAPI app.
+
+``app.mount("/dashboard", yard.dashboard())``. Pages (Jinja2, autoescaped; every asset served
+from this package, no CDN, no build):
+
+- ``/`` overview: counts by status and by task type, live workers, the oldest queued task's age;
+  the counts refresh by Server-Sent Events (``/events``);
+- ``/tasks``: the history, newest first, with the query parameters of ``GET /tasks``
+  (``status``, ``name``, ``cursor``, ``limit``), so a view's URL is shareable;
+- ``/tasks/{id}``: arguments, result, error and traceback (each truncated at ``MAX_SHOWN``
+  characters), progress live (``/tasks/{id}/events``), attempts and times, its log lines, its
+  batch; cancel, retry and delete as POST forms with a CSRF token and a confirmation.
+
+Who sees what: with API keys set, a visitor gives a key once and gets a signed session cookie
+(``session.py``), and sees only its tenant's tasks; ``yard.dashboard(auth=dependency)`` uses
+the app's own authentication instead (a FastAPI dependency answering the tenant).
+"""
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from ..errors import ConveyorError
+from ..record import TaskRecord, iso
+from ..status import TERMINAL, TaskStatus
+from .session import SESSION_COOKIE, SESSION_S, Signer
+
+if TYPE_CHECKING:
+    from ..core import Conveyor
+
+HERE = Path(__file__).parent
+MAX_SHOWN = 10_000
+PAGE = 50
+EVENTS_S = 1.0  # the overview's counts are re-read this often while a page is open
+Auth = Callable[..., Awaitable[str]]
+
+
+def shown(value: Any) -> str:
+    """A JSON value as indented text, cut at ``MAX_SHOWN`` characters (escaped by the page)."""
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + f"\n… ({len(text):,} characters)"
+
+
+def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
+    settings = yard.settings
+    keys = settings.tenants_by_key()
+    signer = Signer(settings)
+    pages = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(["html"]),
+        auto_reload=False,
+    )
+    pages.filters["iso"] = iso
+    pages.filters["shown"] = shown
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    async def session_tenant(request: Request) -> str:
+        if not keys:
+            return ""
+        tenant = signer.tenant(request.cookies.get(SESSION_COOKIE))
+        if tenant is None:
+            raise HTTPException(303, headers={"Location": f"{base(request)}/login"})
+        return tenant
+
+    tenant_of: Auth = auth or session_tenant
+
+    def base(request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
+    def render(request: Request, name: str, status_code: int = 200, **values: Any) -> Response:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        html = pages.get_template(name).render(
+            base=base(request),
+            csrf=signer.csrf(cookie),
+            keyed=bool(keys) and auth is None,
+            **values,
+        )
+        return HTMLResponse(html, status_code, headers={"Cache-Control": "no-store"})
+
+    async def csrf_checked(request: Request, csrf: str | None = Form(default=None)) -> None:
+        if not signer.csrf_ok(request.cookies.get(SESSION_COOKIE), csrf):
+            raise HTTPException(403, "the form's CSRF token is missing or wrong: reload the page")
+
+    async def counts(owner: str) -> dict[str, Any]:
+        snapshot = await yard.store.stats().snapshot(owner=owner if keys else None)
+        by_status = {status.value: 0 for status in TaskStatus}
+        by_type: dict[str, dict[str, int]] = {}
+        for (name, status), n in snapshot.counts.items():
+            by_status[status] = by_status.get(status, 0) + n
+            by_type.setdefault(name, {s.value: 0 for s in TaskStatus})[status] = n
+        return {
+            "by_status": by_status,
+            "by_type": dict(sorted(by_type.items())),
+            "oldest_queued_s": None if keys else snapshot.oldest_queued_age_s,
+        }
+
+    @app.get("/login", response_class=HTMLResponse)
+    async def login_form(request: Request) -> Response:
+        return render(request, "login.html", error=None)
+
+    @app.post("/login")
+    async def login(request: Request, key: str = Form(max_length=500)) -> Response:
+        tenant = next((t for k, t in keys.items() if secrets.compare_digest(k, key)), None)
+        if tenant is None:
+            return render(request, "login.html", 401, error="This key is not known.")
+        response = RedirectResponse(f"{base(request)}/", 303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            signer.session(tenant),
+            max_age=SESSION_S,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path=base(request) or "/",
+        )
+        return response
+
+    @app.get("/", response_class=HTMLResponse)
+    async def overview(request: Request, owner: str = Depends(tenant_of)) -> Response:
+        workers = await yard.store.workers().alive(lease_s=settings.lease_s)
+        return render(request, "overview.html", **await counts(owner), workers=workers)
+
+    @app.get("/events", response_class=EventSourceResponse)
+    async def overview_events(owner: str = Depends(tenant_of)) -> AsyncIterator[ServerSentEvent]:
+        last: dict[str, Any] | None = None
+        while True:
+            current = await counts(owner)
+            if current != last:
+                last = current
+                yield ServerSentEvent(event="counts", data=current)
+            await asyncio.sleep(EVENTS_S)
+
+    @app.get("/tasks", response_class=HTMLResponse)
+    async def tasks(
+        request: Request,
+        owner: str = Depends(tenant_of),
+        status: TaskStatus | None = None,
+        name: str | None = Query(default=None, max_length=200),
+        limit: int = Query(default=PAGE, ge=1, le=500),
+        cursor: str | None = Query(default=None, max_length=18, pattern=r"^[0-9]+$"),
+    ) -> Response:
+        found = await yard.store.list_tasks(
+            owner=owner if keys or auth else None,
+            status=status,
+            name=name or None,
+            limit=limit + 1,
+            before_seq=int(cursor) if cursor else None,
+        )
+        more = len(found) > limit
+        page = found[:limit]
+        query = {"status": status.value if status else "", "name": name or "", "limit": limit}
+        return render(
+            request,
+            "tasks.html",
+            tasks=page,
+            statuses=[s.value for s in TaskStatus],
+            query=query,
+            next_cursor=str(page[-1].seq) if more and page else None,
+        )
+
+    async def visible(task_id: str, owner: str) -> TaskRecord:
+        try:
+            return await yard.get(task_id, owner=owner if keys or auth else None)
+        except ConveyorError as exc:
+            raise HTTPException(exc.status_code, exc.message) from None
+
+    @app.get("/tasks/{task_id}", response_class=HTMLResponse)
+    async def task(request: Request, task_id: str, owner: str = Depends(tenant_of)) -> Response:
+        record = await visible(task_id, owner)
+        lines = await yard.store.logs().read(record.id, after=0, limit=1000)
+        return render(
+            request,
+            "task.html",
+            task=record,
+            lines=[line for _, line in lines],
+            terminal=record.status in TERMINAL,
+        )
+
+    @app.get("/tasks/{task_id}/events", response_class=EventSourceResponse)
+    async def task_events(
+        task_id: str, owner: str = Depends(tenant_of)
+    ) -> AsyncIterator[ServerSentEvent]:
+        record = await visible(task_id, owner)
+        async for current in yard.watch(record.id, owner=record.owner):
+            yield ServerSentEvent(
+                event="task",
+                data={
+                    "status": current.status.value,
+                    "progress": current.progress,
+                    "message": current.message,
+                    "attempts": current.attempts,
+                },
+            )
+
+    async def act(request: Request, task_id: str, owner: str, action: str) -> Response:
+        record = await visible(task_id, owner)
+        try:
+            if action == "cancel":
+                await yard.cancel(record.id, owner=record.owner)
+            elif action == "retry":
+                await yard.retry(record.id, owner=record.owner)
+            else:
+                await yard.delete(record.id, owner=record.owner)
+                return RedirectResponse(f"{base(request)}/tasks", 303)
+        except ConveyorError as exc:
+            raise HTTPException(exc.status_code, exc.message) from None
+        return RedirectResponse(f"{base(request)}/tasks/{record.id}", 303)
+
+    def action_route(action: str) -> None:
+        async def handler(
+            request: Request,
+            task_id: str,
+            owner: str = Depends(tenant_of),
+            _: None = Depends(csrf_checked),
+        ) -> Response:
+            return await act(request, task_id, owner, action)
+
+        app.post(f"/tasks/{{task_id}}/{action}", name=f"task_{action}")(handler)
+
+    for action in ("cancel", "retry", "delete"):
+        action_route(action)
+
+    return app

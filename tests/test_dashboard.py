@@ -1,0 +1,185 @@
+"""The dashboard over a live server: pages and their HTML (httpx), CSRF, tenants and sessions,
+and in a real browser (Debian's chromium through Playwright): a task's progress moves and its
+end shows without a reload, an action asks for confirmation first."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Header, HTTPException
+from playwright.sync_api import sync_playwright
+
+from conveyor import Conveyor
+from conveyor.service import create_app
+
+from .support.live import LiveServer, follow, service_settings
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found is not None, "the page has a form with a CSRF token"
+    return found.group(1)
+
+
+def submit(client: httpx.Client, name: str = "demo.echo", **args: Any) -> str:
+    response = client.post("/tasks", json={"name": name, "args": args or {"value": 1}})
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+@pytest.fixture
+def service(serve: Callable[[FastAPI], LiveServer], tmp_path: Path) -> LiveServer:
+    return serve(create_app(service_settings(tmp_path)))
+
+
+def test_overview_tasks_and_task_pages(service: LiveServer) -> None:
+    with service.client() as client:
+        done = [submit(client, value=i) for i in range(3)]
+        for task_id in done:
+            follow(client, task_id)
+        failed = submit(client, "demo.fail", message="boom <b>")
+        follow(client, failed)
+
+        overview = client.get("/dashboard/")
+        assert overview.status_code == 200 and "text/html" in overview.headers["content-type"]
+        assert re.search(r'data-count="completed">3<', overview.text)
+        assert re.search(r'data-count="failed">1<', overview.text)
+        assert "demo.echo" in overview.text and "local" in overview.text, "types and workers"
+        for asset in ("dashboard.css", "dashboard.js"):
+            assert client.get(f"/dashboard/static/{asset}").status_code == 200
+
+        listing = client.get("/dashboard/tasks", params={"status": "completed", "limit": 2})
+        assert listing.status_code == 200
+        shown = [task_id for task_id in done if task_id in listing.text]
+        assert len(shown) == 2 and done[2] in shown, "newest first, two per page"
+        older = re.search(r'href="([^"]+cursor=[0-9]+)"', listing.text)
+        assert older is not None
+        rest = client.get(older.group(1).replace("&amp;", "&"))
+        assert done[0] in rest.text and failed not in rest.text, "the filter is kept"
+
+        page = client.get(f"/dashboard/tasks/{failed}")
+        assert "boom &lt;b&gt;" in page.text and "boom <b>" not in page.text
+        assert "Traceback" in page.text and 'id="retry"' in page.text
+        assert client.get("/dashboard/tasks/not-an-id").status_code in (404, 422)
+
+
+def test_hostile_arguments_are_escaped_and_cut(service: LiveServer) -> None:
+    with service.client() as client:
+        hostile = "<script>alert(1)</script>" + "x" * 50_000
+        task_id = submit(client, value={"a": hostile, "deep": [[[[["down"]]]]]})
+        follow(client, task_id)
+        page = client.get(f"/dashboard/tasks/{task_id}").text
+        assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+        assert "characters)" in page and len(page) < 60_000, "a long value is cut"
+
+
+def test_actions_need_the_csrf_token(service: LiveServer) -> None:
+    with service.client() as client:
+        task_id = submit(client, "demo.sleep", seconds=3600)
+        page = client.get(f"/dashboard/tasks/{task_id}").text
+        refused = client.post(f"/dashboard/tasks/{task_id}/cancel", data={})
+        assert refused.status_code == 403
+        forged = client.post(f"/dashboard/tasks/{task_id}/cancel", data={"csrf": "forged"})
+        assert forged.status_code == 403
+        assert client.get(f"/tasks/{task_id}").json()["status"] != "cancelled"
+        done = client.post(f"/dashboard/tasks/{task_id}/cancel", data={"csrf": csrf_of(page)})
+        assert done.status_code == 303
+        assert follow(client, task_id)[0]["status"] == "cancelled"
+        again = client.post(f"/dashboard/tasks/{task_id}/retry", data={"csrf": csrf_of(page)})
+        assert again.status_code == 303
+        assert client.get(f"/tasks/{task_id}").json()["status"] in ("queued", "running")
+
+
+def test_tenants_and_sessions(serve: Callable[[FastAPI], LiveServer], tmp_path: Path) -> None:
+    settings = service_settings(tmp_path, api_keys="alpha:alpha-secret-key,beta:beta-secret-key")
+    server = serve(create_app(settings))
+    api_a = server.client(headers={"authorization": "Bearer alpha-secret-key"})
+    api_b = server.client(headers={"authorization": "Bearer beta-secret-key"})
+    browser = server.client(follow_redirects=False)
+    with api_a, api_b, browser:
+        mine, theirs = submit(api_a, value=1), submit(api_b, value=2)
+        follow(api_a, mine)
+        assert browser.get("/dashboard/").status_code == 303
+        assert browser.post("/dashboard/login", data={"key": "nope"}).status_code == 401
+        signed = browser.post("/dashboard/login", data={"key": "alpha-secret-key"})
+        assert signed.status_code == 303
+        cookie = signed.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        assert "alpha-secret-key" not in cookie, "the key itself is never stored"
+        listing = browser.get("/dashboard/tasks").text
+        assert mine in listing and theirs not in listing
+        assert browser.get(f"/dashboard/tasks/{theirs}").status_code == 404
+        page = browser.get(f"/dashboard/tasks/{mine}").text
+        stolen = browser.post(f"/dashboard/tasks/{theirs}/delete", data={"csrf": csrf_of(page)})
+        assert stolen.status_code == 404
+        assert api_b.get(f"/tasks/{theirs}").status_code == 200
+        browser.cookies.set("conveyor_session", "YmV0YQ|9999999999|forged")
+        assert browser.get("/dashboard/").status_code == 303, "a forged cookie is refused"
+
+
+def test_mounted_in_any_app_with_its_own_auth(
+    serve: Callable[[FastAPI], LiveServer], make_yard: Callable[..., Conveyor]
+) -> None:
+    yard = make_yard()
+
+    async def app_user(x_user: str | None = Header(default=None)) -> str:
+        if x_user is None:
+            raise HTTPException(401, "who are you?")
+        return x_user
+
+    app = FastAPI(lifespan=yard.lifespan)
+    app.include_router(yard.router())
+    app.mount("/ops", yard.dashboard(auth=app_user))
+    with serve(app).client() as client:
+        assert client.get("/ops/").status_code == 401
+        page = client.get("/ops/", headers={"x-user": "ann"})
+        assert page.status_code == 200 and 'href="/ops/tasks"' in page.text
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    executable = shutil.which("chromium")
+    assert executable, "make test installs Debian's chromium"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+def test_in_a_browser_progress_moves_and_actions_confirm(service: LiveServer, browser: Any) -> None:
+    with service.client() as client:
+        page = browser.new_page()
+        slow = submit(client, "demo.sleep", seconds=2, steps=4)
+        page.goto(f"{service.url}/dashboard/tasks/{slow}")
+        page.wait_for_function(
+            "Number(document.getElementById('progress').value) > 0", timeout=15_000
+        )
+        page.wait_for_selector("#result", timeout=15_000)  # reloaded once it ended
+        assert page.inner_text("#status") == "completed"
+
+        waiting = submit(client, "demo.sleep", seconds=3600)
+        page.goto(f"{service.url}/dashboard/tasks/{waiting}")
+        asked: list[str] = []
+
+        def decline(dialog: Any) -> None:
+            asked.append(dialog.message)
+            dialog.dismiss()
+
+        page.once("dialog", decline)
+        page.click("#cancel")
+        assert asked == ["Cancel this task?"]
+        assert client.get(f"/tasks/{waiting}").json()["status"] != "cancelled"
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#cancel")
+        page.wait_for_selector("#retry", timeout=15_000)
+        assert follow(client, waiting)[0]["status"] == "cancelled"
+        page.goto(f"{service.url}/dashboard/")
+        assert page.inner_text('[data-count="cancelled"]') == "1"
