@@ -355,9 +355,10 @@ class Conveyor:
         async with self:
             yield
 
-    def dashboard(self, *, auth: Callable[..., Awaitable[str]] | None = None) -> FastAPI:
+    def dashboard(self, *, auth: Callable[..., Awaitable[str | None]] | None = None) -> FastAPI:
         """The dashboard as an app to mount: ``app.mount("/dashboard", yard.dashboard())``;
-        ``auth``: a FastAPI dependency answering the caller's tenant (default: the API keys)."""
+        ``auth``: a FastAPI dependency answering the tenant shown (None: all), or raising
+        (default: the API keys)."""
         from .dashboard import build_dashboard
 
         return build_dashboard(self, auth=auth)

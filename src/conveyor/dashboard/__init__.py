@@ -13,7 +13,8 @@ from this package, no CDN, no build):
 
 Who sees what: with API keys set, a visitor gives a key once and gets a signed session cookie
 (``session.py``), and sees only its tenant's tasks; ``yard.dashboard(auth=dependency)`` uses
-the app's own authentication instead (a FastAPI dependency answering the tenant).
+the app's own authentication instead: a FastAPI dependency answering the tenant whose tasks are
+shown, or None for every tenant's (an operator), or raising to refuse.
 """
 
 import asyncio
@@ -41,7 +42,7 @@ HERE = Path(__file__).parent
 MAX_SHOWN = 10_000
 PAGE = 50
 EVENTS_S = 1.0  # the overview's counts are re-read this often while a page is open
-Auth = Callable[..., Awaitable[str]]
+Auth = Callable[..., Awaitable[str | None]]  # the tenant shown; None: every tenant
 
 
 def shown(value: Any) -> str:
@@ -64,9 +65,9 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
-    async def session_tenant(request: Request) -> str:
+    async def session_tenant(request: Request) -> str | None:
         if not keys:
-            return ""
+            return None
         tenant = signer.tenant(request.cookies.get(SESSION_COOKIE))
         if tenant is None:
             raise HTTPException(303, headers={"Location": f"{base(request)}/login"})
@@ -91,8 +92,8 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         if not signer.csrf_ok(request.cookies.get(SESSION_COOKIE), csrf):
             raise HTTPException(403, "the form's CSRF token is missing or wrong: reload the page")
 
-    async def counts(owner: str) -> dict[str, Any]:
-        snapshot = await yard.store.stats().snapshot(owner=owner if keys else None)
+    async def counts(owner: str | None) -> dict[str, Any]:
+        snapshot = await yard.store.stats().snapshot(owner=owner)
         by_status = {status.value: 0 for status in TaskStatus}
         by_type: dict[str, dict[str, int]] = {}
         for (name, status), n in snapshot.counts.items():
@@ -101,7 +102,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         return {
             "by_status": by_status,
             "by_type": dict(sorted(by_type.items())),
-            "oldest_queued_s": None if keys else snapshot.oldest_queued_age_s,
+            "oldest_queued_s": snapshot.oldest_queued_age_s if owner is None else None,
         }
 
     @app.get("/login", response_class=HTMLResponse)
@@ -126,12 +127,14 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         return response
 
     @app.get("/", response_class=HTMLResponse)
-    async def overview(request: Request, owner: str = Depends(tenant_of)) -> Response:
+    async def overview(request: Request, owner: str | None = Depends(tenant_of)) -> Response:
         workers = await yard.store.workers().alive(lease_s=settings.lease_s)
         return render(request, "overview.html", **await counts(owner), workers=workers)
 
     @app.get("/events", response_class=EventSourceResponse)
-    async def overview_events(owner: str = Depends(tenant_of)) -> AsyncIterator[ServerSentEvent]:
+    async def overview_events(
+        owner: str | None = Depends(tenant_of),
+    ) -> AsyncIterator[ServerSentEvent]:
         last: dict[str, Any] | None = None
         while True:
             current = await counts(owner)
@@ -143,14 +146,14 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
     @app.get("/tasks", response_class=HTMLResponse)
     async def tasks(
         request: Request,
-        owner: str = Depends(tenant_of),
+        owner: str | None = Depends(tenant_of),
         status: TaskStatus | None = None,
         name: str | None = Query(default=None, max_length=200),
         limit: int = Query(default=PAGE, ge=1, le=500),
         cursor: str | None = Query(default=None, max_length=18, pattern=r"^[0-9]+$"),
     ) -> Response:
         found = await yard.store.list_tasks(
-            owner=owner if keys or auth else None,
+            owner=owner,
             status=status,
             name=name or None,
             limit=limit + 1,
@@ -168,14 +171,16 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
             next_cursor=str(page[-1].seq) if more and page else None,
         )
 
-    async def visible(task_id: str, owner: str) -> TaskRecord:
+    async def visible(task_id: str, owner: str | None) -> TaskRecord:
         try:
-            return await yard.get(task_id, owner=owner if keys or auth else None)
+            return await yard.get(task_id, owner=owner)
         except ConveyorError as exc:
             raise HTTPException(exc.status_code, exc.message) from None
 
     @app.get("/tasks/{task_id}", response_class=HTMLResponse)
-    async def task(request: Request, task_id: str, owner: str = Depends(tenant_of)) -> Response:
+    async def task(
+        request: Request, task_id: str, owner: str | None = Depends(tenant_of)
+    ) -> Response:
         record = await visible(task_id, owner)
         lines = await yard.store.logs().read(record.id, after=0, limit=1000)
         return render(
@@ -188,7 +193,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
 
     @app.get("/tasks/{task_id}/events", response_class=EventSourceResponse)
     async def task_events(
-        task_id: str, owner: str = Depends(tenant_of)
+        task_id: str, owner: str | None = Depends(tenant_of)
     ) -> AsyncIterator[ServerSentEvent]:
         record = await visible(task_id, owner)
         async for current in yard.watch(record.id, owner=record.owner):
@@ -202,7 +207,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
                 },
             )
 
-    async def act(request: Request, task_id: str, owner: str, action: str) -> Response:
+    async def act(request: Request, task_id: str, owner: str | None, action: str) -> Response:
         record = await visible(task_id, owner)
         try:
             if action == "cancel":
@@ -220,7 +225,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         async def handler(
             request: Request,
             task_id: str,
-            owner: str = Depends(tenant_of),
+            owner: str | None = Depends(tenant_of),
             _: None = Depends(csrf_checked),
         ) -> Response:
             return await act(request, task_id, owner, action)
