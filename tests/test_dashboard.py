@@ -65,6 +65,9 @@ def test_overview_tasks_and_task_pages(service: LiveServer) -> None:
         rest = client.get(older.group(1).replace("&amp;", "&"))
         assert done[0] in rest.text and failed not in rest.text, "the filter is kept"
 
+        anything = client.get("/dashboard/tasks", params={"status": "", "name": ""})
+        assert anything.status_code == 200 and failed in anything.text, "the form's 'any'"
+        assert client.get("/dashboard/tasks", params={"status": "bogus"}).status_code == 422
         page = client.get(f"/dashboard/tasks/{failed}")
         assert "boom &lt;b&gt;" in page.text and "boom <b>" not in page.text
         assert "Traceback" in page.text and 'id="retry"' in page.text
@@ -161,6 +164,16 @@ def browser() -> Iterator[Any]:
 def test_in_a_browser_progress_moves_and_actions_confirm(service: LiveServer, browser: Any) -> None:
     with service.client() as client:
         page = browser.new_page()
+        page.goto(f"{service.url}/dashboard/tasks")
+        appearing = submit(client, "demo.sleep", seconds=0.5, steps=2)
+        row = page.locator("#tasks tr", has_text=appearing)
+        row.wait_for(timeout=15_000)  # shown without a reload
+        page.wait_for_function(
+            "id => [...document.querySelectorAll('#tasks tr')].some("
+            "r => r.textContent.includes(id) && r.textContent.includes('completed'))",
+            arg=appearing,
+            timeout=15_000,
+        )
         slow = submit(client, "demo.sleep", seconds=2, steps=4)
         page.goto(f"{service.url}/dashboard/tasks/{slow}")
         page.wait_for_function(

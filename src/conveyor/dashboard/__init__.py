@@ -22,7 +22,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -43,6 +43,10 @@ MAX_SHOWN = 10_000
 PAGE = 50
 EVENTS_S = 1.0  # the overview's counts are re-read this often while a page is open
 Auth = Callable[..., Awaitable[str | None]]  # the tenant shown; None: every tenant
+# a form's "any" sends an empty value: the filter is then off
+StatusFilter = Annotated[
+    str | None, Query(pattern="^(|" + "|".join(s.value for s in TaskStatus) + ")$")
+]
 
 
 def shown(value: Any) -> str:
@@ -147,21 +151,26 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
     async def tasks(
         request: Request,
         owner: str | None = Depends(tenant_of),
-        status: TaskStatus | None = None,
+        status: StatusFilter = None,
         name: str | None = Query(default=None, max_length=200),
         limit: int = Query(default=PAGE, ge=1, le=500),
         cursor: str | None = Query(default=None, max_length=18, pattern=r"^[0-9]+$"),
     ) -> Response:
         found = await yard.store.list_tasks(
             owner=owner,
-            status=status,
+            status=_status(status),
             name=name or None,
             limit=limit + 1,
             before_seq=int(cursor) if cursor else None,
         )
         more = len(found) > limit
         page = found[:limit]
-        query = {"status": status.value if status else "", "name": name or "", "limit": limit}
+        query = {
+            "status": status or "",
+            "name": name or "",
+            "limit": limit,
+            "cursor": cursor or "",
+        }
         return render(
             request,
             "tasks.html",
@@ -170,6 +179,26 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
             query=query,
             next_cursor=str(page[-1].seq) if more and page else None,
         )
+
+    @app.get("/tasks/live", response_class=EventSourceResponse)
+    async def tasks_live(
+        owner: str | None = Depends(tenant_of),
+        status: StatusFilter = None,
+        name: str | None = Query(default=None, max_length=200),
+        limit: int = Query(default=PAGE, ge=1, le=500),
+    ) -> AsyncIterator[ServerSentEvent]:
+        """The first page of the history, sent again each time it changes (new tasks,
+        statuses, progress): what the tasks page shows without a reload."""
+        last: list[tuple[str, str, float]] | None = None
+        while True:
+            page = await yard.store.list_tasks(
+                owner=owner, status=_status(status), name=name or None, limit=limit
+            )
+            key = [(t.id, t.status.value, t.progress) for t in page]
+            if key != last:
+                last = key
+                yield ServerSentEvent(event="page", data=[_row(t) for t in page])
+            await asyncio.sleep(EVENTS_S)
 
     async def visible(task_id: str, owner: str | None) -> TaskRecord:
         try:
@@ -236,3 +265,18 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         action_route(action)
 
     return app
+
+
+def _row(task: TaskRecord) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "name": task.name,
+        "status": task.status.value,
+        "progress": round(task.progress),
+        "attempts": f"{task.attempts}/{task.max_attempts}",
+        "created_at": iso(task.created_at),
+    }
+
+
+def _status(value: str | None) -> TaskStatus | None:
+    return TaskStatus(value) if value else None

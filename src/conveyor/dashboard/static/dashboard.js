@@ -16,6 +16,26 @@
       });
     });
   }
+  var list = document.getElementById("tasks");
+  if (list && list.dataset.live && window.EventSource) {
+    var base = document.body.dataset.base;
+    new EventSource(list.dataset.live).addEventListener("page", function (event) {
+      var body = document.createElement("tbody");  // built from text nodes: nothing is parsed
+      JSON.parse(event.data).forEach(function (task) {
+        var row = body.insertRow();
+        row.className = "status-" + task.status;
+        var link = document.createElement("a");
+        link.href = base + "/tasks/" + task.id;
+        link.textContent = task.id;
+        var first = row.insertCell();
+        first.className = "id";
+        first.appendChild(link);
+        [task.name, task.status, task.progress + "%", task.attempts, task.created_at].forEach(
+          function (text) { row.insertCell().textContent = text; });
+      });
+      if (body.rows.length) { list.replaceChild(body, list.tBodies[0]); }
+    });
+  }
   var live = document.getElementById("live");
   if (live && live.dataset.terminal === "no" && window.EventSource) {
     var source = new EventSource(live.dataset.events);
