@@ -220,3 +220,15 @@ def test_retry_by_recipient_status(
     wrong = client.post(f"{path}/retry", params={"status": "sent"})
     assert wrong.status_code == 422
     assert time.time() < datetime.fromisoformat(waiting_until).timestamp(), "within the hour"
+
+
+def test_variables_orjson_cannot_write_still_arrive(
+    make_client: Callable[..., httpx.Client], smtp: SmtpServer
+) -> None:
+    client = make_client()
+    huge = 2**70  # past 64 bits: the strict JSON writer takes over
+    body = message(text="{{ n }}", recipients=[{"email": "a@example.com", "vars": {"n": huge}}])
+    email = client.post("/emails", json=body).json()
+    assert follow(client, email["id"], kind="emails")[0]["counts"]["sent"] == 1
+    ((_, received),) = smtp.handler.wait_for(1)
+    assert received.get_body(("plain",)).get_content().strip() == str(huge)

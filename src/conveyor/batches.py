@@ -73,9 +73,11 @@ class Batches:
         task_ids: Sequence[str] | None = None,
         meta: Mapping[str, Any] | None = None,
         batch_id: str | None = None,
+        checked: bool = False,
     ) -> BatchRecord:
         """Validate every item, then commit the batch and its tasks in one transaction: all of
-        them or none (``InvalidArguments`` locating the item, ``QueueFull``)."""
+        them or none (``InvalidArguments`` locating the item, ``QueueFull``). ``checked``: the
+        items are complete arguments a service built from checked input (not validated again)."""
         host = self._host
         task_type = host.task_type(name, public_only=public_only)
         batch_id = batch_id or uuid7()
@@ -88,6 +90,7 @@ class Batches:
             timeout_s=timeout_s,
             task_ids=task_ids,
             batch_id=batch_id,
+            checked=checked,
         )
         records = [record for record, _ in built]
         batch = BatchRecord(

@@ -20,6 +20,7 @@ from typing import (
     get_type_hints,
 )
 
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from . import serialization
@@ -276,18 +277,27 @@ def new_records(
     timeout_s: float | None,
     task_ids: Sequence[str] | None = None,
     batch_id: str | None = None,
+    checked: bool = False,
 ) -> list[tuple[TaskRecord, str]]:
     """New tasks' records and their arguments as JSON, one per item of arguments (an
-    invalid item raises ``InvalidArguments`` locating it under ``items``)."""
+    invalid item raises ``InvalidArguments`` locating it under ``items``). ``checked``: the
+    items are complete arguments Conveyor built itself from checked input (a service's own
+    batch), taken as they are and written with orjson (measured: validating 100,000 of them
+    again cost a second)."""
     if task_ids is not None and len(task_ids) != len(items):
         raise InvalidArguments("task_ids must name one id per item")
     built = []
     for index, item in enumerate(items):
-        try:
-            args = task_type.validate(item)
-        except InvalidArguments as exc:
-            exc.details = [{**d, "loc": ["items", index, *d["loc"]]} for d in exc.details]
-            raise
+        args_json = None
+        if checked:
+            args = dict(item)
+            args_json = _fast_json(args)
+        else:
+            try:
+                args = task_type.validate(item)
+            except InvalidArguments as exc:
+                exc.details = [{**d, "loc": ["items", index, *d["loc"]]} for d in exc.details]
+                raise
         built.append(
             new_record(
                 task_type,
@@ -299,6 +309,7 @@ def new_records(
                 idempotency_key=None,
                 task_id=None if task_ids is None else task_ids[index],
                 batch_id=batch_id,
+                args_json=args_json,
             )
         )
     return built
@@ -315,8 +326,10 @@ def new_record(
     idempotency_key: str | None,
     task_id: str | None,
     batch_id: str | None = None,
+    args_json: str | None = None,
 ) -> tuple[TaskRecord, str]:
-    """A new task's record and its arguments as JSON, its options checked."""
+    """A new task's record and its arguments as JSON (``args_json`` if given), its options
+    checked."""
     if delay_s is not None and not (0 <= delay_s <= MAX_DELAY_S and math.isfinite(delay_s)):
         raise InvalidArguments(f"delay_s must be between 0 and {MAX_DELAY_S:.0f}")
     if timeout_s is UNSET:
@@ -338,8 +351,19 @@ def new_record(
         idempotency_key=idempotency_key,
         batch_id=batch_id,
     )
+    if args_json is not None:
+        return record, args_json
     try:
         args_json = serialization.dumps(args)
     except serialization.JSONError as exc:
         raise InvalidArguments(f"arguments of task {task_type.name!r} are {exc}") from exc
     return record, args_json
+
+
+def _fast_json(args: dict[str, Any]) -> str | None:
+    """orjson's text for checked arguments; None (the strict writer then) for what orjson will
+    not write: integers past 64 bits, lone surrogates."""
+    try:
+        return orjson.dumps(args).decode()
+    except TypeError:
+        return None

@@ -160,11 +160,10 @@ class Emails:
             delay = max(0.0, body.send_at.timestamp() - datetime.now(UTC).timestamp())
             meta["send_at"] = iso(body.send_at.timestamp())
         batches = self.yard.batches
+        options: dict[str, Any] = {"delay_s": delay, "meta": meta, "checked": True}
         if idempotency_key is None:
-            return await batches.submit(TASK, items, owner=owner, delay_s=delay, meta=meta), True
-        return await batches.submit_once(
-            idempotency_key, TASK, items, owner=owner, delay_s=delay, meta=meta
-        )
+            return await batches.submit(TASK, items, owner=owner, **options), True
+        return await batches.submit_once(idempotency_key, TASK, items, owner=owner, **options)
 
     def _message_meta(self, body: EmailIn) -> dict[str, Any]:
         sender = body.sender or self.yard.settings.smtp_from
