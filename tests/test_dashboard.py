@@ -74,6 +74,25 @@ def test_overview_tasks_and_task_pages(service: LiveServer) -> None:
         assert client.get("/dashboard/tasks/not-an-id").status_code in (404, 422)
 
 
+def test_batches_and_their_items(service: LiveServer) -> None:
+    with service.client() as client:
+        items = [{"value": 1}, {"value": 2}, {"message": "x"}]
+        good = client.post("/batches", json={"name": "demo.echo", "items": items[:2]}).json()
+        bad = client.post("/batches", json={"name": "demo.fail", "items": [items[2]]}).json()
+        for made in (good, bad):
+            follow(client, made["id"], kind="batches")
+        listing = client.get("/dashboard/batches").text
+        assert good["id"] in listing and bad["id"] in listing
+        page = client.get(f"/dashboard/batches/{good['id']}").text
+        item_ids = [t["id"] for t in client.get(f"/batches/{good['id']}/items").json()["items"]]
+        assert all(task_id in page for task_id in item_ids) and "finished" in page
+        failed = client.get(f"/dashboard/batches/{bad['id']}", params={"status": "failed"}).text
+        assert "x" in failed and "No items" not in failed
+        none = client.get(f"/dashboard/batches/{good['id']}", params={"status": "failed"}).text
+        assert "No items of this status" in none
+        assert client.get(f"/dashboard/batches/{good['id']}0").status_code == 404
+
+
 def test_hostile_arguments_are_escaped_and_cut(service: LiveServer) -> None:
     with service.client() as client:
         hostile = "<script>alert(1)</script>" + "x" * 50_000
@@ -124,6 +143,9 @@ def test_tenants_and_sessions(serve: Callable[[FastAPI], LiveServer], tmp_path: 
         stolen = browser.post(f"/dashboard/tasks/{theirs}/delete", data={"csrf": csrf_of(page)})
         assert stolen.status_code == 404
         assert api_b.get(f"/tasks/{theirs}").status_code == 200
+        batch = api_b.post("/batches", json={"name": "demo.echo", "items": [{"value": 3}]}).json()
+        assert batch["id"] not in browser.get("/dashboard/batches").text
+        assert browser.get(f"/dashboard/batches/{batch['id']}").status_code == 404
         browser.cookies.set("conveyor_session", "YmV0YQ|9999999999|forged")
         assert browser.get("/dashboard/").status_code == 303, "a forged cookie is refused"
 

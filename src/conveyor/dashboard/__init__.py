@@ -7,6 +7,8 @@ from this package, no CDN, no build):
   the counts refresh by Server-Sent Events (``/events``);
 - ``/tasks``: the history, newest first, with the query parameters of ``GET /tasks``
   (``status``, ``name``, ``cursor``, ``limit``), so a view's URL is shareable;
+- ``/batches`` and ``/batches/{id}``: batches (emails among them) with their counts and
+  progress, and a batch's items in submission order, filtered by status;
 - ``/tasks/{id}``: arguments, result, error and traceback (each truncated at ``MAX_SHOWN``
   characters), progress live (``/tasks/{id}/events``), attempts and times, its log lines, its
   batch; cancel, retry and delete as POST forms with a CSRF token and a confirmation.
@@ -199,6 +201,54 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
                 last = key
                 yield ServerSentEvent(event="page", data=[_row(t) for t in page])
             await asyncio.sleep(EVENTS_S)
+
+    @app.get("/batches", response_class=HTMLResponse)
+    async def batches(
+        request: Request,
+        owner: str | None = Depends(tenant_of),
+        cursor: str | None = Query(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?$"),
+    ) -> Response:
+        found = await yard.batches.list_batches(
+            owner=owner, limit=PAGE + 1, before=float(cursor) if cursor else None
+        )
+        page = found[:PAGE]
+        more = len(found) > PAGE
+        return render(
+            request,
+            "batches.html",
+            batches=page,
+            next_cursor=repr(page[-1].created_at) if more and page else None,
+        )
+
+    @app.get("/batches/{batch_id}", response_class=HTMLResponse)
+    async def batch(
+        request: Request,
+        batch_id: str,
+        owner: str | None = Depends(tenant_of),
+        status: StatusFilter = None,
+        cursor: str | None = Query(default=None, max_length=18, pattern=r"^[0-9]+$"),
+    ) -> Response:
+        try:
+            record = await yard.batches.get(batch_id, owner=owner)
+            items = await yard.batches.items(
+                batch_id,
+                owner=owner,
+                status=_status(status),
+                after_seq=int(cursor) if cursor else None,
+                limit=PAGE + 1,
+            )
+        except ConveyorError as exc:
+            raise HTTPException(exc.status_code, exc.message) from None
+        page = items[:PAGE]
+        return render(
+            request,
+            "batch.html",
+            batch=record,
+            items=page,
+            status=status or "",
+            statuses=[s.value for s in TaskStatus],
+            next_cursor=str(page[-1].seq) if len(items) > PAGE and page else None,
+        )
 
     async def visible(task_id: str, owner: str | None) -> TaskRecord:
         try:
