@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.batches
 	$(PY) -m benchmarks.email
 	$(PY) -m benchmarks.retention
+	$(PY) -m benchmarks.metrics
 
 # the fault suite for minutes (the embedded engine): prints what it counted
 soak: $(STAMP)
