@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.service import create_app
 
-from .support.live import LiveServer, follow, free_port, listed, service_settings, wait_until
+from .support.live import LiveServer, follow, free_port, listed, service_settings
 from .support.process import serve_with_worker
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,7 +38,7 @@ def test_metrics_match_a_known_workload_across_two_processes(spawn: Any) -> None
     port = free_port()
     server, worker = serve_with_worker(spawn, port)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-        wait_until(lambda: {server.popen.pid, worker.popen.pid} <= set(listed(client)))
+        assert {server.popen.pid, worker.popen.pid} <= set(listed(client)), "both registered"
 
         def submit(name: str, args: dict[str, Any], **options: Any) -> str:
             response = client.post("/tasks", json={"name": name, "args": args, **options})

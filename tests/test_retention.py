@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from conveyor import Conveyor, Settings
 from conveyor.cli import app as cli
+from conveyor.errors import TaskNotFound
 from conveyor.rates import parse_duration
 from conveyor.status import TaskStatus
 from conveyor.tasklogs import LogLine
@@ -70,12 +71,17 @@ async def test_purge_deletes_finished_tasks_blobs_and_lines(
 
 @pytest.mark.anyio
 async def test_the_workers_purge_what_outlived_the_ttl(make_yard: Callable[..., Conveyor]) -> None:
-    async with make_yard(result_ttl="1s") as yard:
-        handle, _ = await yard.submit("t.echo", {"value": 1})
-        await yard.wait(handle.id, timeout_s=10)
-        with anyio.fail_after(20):  # the TTL must run out: polled, not slept through
-            while (await yard.store.count_by_status())["completed"]:
-                await anyio.sleep(0.1)
+    async with make_yard(result_ttl="none") as keeper:
+        handle, _ = await keeper.submit("t.echo", {"value": 1})
+        await keeper.wait(handle.id, timeout_s=10)
+        assert keeper.retention.deleted == 0 and not keeper.retention.passed.is_set()
+    async with make_yard(result_ttl="0.001s") as yard:  # its first pass runs as it starts
+        with anyio.fail_after(20):
+            await yard.retention.passed.wait()
+        assert yard.retention.deleted == 1
+        assert (await yard.store.count_by_status())["completed"] == 0
+        with pytest.raises(TaskNotFound):
+            await yard.get(handle.id)
 
 
 def test_conveyor_purge(make_yard: Callable[..., Conveyor], tmp_path: Path) -> None:

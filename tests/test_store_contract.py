@@ -406,6 +406,7 @@ async def test_workers_register_renew_and_leave(store: Store) -> None:
     (found,) = await workers.alive(lease_s=30)
     assert (found.id, found.running, found.task_types) == (WORKER, 3, ["t.echo"])
     assert found.last_heartbeat_at is not None and abs(found.last_heartbeat_at - time.time()) < 60
+    assert await workers.alive(lease_s=0) == [], "a heartbeat older than the lease: not listed"
     await workers.gone(WORKER)
     assert await workers.alive(lease_s=30) == []
 

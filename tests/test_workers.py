@@ -1,6 +1,7 @@
 """Worker processes register themselves in the store: ``GET /workers`` and ``conveyor workers``
 list the server's own workers and a separate ``conveyor worker`` process, with what they run;
-a worker that stops cleanly leaves the list at once, one killed leaves it after its lease."""
+a worker that stops cleanly leaves the list at once; one whose heartbeat is older than the lease
+is no longer listed (the store contract shows it)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,21 @@ from typer.testing import CliRunner
 
 from conveyor import Conveyor
 from conveyor.cli import app as cli
+from conveyor.engines.local import LocalEngine
+from conveyor.status import TaskStatus
 
-from .support.live import follow, free_port, listed, wait_until
+from .support import tasks
+from .support.live import free_port, listed
 from .support.process import serve_with_worker
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_workers_register_and_leave(spawn: Any, tmp_path: Path) -> None:
+def test_the_server_and_a_worker_process_register(spawn: Any, tmp_path: Path) -> None:
     port = free_port()
     server, worker = serve_with_worker(spawn, port)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-        wait_until(lambda: {server.popen.pid, worker.popen.pid} <= set(listed(client)))
+        # each process registers before it says it is ready
         found = listed(client)
         ours, theirs = found[server.popen.pid], found[worker.popen.pid]
         assert (ours["concurrency"], theirs["concurrency"]) == (3, 5)
@@ -34,18 +38,9 @@ def test_workers_register_and_leave(spawn: Any, tmp_path: Path) -> None:
         assert ours["host"] == os.uname().nodename and "demo.sleep" in theirs["task_types"]
         assert ours["last_heartbeat_at"].endswith("Z") and ours["id"] != theirs["id"]
 
-        task = client.post("/tasks", json={"name": "demo.sleep", "args": {"seconds": 30}}).json()
-        wait_until(lambda: sum(w["running"] for w in listed(client).values()) == 1)
-        client.post(f"/tasks/{task['id']}/cancel")
-        follow(client, task["id"])
-
         runner = CliRunner()
         shown = runner.invoke(cli, ["workers", "--url", f"http://127.0.0.1:{port}"])
         assert shown.exit_code == 0 and ours["id"] in shown.output and theirs["id"] in shown.output
-
-        worker.kill()  # no chance to say goodbye: gone once its lease runs out
-        wait_until(lambda: worker.popen.pid not in listed(client))
-        assert server.popen.pid in listed(client)
 
 
 @pytest.mark.anyio
@@ -57,3 +52,21 @@ async def test_a_stopped_worker_leaves_at_once(make_yard: Callable[..., Conveyor
         await worker.stop()
         remaining = await store.alive(lease_s=watcher.settings.lease_s)
         assert len(remaining) == 1 and remaining[0].id in ids
+
+
+@pytest.mark.anyio
+async def test_a_heartbeat_reports_what_the_worker_runs(yard: Conveyor) -> None:
+    handle, _ = await yard.submit("t.gated", {"key": "worker-row"})
+    async for record in yard.watch(handle.id):
+        if record.status is TaskStatus.RUNNING:
+            break
+    engine = yard.engine
+    assert isinstance(engine, LocalEngine)
+    await engine.runner.register()  # what each heartbeat does
+    (me,) = await yard.store.workers().alive(lease_s=yard.settings.lease_s)
+    assert me.running == 1 and "t.gated" in me.task_types
+    tasks.ASYNC_GATES["worker-row"].set()
+    await yard.wait(handle.id, timeout_s=10)
+    await engine.runner.register()
+    (me,) = await yard.store.workers().alive(lease_s=yard.settings.lease_s)
+    assert me.running == 0

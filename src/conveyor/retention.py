@@ -44,6 +44,9 @@ class Retention:
     def __init__(self, host: RetentionHost) -> None:
         self._host = host
         self._loop: asyncio.Task[None] | None = None
+        #: tasks the periodic purge deleted since start; ``passed`` is set after each pass
+        self.deleted = 0
+        self.passed = asyncio.Event()
 
     async def purge(
         self,
@@ -87,10 +90,12 @@ class Retention:
         while True:
             try:
                 deleted = await self.purge(ttl_s)
+                self.deleted += deleted
                 if deleted:
                     logger.info("deleted %d tasks finished more than %gs ago", deleted, ttl_s)
             except ConveyorError as exc:
                 logger.error("retention purge failed: %s", exc)
+            self.passed.set()
             await asyncio.sleep(interval)
 
 

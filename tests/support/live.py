@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,11 +138,3 @@ def listed(client: httpx.Client) -> dict[int, dict[str, Any]]:
     response = client.get("/workers")
     assert response.status_code == 200, response.text
     return {worker["pid"]: worker for worker in response.json()["items"]}
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    """Poll a condition that only time makes true (a lease running out), up to a deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.1)

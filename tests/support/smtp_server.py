@@ -93,8 +93,11 @@ class _Controller(Controller):
                 for transport in (protocol.transport, protocol._original_transport):
                     if isinstance(transport, asyncio.Transport):
                         transport.abort()
-            for _ in range(3):  # loop turns: the closes scheduled by abort() run before the stop
-                await asyncio.sleep(0)
+            loop = asyncio.get_running_loop()
+            for _ in range(3):  # loop turns: the closes abort() scheduled run before the stop
+                turned = loop.create_future()
+                loop.call_soon(turned.set_result, None)
+                await turned
 
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
 
