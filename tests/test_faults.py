@@ -6,6 +6,7 @@ every process that should be alive still serves."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import sqlite3
@@ -14,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -21,6 +23,7 @@ import httpx
 import pytest
 
 from .support.faults import (
+    SETTLE_S,
     Deployment,
     assert_outcomes,
     cancel_delayed,
@@ -225,6 +228,59 @@ def test_celery_engine_with_skewed_clocks(tmp_path: Path, celery: CeleryDeployme
     assert_outcomes(finals, accepted, cancelled, log, {})
     assert behind.popen.poll() is None and ahead.popen.poll() is None
     assert celery.rows() == len(accepted), "none recorded twice"
+
+
+def test_celery_schedules_fire_once_per_planned_time_with_skewed_clocks(
+    tmp_path: Path, celery: CeleryDeployment
+) -> None:
+    """An every-second schedule on the Celery engine with two workers (three pool processes,
+    each firing schedules, no beat): one worker's clock two minutes behind, the other's five
+    minutes ahead, the API's two ahead. The database's clock decides, so the first fire is
+    the next real second (not two minutes away, nothing fired five minutes early) and every
+    planned second runs exactly once: no gap, none twice, none missed."""
+    deployment = celery.deployment
+    log = tmp_path / "runs.log"
+    deployment.api("--no-workers", clock_skew_s=120)
+    deployment.worker("--processes", "2", clock_skew_s=-120)
+    deployment.worker("--processes", "1", clock_skew_s=300)
+    body = {
+        "name": "tick",
+        "task": "fault.async",
+        "args": {"log": str(log), "ms": 1},
+        "every_s": 1,
+    }
+    with deployment.client() as client:
+        made = time.time()  # this host's clock is the database's (one machine)
+        created = client.post("/schedules", json=body)
+        assert created.status_code == 201, created.text
+        history = f"/schedules/{created.json()['id']}/fires"
+
+        def fires() -> list[dict[str, object]]:
+            return list(client.get(history, params={"limit": 200}).json()["items"])
+
+        wait_until(lambda: len(fires()) >= 8, SETTLE_S, "eight fires")
+        paused = client.post(f"/schedules/{created.json()['id']}/pause")
+        assert paused.status_code == 200, paused.text
+        recorded = fires()
+        finals = deployment.finals(client, [str(f["task_id"]) for f in recorded])
+    assert {f["outcome"] for f in recorded} == {"fired"}, recorded
+    assert {t["status"] for t in finals.values()} == {"completed"}, finals
+    planned = sorted(datetime.fromisoformat(str(f["fire_at"])).timestamp() for f in recorded)
+    assert made - 1 <= planned[0] <= made + 5, (made, planned[0])
+    assert {round(b - a, 6) for a, b in itertools.pairwise(planned)} == {1.0}, planned
+    scheduled = asyncio.run(_scheduled_task_ids(celery.database_url))
+    assert scheduled == {str(f["task_id"]) for f in recorded}, "one task per fire, no other"
+
+
+async def _scheduled_task_ids(url: str) -> set[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT id FROM conveyor_tasks WHERE idempotency_key LIKE 'schedule:%'"
+        )
+        return {row[0] for row in rows}
+    finally:
+        await conn.close()
 
 
 async def _count(url: str) -> int:

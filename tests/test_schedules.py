@@ -4,7 +4,6 @@ planned time given to the task, bad schedules refused naming the field, and the 
 from __future__ import annotations
 
 import itertools
-import time
 from datetime import date, datetime, timedelta
 from datetime import time as dtime
 from pathlib import Path
@@ -29,8 +28,16 @@ class Ticks:
     done: anyio.Event | None = None
 
 
-def make_yard(data_dir: Path, **declare: object) -> Conveyor:
-    yard = Conveyor(Settings(data_dir=data_dir, poll_s=0.05))
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest) -> str | None:
+    """The store schedules are kept in: the SQLite file (None) or a PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres").create_database())
+
+
+def make_yard(data_dir: Path, database: str | None = None, **declare: object) -> Conveyor:
+    yard = Conveyor(Settings(data_dir=data_dir, database_url=database, poll_s=0.05))
 
     @yard.task(name="sched.tick")
     async def tick(ctx: TaskContext, label: str) -> float | None:
@@ -45,11 +52,13 @@ def make_yard(data_dir: Path, **declare: object) -> Conveyor:
     return yard
 
 
-async def test_two_processes_fire_each_planned_time_once(tmp_path: Path) -> None:
-    """Two instances on one file, each running the scheduler: an every-second schedule makes
+async def test_two_processes_fire_each_planned_time_once(
+    tmp_path: Path, database: str | None
+) -> None:
+    """Two instances on one store, each running the scheduler: an every-second schedule makes
     one task per second, no gap, none twice; each task knows its planned time."""
-    first = make_yard(tmp_path, every_s=1)
-    second = make_yard(tmp_path, every_s=1)
+    first = make_yard(tmp_path, database, every_s=1)
+    second = make_yard(tmp_path, database, every_s=1)
     Ticks.wanted, Ticks.done = len(SEEN) + 5, anyio.Event()
     async with first, second:
         schedule = await first.schedules.store.by_name("every-second", owner="")
@@ -63,7 +72,7 @@ async def test_two_processes_fire_each_planned_time_once(tmp_path: Path) -> None
     assert all(f.outcome == "fired" and f.task_id for f in fires), fires
     steps = {round(b - a, 6) for a, b in itertools.pairwise(planned)}
     assert steps == {1.0}, f"one fire per second, no gap: {planned}"
-    async with make_yard(tmp_path) as reader:
+    async with make_yard(tmp_path, database) as reader:
         for fire in fires:
             assert fire.task_id is not None
             task = await reader.wait(fire.task_id, timeout_s=10)
@@ -124,15 +133,15 @@ def test_a_daily_job_fires_once_on_dst_days(zone: str, day: str) -> None:
         assert local == days, (expression, zone, [describe(m, zone) for m in fires])
 
 
-async def test_missed_fires_overlap_and_trigger(tmp_path: Path) -> None:
+async def test_missed_fires_overlap_and_trigger(tmp_path: Path, database: str | None) -> None:
     """Driven with an explicit "now" (no workers, no waiting): after downtime ``skip`` records
     the missed fires and runs nothing, ``run_once`` runs the latest once; ``skip_if_running``
     records a fire whose previous task is still queued as skipped; a trigger runs now and
     leaves the planned fires alone."""
-    yard = make_yard(tmp_path)
+    yard = make_yard(tmp_path, database)
     yard.run_workers = False
     async with yard:
-        t0 = time.time()
+        t0 = await yard.schedules.store.now()
         fields = {"task": "sched.tick", "args": {"label": "m"}, "every_s": 60, "start_at": t0}
         skip = await yard.schedules.create("skip", fields, owner="")
         once = await yard.schedules.create("once", {**fields, "misfire": "run_once"}, owner="")
@@ -160,3 +169,42 @@ async def test_missed_fires_overlap_and_trigger(tmp_path: Path) -> None:
         assert (await yard.schedules.get(skip.id, owner="")).next_fire_at == pytest.approx(
             t0 + 780
         ), "a trigger leaves the planned fires alone"
+
+
+async def test_a_change_saved_over_a_fire_neither_repeats_it_nor_sticks(
+    tmp_path: Path, database: str | None
+) -> None:
+    """A change read before a fire and saved after it puts the fired time back as the next
+    fire: the next try creates nothing and moves the schedule on. A pause saved while a fire is
+    being recorded stands: the fire does not make the schedule due again."""
+    yard = make_yard(tmp_path, database)
+    yard.run_workers = False
+    async with yard:
+        store = yard.schedules.store
+        t0 = await store.now()
+        fields = {"task": "sched.tick", "args": {"label": "c"}, "every_s": 60, "start_at": t0}
+        schedule = await yard.schedules.create("changed", fields, owner="")
+        stale = await yard.schedules.get(schedule.id, owner="")
+        assert await yard.schedules.fire_due(t0 + 60.5) == 1
+        await store.save(stale)  # e.g. a PATCH of its arguments, read before the fire
+        assert await yard.schedules.fire_due(t0 + 61) == 0, "the fired time is not fired again"
+        moved = await yard.schedules.get(schedule.id, owner="")
+        assert moved.next_fire_at == pytest.approx(t0 + 120), "and the schedule goes on"
+        assert await yard.schedules.fire_due(t0 + 120.5) == 1
+        fires = await yard.schedules.fires(schedule.id, owner="")
+        assert [(f.fire_at - t0, f.outcome) for f in fires] == [(120, "fired"), (60, "fired")]
+
+        current = await yard.schedules.get(schedule.id, owner="")  # as a scheduler reads it
+        await yard.schedules.update(schedule.id, {"enabled": False}, owner="")  # then a pause
+        recorded = await store.fire(
+            current,
+            t0 + 180,
+            "missed",
+            task=None,
+            missed=[],
+            next_fire_at=t0 + 240,
+            max_queued=None,
+        )
+        assert recorded == ("missed", None)
+        assert await store.due(t0 + 10_000) == [], "the pause stands: nothing is due"
+        assert not (await yard.schedules.get(schedule.id, owner="")).enabled

@@ -179,13 +179,24 @@ def test_a_tenant_sees_only_its_schedules(
         assert alpha.get(f"/schedules/{mine['id']}").json() == mine, "untouched"
 
 
-def test_schedules_on_a_store_without_them_answer_501(
+def test_schedules_on_postgresql(
     serve: Callable[[FastAPI], LiveServer], tmp_path: Path, postgres: Any
 ) -> None:
-    """The PostgreSQL store keeps no schedules yet: a clear 501, not a 500."""
+    """The PostgreSQL store keeps schedules too: created, listed, triggered and in the
+    history, over the same routes."""
     settings = service_settings(tmp_path, database_url=postgres.create_database())
-    with serve(create_app(settings, run_workers=False)).client() as client:
-        refused = client.post("/schedules", json=hourly())
-        assert refused.status_code == 501, refused.text
-        assert "SQLite" in refused.json()["detail"]
-        assert client.get("/schedules").status_code == 501
+    with serve(create_app(settings)).client() as client:
+        created = client.post("/schedules", json=hourly(args={"value": "pg"}))
+        assert created.status_code == 201, created.text
+        schedule = created.json()
+        assert schedule["next_fire_at"].endswith(":00:00Z")
+        assert [s["id"] for s in client.get("/schedules").json()["items"]] == [schedule["id"]]
+        triggered = client.post(f"/schedules/{schedule['id']}/trigger")
+        assert triggered.status_code == 202, triggered.text
+        task = follow(client, triggered.json()["id"])[0]
+        assert task["status"] == "completed" and task["result"] == "pg"
+        fires = client.get(f"/schedules/{schedule['id']}/fires").json()["items"]
+        assert [(f["outcome"], f["task_id"]) for f in fires] == [("triggered", task["id"])]
+        assert client.post("/schedules", json=hourly()).status_code == 409
+        assert client.delete(f"/schedules/{schedule['id']}").status_code == 204
+        assert client.get("/schedules").json()["items"] == []

@@ -274,14 +274,10 @@ class Conveyor:
                 self._engine = engine
                 await engine.start()
                 self.retention.start()
-            if store.schedules() is not None:
-                await self.schedules.sync_declared()
-                if self.run_workers:
-                    self._scheduler = Scheduler(self.schedules)
-                    self._scheduler.start()
-            elif self.schedules.declared:
-                names = list(self.schedules.declared)
-                logger.warning("schedules need the SQLite store: %s not fired", names)
+            await self.schedules.sync_declared()
+            if self.run_workers:
+                self._scheduler = Scheduler(self.schedules)
+                self._scheduler.start()
         except BaseException:
             await self.stop()
             raise

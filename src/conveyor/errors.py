@@ -14,7 +14,6 @@
     ├── PayloadTooLarge           an upload or image past a configured limit     → 413
     ├── InsufficientStorage       no room on the disk for an upload or the store → 507
     ├── UnsupportedMediaType      content Conveyor refuses to read               → 415
-    ├── NotSupported              a feature this deployment's store lacks        → 501
     ├── NotStarted                the Conveyor instance is not started
     ├── TaskCancelled             raised inside a task when cancellation was requested
     ├── TaskFailed                raised by ``TaskHandle.result()`` for a failed task
@@ -142,12 +141,6 @@ class UnsupportedMediaType(ConveyorError):
     """Content of a kind Conveyor refuses to read (sniffed from the bytes, not the name)."""
 
     status_code = 415
-
-
-class NotSupported(ConveyorError):
-    """A feature the configured store does not offer yet (schedules on PostgreSQL)."""
-
-    status_code = 501
 
 
 class NotStarted(ConveyorError):

@@ -67,9 +67,14 @@ class ScheduleRecord:
 
     def due_at(self) -> float | None:
         """When the next fire is due: its planned time plus this schedule's fixed jitter."""
-        if self.next_fire_at is None or not self.enabled:
+        if not self.enabled:
             return None
-        return self.next_fire_at + jitter_offset(self.id, self.jitter_s)
+        return self.due_at_of(self.id, self.jitter_s, self.next_fire_at)
+
+    @staticmethod
+    def due_at_of(schedule_id: str, jitter_s: float, fire_at: float | None) -> float | None:
+        """When a fire planned at ``fire_at`` is due: plus the schedule's fixed jitter."""
+        return None if fire_at is None else fire_at + jitter_offset(schedule_id, jitter_s)
 
     def to_json(self, prefix: str = "") -> dict[str, Any]:
         data = asdict(self)

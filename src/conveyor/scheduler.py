@@ -27,7 +27,7 @@ from .errors import (
     ConfigurationError,
     ConveyorError,
     InvalidArguments,
-    NotSupported,
+    ScheduleConflict,
     ScheduleNotFound,
 )
 from .ids import uuid7
@@ -88,10 +88,7 @@ class Schedules:
 
     @property
     def store(self) -> ScheduleStore:
-        store = self._yard.store.schedules()
-        if store is None:
-            raise NotSupported("this store keeps no schedules yet (they need the SQLite store)")
-        return store
+        return self._yard.store.schedules()
 
     # declared in code -----------------------------------------------------------------------
 
@@ -105,15 +102,19 @@ class Schedules:
     async def sync_declared(self) -> None:
         """Save the schedules declared in code, by name; disable those no longer declared."""
         store = self.store
-        now = time.time()
+        now = await store.now()
         for name, fields in self.declared.items():
             current = await store.by_name(name, owner="")
             wanted = self._build(name, fields, owner="", now=now, from_code=True)
             self._validate_args(wanted)
             if current is None:
                 wanted.next_fire_at = wanted.next_after(now)
-                await store.create(wanted)
-                continue
+                try:
+                    await store.create(wanted)
+                    continue
+                except ScheduleConflict:  # another process starting now saved it first
+                    current = await store.by_name(name, owner="")
+                    assert current is not None
             spec_changed = any(
                 getattr(current, key) != getattr(wanted, key)
                 for key in ("cron", "every_s", "timezone", "start_at", "end_at")
@@ -140,7 +141,7 @@ class Schedules:
         self, name: str, fields: dict[str, Any], *, owner: str, public_only: bool = False
     ) -> ScheduleRecord:
         """A new schedule; ``public_only`` (the HTTP API) refuses internal task types."""
-        now = time.time()
+        now = await self.store.now()
         record = self._build(name, fields, owner=owner, now=now)
         record.check()
         self._validate_args(record, public_only=public_only)
@@ -164,7 +165,7 @@ class Schedules:
             changes.setdefault("every_s", None)
         if "every_s" in changes and changes["every_s"] is not None:
             changes.setdefault("cron", None)
-        now = time.time()
+        now = await self.store.now()
         updated = replace(current, **changes, updated_at=now)
         updated.check()
         self._validate_args(updated, public_only=public_only)
@@ -195,7 +196,7 @@ class Schedules:
     async def trigger(self, schedule_id: str, *, owner: str | None) -> TaskRecord:
         """One run now, recorded as ``triggered``; the planned fires are left alone."""
         schedule = await self.store.get(schedule_id, owner=owner)
-        fire_at = time.time()
+        fire_at = await self.store.now()
         task = self._task(schedule, fire_at)
         done = await self.store.fire(
             schedule,
@@ -368,13 +369,15 @@ class Scheduler:
         while True:
             self._wake.clear()
             next_due: float | None = None
+            now = time.time()
             try:
-                await self._schedules.fire_due(time.time())
+                now = await self._schedules.store.now()
+                await self._schedules.fire_due(now)
                 next_due = await self._schedules.store.next_due()
             except ConveyorError as exc:
                 logger.error("schedules not fired: %s", exc)
             except Exception:  # the scheduler must outlive any one failure
                 logger.exception("schedules not fired")
-            delay = IDLE_S if next_due is None else min(max(next_due - time.time(), 0), IDLE_S)
+            delay = IDLE_S if next_due is None else min(max(next_due - now, 0), IDLE_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)

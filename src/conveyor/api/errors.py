@@ -56,7 +56,6 @@ def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
         422: "Invalid input (what was wrong, where)",
         429: "Too many queued tasks; see Retry-After",
         503: "The store is unavailable",
-        501: "This deployment's store does not offer the feature yet",
         507: "No room on the server's disk for the upload or the store",
     }
     return {code: {"description": texts[code], **ERROR_BODY} for code in codes}

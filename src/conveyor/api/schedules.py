@@ -145,9 +145,7 @@ def build_schedule_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
     schedules = yard.schedules
     tenant = tenant_resolver(yard.settings)
     Tenant = Annotated[str, Depends(tenant)]
-    router = APIRouter(
-        route_class=strict_route_class(yard.settings.max_body_bytes), responses=documented(501)
-    )
+    router = APIRouter(route_class=strict_route_class(yard.settings.max_body_bytes))
 
     def out(record: Any) -> Response:
         return json_response(record.to_json(prefix))

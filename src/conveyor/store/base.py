@@ -52,8 +52,8 @@ class Store(Protocol):
         """What a metrics scrape reads."""
         ...
 
-    def schedules(self) -> ScheduleStore | None:
-        """Where this store keeps periodic schedules and their fires (None: it keeps none)."""
+    def schedules(self) -> ScheduleStore:
+        """Where this store keeps periodic schedules and their fires."""
         ...
 
     def subscribe(self, callback: Callable[[str], None]) -> None:
@@ -218,6 +218,10 @@ class PublicationLedger(Protocol):
 class ScheduleStore(Protocol):
     """Periodic schedules and the record of their fires. ``fire`` records one planned fire and
     creates its task in one transaction, once, whatever the number of processes trying it."""
+
+    async def now(self) -> float:
+        """The clock fire times are judged by (the database's, where hosts share one)."""
+        ...
 
     async def create(self, record: ScheduleRecord) -> ScheduleRecord: ...
 

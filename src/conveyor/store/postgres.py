@@ -30,6 +30,7 @@ from .base import PublicationLedger
 from .logs import PostgresLogs
 from .postgres_batches import PostgresBatches
 from .postgres_ledger import HeldOutcome, PostgresLedger
+from .postgres_schedules import PostgresSchedules
 from .postgres_schema import CHANNEL, migrate
 from .postgres_sql import (
     CONNECTION_ERRORS,
@@ -94,6 +95,7 @@ class PostgresStore:
         self._held_timer: asyncio.TimerHandle | None = None
         self._ledger = PostgresLedger(self)
         self._batches = PostgresBatches(self)
+        self._schedules = PostgresSchedules(self)
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -169,9 +171,8 @@ class PostgresStore:
     ) -> None:
         await insert_rows(conn, records, args_json)
 
-    def schedules(self) -> None:
-        """Schedules are kept by the SQLite store only, so far."""
-        return None
+    def schedules(self) -> PostgresSchedules:
+        return self._schedules
 
     def watch_queue(self, callback: Callable[[], None]) -> None:
         """Workers on PostgreSQL learn of new tasks from the broker: never called."""

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Sequence
-from contextlib import AbstractAsyncContextManager
-from typing import Protocol
 
 import asyncpg
 
@@ -19,7 +17,7 @@ from ..batch_record import BatchRecord
 from ..errors import BatchExists, BatchNotFound, QueueFull
 from ..record import TaskRecord
 from ..status import TaskStatus
-from .postgres_sql import NOW
+from .postgres_sql import NOW, TaskInserter
 from .rows import COLUMNS, record_from_row, retry_set
 
 BATCHES = """
@@ -44,24 +42,10 @@ CREATE INDEX IF NOT EXISTS conveyor_rate_starts_name_at ON conveyor_rate_starts 
 """
 
 
-class _Backend(Protocol):
-    """What batches use of the PostgreSQL store."""
-
-    def connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]: ...
-
-    async def _queued(self, conn: asyncpg.Connection) -> int: ...
-
-    def counted(self, n: int) -> None: ...
-
-    async def insert_rows(
-        self, conn: asyncpg.Connection, records: Sequence[TaskRecord], args_json: Sequence[str]
-    ) -> None: ...
-
-
 class PostgresBatches:
     """The :class:`~conveyor.store.base.BatchStore` of a PostgreSQL store."""
 
-    def __init__(self, store: _Backend) -> None:
+    def __init__(self, store: TaskInserter) -> None:
         self._store = store
 
     async def create(

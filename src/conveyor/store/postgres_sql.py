@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
+from typing import Protocol
 
 import asyncpg
 
@@ -14,6 +15,23 @@ from ..record import TaskRecord
 NOW = "extract(epoch from clock_timestamp())::float8"
 # Queued tasks whose message is still to be sent (new, delayed, retried): what the sweeper reads
 # several times a second, without scanning the tasks whose message is already on its way.
+
+
+class TaskInserter(Protocol):
+    """What the store's companions (batches, schedules) use of the PostgreSQL store: its
+    connections and its insert of new tasks, checked against and counted in the queue bound."""
+
+    def connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]: ...
+
+    async def _queued(self, conn: asyncpg.Connection) -> int: ...
+
+    def counted(self, n: int) -> None: ...
+
+    async def insert_rows(
+        self, conn: asyncpg.Connection, records: Sequence[TaskRecord], args_json: Sequence[str]
+    ) -> None: ...
+
+
 UNPUBLISHED = "status = 'queued' AND (published_at IS NULL OR published_at < run_at)"
 CONNECTION_ERRORS = (
     OSError,
@@ -128,11 +146,12 @@ async def insert_rows(
     the submitting host added); each record gets its ``seq`` and stored times."""
     rows = await conn.fetch(
         "INSERT INTO conveyor_tasks (id, name, owner, status, priority, args, "
-        "max_attempts, timeout_s, created_at, run_at, published_at, batch_id) "
+        "max_attempts, timeout_s, created_at, run_at, published_at, batch_id, "
+        "idempotency_key) "
         "SELECT i, n, o, s, p, a, m, t, k.now, k.now + d, CASE WHEN d <= 0 THEN k.now "
-        "END, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], "
-        "$6::text[], $7::int[], $8::float8[], $9::float8[], $10::text[]) "
-        f"AS u(i, n, o, s, p, a, m, t, d, b) CROSS JOIN (SELECT {NOW} AS now) k "
+        "END, b, y FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], "
+        "$6::text[], $7::int[], $8::float8[], $9::float8[], $10::text[], $11::text[]) "
+        f"AS u(i, n, o, s, p, a, m, t, d, b, y) CROSS JOIN (SELECT {NOW} AS now) k "
         "RETURNING id, seq, created_at, run_at",
         [r.id for r in records],
         [r.name for r in records],
@@ -144,6 +163,7 @@ async def insert_rows(
         [r.timeout_s for r in records],
         [max(r.run_at - r.created_at, 0.0) for r in records],
         [r.batch_id for r in records],
+        [r.idempotency_key for r in records],
     )
     stored = {row[0]: (row[1], row[2], row[3]) for row in rows}
     for record in records:

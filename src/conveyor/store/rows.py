@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..record import TaskRecord
+from ..schedule_record import ScheduleRecord
 from ..status import TaskStatus
 
 COLUMNS = (
@@ -14,6 +15,14 @@ COLUMNS = (
     "max_attempts, timeout_s, created_at, started_at, finished_at, run_at, idempotency_key, "
     "cancel_requested, worker_id, lease_expires_at, result_blob, batch_id"
 )
+
+SCHEDULE_FIELDS = (
+    "id, owner, name, task, args, cron, every_s, timezone, start_at, end_at, jitter_s, misfire, "
+    "max_lateness_s, overlap, enabled, from_code, next_fire_at, last_task_id, created_at, "
+    "updated_at"
+)
+SCHEDULE_COLUMNS = SCHEDULE_FIELDS.split(", ")
+SCHEDULE_MUTABLE = [c for c in SCHEDULE_COLUMNS if c not in ("id", "owner", "created_at")]
 
 WORKER_LOST = {
     "type": "WorkerLost",
@@ -144,3 +153,19 @@ def requeue_statement(table: str, *, param: Callable[[int], str], now: str, held
         f"worker_id = NULL, lease_expires_at = NULL, attempts = attempts - {refund} "
         f"WHERE {held} RETURNING {COLUMNS}"
     )
+
+
+def schedule_row(record: ScheduleRecord) -> list[Any]:
+    """A schedule's values in ``SCHEDULE_COLUMNS`` order (its arguments as JSON text)."""
+    values = {c: getattr(record, c) for c in SCHEDULE_COLUMNS}
+    values["args"] = json.dumps(record.args, separators=(",", ":"))
+    return [values[c] for c in SCHEDULE_COLUMNS]
+
+
+def schedule_from_row(row: Sequence[Any]) -> ScheduleRecord:
+    """The schedule of a row selected as ``SCHEDULE_FIELDS``."""
+    values = dict(zip(SCHEDULE_COLUMNS, row, strict=True))
+    values["args"] = json.loads(values["args"])
+    values["enabled"] = bool(values["enabled"])
+    values["from_code"] = bool(values["from_code"])
+    return ScheduleRecord(**values)

@@ -8,16 +8,19 @@ processes (no leader).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from ..errors import ScheduleConflict, ScheduleNotFound
 from ..record import TaskRecord
 from ..schedule_record import SKIPPED_OVERLAP, TRIGGERED, FireRecord, ScheduleRecord
+from .rows import SCHEDULE_COLUMNS as _COLUMNS
+from .rows import SCHEDULE_FIELDS as _FIELDS
+from .rows import SCHEDULE_MUTABLE as _MUTABLE
+from .rows import schedule_from_row as _record
+from .rows import schedule_row as _row
 
 T = TypeVar("T")
 
@@ -71,29 +74,20 @@ CREATE TABLE IF NOT EXISTS schedule_fires (
 ) WITHOUT ROWID;
 """
 
-_FIELDS = (
-    "id, owner, name, task, args, cron, every_s, timezone, start_at, end_at, jitter_s, misfire, "
-    "max_lateness_s, overlap, enabled, from_code, next_fire_at, last_task_id, created_at, "
-    "updated_at"
-)
-_COLUMNS = _FIELDS.split(", ")
-_MUTABLE = [c for c in _COLUMNS if c not in ("id", "owner", "created_at")]
 
-
-def _row(record: ScheduleRecord) -> list[Any]:
-    values = {c: getattr(record, c) for c in _COLUMNS}
-    values["args"] = json.dumps(record.args, separators=(",", ":"))
-    values["enabled"] = int(record.enabled)
-    values["from_code"] = int(record.from_code)
-    return [values[c] for c in _COLUMNS]
-
-
-def _record(row: sqlite3.Row | tuple[Any, ...]) -> ScheduleRecord:
-    values = dict(zip(_COLUMNS, row, strict=True))
-    values["args"] = json.loads(values["args"])
-    values["enabled"] = bool(values["enabled"])
-    values["from_code"] = bool(values["from_code"])
-    return ScheduleRecord(**values)
+def _move_on(
+    conn: sqlite3.Connection, schedule: ScheduleRecord, next_fire_at: float | None
+) -> None:
+    """Plan the schedule's next fire (due only while it is enabled: a pause saved meanwhile
+    stands)."""
+    conn.execute(
+        "UPDATE schedules SET next_fire_at = ?, due_at = CASE WHEN enabled THEN ? END WHERE id = ?",
+        (
+            next_fire_at,
+            ScheduleRecord.due_at_of(schedule.id, schedule.jitter_s, next_fire_at),
+            schedule.id,
+        ),
+    )
 
 
 class SQLiteSchedules:
@@ -101,6 +95,10 @@ class SQLiteSchedules:
 
     def __init__(self, store: _File) -> None:
         self._store = store
+
+    async def now(self) -> float:
+        """The clock that decides fire times: this host's, shared by every process on the file."""
+        return time.time()
 
     async def create(self, record: ScheduleRecord) -> ScheduleRecord:
         def op(conn: sqlite3.Connection) -> ScheduleRecord:
@@ -225,7 +223,9 @@ class SQLiteSchedules:
                 "recorded_at) VALUES (?, ?, ?, NULL, ?) ON CONFLICT DO NOTHING",
                 (schedule.id, fire_at, outcome, now),
             ).rowcount
-            if not inserted:
+            if not inserted:  # recorded already: a change saved over the move put it back
+                if outcome != TRIGGERED:
+                    _move_on(conn, schedule, next_fire_at)
                 return None
             conn.executemany(
                 "INSERT INTO schedule_fires (schedule_id, fire_at, outcome, task_id, "
@@ -251,11 +251,7 @@ class SQLiteSchedules:
                 (result, created.id if created else None, schedule.id, fire_at),
             )
             if outcome != TRIGGERED:
-                moved = replace(schedule, next_fire_at=next_fire_at)
-                conn.execute(
-                    "UPDATE schedules SET next_fire_at = ?, due_at = ? WHERE id = ?",
-                    (next_fire_at, moved.due_at(), schedule.id),
-                )
+                _move_on(conn, schedule, next_fire_at)
             if created is not None:
                 conn.execute(
                     "UPDATE schedules SET last_task_id = ? WHERE id = ?", (created.id, schedule.id)
