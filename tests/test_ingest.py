@@ -4,10 +4,12 @@ shown to happen before any connection (never beyond loopback)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -36,10 +38,24 @@ def api(serve: Callable[[FastAPI], LiveServer], upstream: Upstream) -> Iterator[
 
 
 @pytest.fixture
+def target(request: pytest.FixtureRequest) -> str | None:
+    """The ingestion database: the SQLite file (None, the default) or, for the tests marked
+    ``parametrize("target", BOTH_TARGETS, indirect=True)``, a PostgreSQL database too."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres").create_database())
+
+
+BOTH_TARGETS = ["sqlite", "postgres"]
+
+
+@pytest.fixture
 def client(
-    serve: Callable[[FastAPI], LiveServer], tmp_path: Path, api: LiveServer
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path, api: LiveServer, target: str | None
 ) -> Iterator[httpx.Client]:
-    settings = service_settings(tmp_path, ingest_allow_hosts="127.0.0.1")
+    settings = service_settings(
+        tmp_path, ingest_allow_hosts="127.0.0.1", ingest_database_url=target
+    )
     with serve(create_app(settings)).client() as c:
         yield c
 
@@ -105,8 +121,9 @@ def test_every_pagination_style_lands_each_record_once(
     assert rows[0]["tags"] == ["a", "b"], "the record is kept whole"
 
 
+@pytest.mark.parametrize("target", BOTH_TARGETS, indirect=True)
 def test_second_run_rewrites_nothing_and_changes_are_updates(
-    client: httpx.Client, api: LiveServer, upstream: Upstream
+    client: httpx.Client, api: LiveServer, upstream: Upstream, target: str | None
 ) -> None:
     body = source(api, "/pages", records_path="data.items", pagination={"type": "page_number"})
     source_id = client.post("/ingest/sources", json=body).json()["id"]
@@ -120,8 +137,21 @@ def test_second_run_rewrites_nothing_and_changes_are_updates(
     assert (third["rows_inserted"], third["rows_updated"], third["rows_unchanged"]) == (1, 1, 94)
     rows = {r["id"]: r for r in all_rows(client, source_id)}
     assert rows[4]["price"] == 999.0 and rows[500]["colour"] == "red" and len(rows) == 96
+    if target is not None:  # the rows are PostgreSQL's, in a table with a column per field
+        table = client.get(f"/ingest/sources/{source_id}").json()["table"]
+        stored = asyncio.run(_pg_rows(target, f'SELECT id, price, colour FROM "{table}"'))
+        assert len(stored) == 96 and (4, 999.0, None) in stored and (500, None, "red") in stored
 
 
+async def _pg_rows(url: str, query: str) -> list[tuple[Any, ...]]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [tuple(row) for row in await conn.fetch(query)]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("target", BOTH_TARGETS, indirect=True)
 def test_records_without_key_or_not_objects_are_rejected_with_the_reason(
     client: httpx.Client, api: LiveServer, upstream: Upstream
 ) -> None:
@@ -134,6 +164,7 @@ def test_records_without_key_or_not_objects_are_rejected_with_the_reason(
     assert all_rows(client, source_id) == [{"id": 1, "a": 2}], "within a page the last wins"
 
 
+@pytest.mark.parametrize("target", BOTH_TARGETS, indirect=True)
 def test_incremental_cursor_is_sent_back_with_lookback(
     client: httpx.Client, api: LiveServer, upstream: Upstream
 ) -> None:

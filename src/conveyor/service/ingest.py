@@ -195,19 +195,35 @@ def ingestion_of(yard: "Conveyor") -> "Ingestion | None":
     return _SERVICES.get(yard)
 
 
+def target_url(url: str) -> str:
+    """The SQLAlchemy URL of the ingestion database: a SQLite file, or PostgreSQL through
+    psycopg (``postgresql://`` and ``postgres://`` are taken as such)."""
+    if url.startswith("sqlite:///"):
+        return url
+    for scheme in ("postgresql://", "postgres://", "postgresql+psycopg://"):
+        if url.startswith(scheme):
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise ConfigurationError(
+                    "CONVEYOR_INGEST_DATABASE_URL: a PostgreSQL target needs psycopg "
+                    "(pip install 'conveyor[ingest]')"
+                ) from None
+            return "postgresql+psycopg://" + url.removeprefix(scheme)
+    raise ConfigurationError(
+        "CONVEYOR_INGEST_DATABASE_URL: sqlite:///<file> or postgresql://<user>@<host>/<database>"
+    )
+
+
 class Ingestion:
     """The ingestion service of one Conveyor instance."""
 
     def __init__(self, yard: "Conveyor") -> None:
         self.yard = yard
         settings = yard.settings
-        url = settings.ingest_database_url or f"sqlite:///{settings.data_dir / 'ingest.db'}"
-        if not url.startswith("sqlite:///"):
-            # the upsert is written for SQLite and PostgreSQL, but only SQLite is tested so far
-            raise ConfigurationError(
-                "CONVEYOR_INGEST_DATABASE_URL: only sqlite:/// targets are supported so far"
-            )
-        self.url = url
+        self.url = target_url(
+            settings.ingest_database_url or f"sqlite:///{settings.data_dir / 'ingest.db'}"
+        )
         self._engine: sa.Engine | None = None
         self.metadata = sa.MetaData()
         self.sources = _sources_table(self.metadata)
