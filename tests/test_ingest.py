@@ -215,6 +215,71 @@ def test_bad_answers_fail_the_run_with_a_clear_error(
     assert client.get("/health").status_code == 200, "the service is up"
 
 
+def test_a_source_is_changed_in_place(
+    client: httpx.Client, api: LiveServer, upstream: Upstream
+) -> None:
+    """PATCH changes what it names, checked with the rest of the source: new headers are sent
+    and never shown, a new time spec moves the source's schedule (or ends it), a new cursor
+    field starts from the beginning; its name, table and key stay; a bad change is a 422 that
+    leaves the source as it was."""
+    body = source(
+        api,
+        "/since",
+        headers={"Authorization": SECRET},
+        every_s=3600,
+        cursor={"field": "updated_at", "param": "updated_since"},
+    )
+    created = client.post("/ingest/sources", json=body).json()
+    path = f"/ingest/sources/{created['id']}"
+    assert run(client, created["id"])["result"]["rows_inserted"] == 95
+
+    changed = client.patch(path, json={"headers": {"X-Api-Key": "k-654321"}, "cron": "0 6 * * *"})
+    assert changed.status_code == 200, changed.text
+    shown = changed.json()
+    assert shown["headers"] == ["X-Api-Key"] and "k-654321" not in changed.text
+    assert (shown["cron"], shown["every_s"]) == ("0 6 * * *", None)
+    assert shown["schedule_id"] == created["schedule_id"], "the same schedule, moved"
+    schedule = client.get(f"/schedules/{created['schedule_id']}").json()
+    assert (schedule["cron"], schedule["every_s"]) == ("0 6 * * *", None)
+    assert client.get(path).json() == shown
+
+    upstream.requests.clear()
+    rerun = run(client, created["id"])["result"]
+    assert upstream.seen_headers[-1]["x-api-key"] == "k-654321"
+    assert "authorization" not in upstream.seen_headers[-1], "headers are replaced whole"
+    assert "updated_since=" in upstream.requests[0], "the cursor is kept"
+    assert rerun["rows_unchanged"] == 1
+
+    upstream.requests.clear()
+    recursor = client.patch(path, json={"cursor": {"field": "id", "param": "after"}})
+    assert recursor.status_code == 200, recursor.text
+    assert run(client, created["id"])["result"]["cursor_before"] is None
+    assert "after=" not in upstream.requests[0], "a new cursor field starts from the start"
+
+    ended = client.patch(path, json={"cron": None})
+    assert ended.status_code == 200 and ended.json()["schedule_id"] is None
+    assert client.get(f"/schedules/{created['schedule_id']}").status_code == 404
+
+    for bad, field in [
+        ({"url": "ftp://example.com/"}, "url"),
+        ({"every_s": 0.5}, "every_s"),
+        ({"timezone": "Mars/Olympus"}, "timezone"),
+        ({"primary_key": "name"}, "primary_key"),
+        ({"table": "other"}, "table"),
+        ({"name": "renamed"}, "name"),
+    ]:
+        refused = client.patch(path, json=bad)
+        assert refused.status_code == 422, (bad, refused.text)
+        assert field in refused.text, (bad, refused.text)
+    assert client.get(path).json() == ended.json(), "a refused change changes nothing"
+    assert (
+        client.patch(
+            "/ingest/sources/" + "0" * 8 + "-0000-0000-0000-" + "0" * 12, json={}
+        ).status_code
+        == 404
+    )
+
+
 def test_headers_are_sent_but_never_shown(
     client: httpx.Client, api: LiveServer, upstream: Upstream
 ) -> None:

@@ -347,6 +347,12 @@ class Target:
             ).first()
         return _decode(row[0]) if row is not None and row[0] is not None else None
 
+    def forget_cursor(self, conn: sa.Connection, source_id: str) -> None:
+        """Start from the beginning next run (the cursor's field changed), in ``conn``'s
+        transaction."""
+        self.state.create(conn, checkfirst=True)
+        conn.execute(self.state.delete().where(self.state.c.source_id == source_id))
+
     def finish_run(self, source_id: str) -> Any:
         """The run ended: the pending cursor becomes the cursor. Returns the cursor now."""
         with self.engine.begin() as conn:

@@ -83,7 +83,8 @@ def create_app(
 
         app.include_router(build_csv_router(yard))
     if "ingest.run" in yard.task_types:
-        from .ingest import build_ingest_router, ingestion_of
+        from .ingest import ingestion_of
+        from .ingest_api import build_ingest_router
 
         service = ingestion_of(yard)
         if service is not None:

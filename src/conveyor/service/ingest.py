@@ -12,24 +12,19 @@ Sources, their tables and their cursors live in the ingestion database
 and the cursor must share one transaction, so they share one database.
 """
 
+import contextlib
 import functools
 import time
 import weakref
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal
-from uuid import UUID
 
 import anyio
 import httpx
 import orjson
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
-from ..api.auth import tenant_resolver
-from ..api.errors import documented
-from ..api.routing import strict_route_class
-from ..api.shapes import TaskOut, json_response, parse_body
 from ..context import TaskContext
 from ..cron import zone
 from ..errors import ConfigurationError, ConveyorError, InvalidArguments, ScheduleNotFound
@@ -37,11 +32,13 @@ from ..ids import uuid7
 from ..jobs.fetch import FetchError, FetchStats, Limits, Pagination, pages
 from ..jobs.netguard import guarded_transport
 from ..jobs.upsert import MAX_REJECTS, Target
+from ..task import validated
 
 if TYPE_CHECKING:
     from ..core import Conveyor
 
 TASK = "ingest.run"
+FIXED = frozenset({"name", "table", "primary_key"})  # what a change cannot touch
 HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$"
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 Clean = Annotated[str, Field(max_length=4096, pattern=r"^[^\x00\r\n]*$")]
@@ -125,38 +122,6 @@ class SourceIn(BaseModel):
         if self.table.lower().startswith("conveyor_") or self.table.startswith("sqlite_"):
             raise ValueError("table: names starting with conveyor_ or sqlite_ are reserved")
         return self
-
-
-class SourceOut(BaseModel):
-    id: str
-    name: str
-    url: str
-    headers: list[str]
-    params: dict[str, str]
-    records_path: str | None
-    primary_key: list[str]
-    pagination: dict[str, Any]
-    cursor: dict[str, Any] | None
-    every_s: float | None
-    cron: str | None
-    timezone: str
-    max_pages: int
-    max_response_bytes: int
-    timeout_s: float
-    rate_per_s: float | None
-    table: str
-    schedule_id: str | None
-    created_at: float
-    links: dict[str, str]
-
-
-class SourcePage(BaseModel):
-    items: list[SourceOut]
-
-
-class RowPage(BaseModel):
-    items: list[dict[str, Any]]
-    next_cursor: str | None
 
 
 def _sources_table(metadata: sa.MetaData) -> sa.Table:
@@ -309,6 +274,70 @@ class Ingestion:
             row["schedule_id"] = schedule.id
             await anyio.to_thread.run_sync(self._set_schedule, source_id, schedule.id)
         return _shown(row)
+
+    async def update(
+        self, source_id: str, changes: dict[str, Any], *, owner: str
+    ) -> dict[str, Any]:
+        """Change the fields in ``changes`` (``headers`` replaced whole); the source is checked
+        again as a whole. Its name, table and key stay: they name and key the stored rows. A
+        new time spec changes (or makes, or ends) its schedule; a new cursor field forgets the
+        cursor."""
+        fixed = sorted(set(changes) & FIXED)
+        if fixed:
+            raise InvalidArguments(
+                f"{', '.join(fixed)}: cannot change (make a new source)",
+                details=[
+                    {"loc": ["body", k], "msg": "cannot change", "type": "value"} for k in fixed
+                ],
+            )
+        row = await anyio.to_thread.run_sync(self._row, source_id, owner)
+        current = orjson.loads(row["spec"]) | {"headers": orjson.loads(row["headers"])}
+        if changes.get("cron") is not None:
+            changes.setdefault("every_s", None)
+        if changes.get("every_s") is not None:
+            changes.setdefault("cron", None)
+        spec = validated(SourceIn, current | changes, location=("body",), message="bad change")
+        body = spec.model_dump(mode="json", exclude={"headers"})
+        schedule_id = await self._reschedule(row, spec, owner=owner)
+        forget_cursor = (current.get("cursor") or {}).get("field") != (
+            spec.cursor.field if spec.cursor else None
+        )
+
+        def write() -> None:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    self.sources.update()
+                    .where(self.sources.c.id == source_id)
+                    .values(
+                        spec=orjson.dumps(body).decode(),
+                        headers=orjson.dumps(spec.headers).decode(),
+                        schedule_id=schedule_id,
+                    )
+                )
+                if forget_cursor:
+                    self.target(row).forget_cursor(conn, source_id)
+
+        await anyio.to_thread.run_sync(write)
+        return await self.get(source_id, owner=owner)
+
+    async def _reschedule(self, row: dict[str, Any], spec: SourceIn, *, owner: str) -> str | None:
+        """The source's schedule after a change: changed, made, or deleted (its id or None)."""
+        timing = {"every_s": spec.every_s, "cron": spec.cron, "timezone": spec.timezone}
+        schedule_id: str | None = row["schedule_id"]
+        if spec.every_s is None and spec.cron is None:
+            if schedule_id is not None:
+                with contextlib.suppress(ScheduleNotFound):
+                    await self.yard.schedules.delete(schedule_id, owner=owner)
+            return None
+        if schedule_id is not None:
+            try:
+                await self.yard.schedules.update(schedule_id, timing, owner=owner)
+                return schedule_id
+            except ScheduleNotFound:
+                pass
+        fields = {"task": TASK, "args": {"source_id": row["id"]}, **timing}
+        schedule = await self.yard.schedules.create(f"ingest:{row['name']}", fields, owner=owner)
+        return schedule.id
 
     def _set_schedule(self, source_id: str, schedule_id: str) -> None:
         with self.engine.begin() as conn:
@@ -534,90 +563,4 @@ def register_ingest_tasks(yard: "Conveyor") -> Ingestion:
     return service
 
 
-SourceId = Annotated[UUID, Path(description="The source's id (a UUID).")]
-
-
-def build_ingest_router(yard: "Conveyor", service: Ingestion) -> APIRouter:
-    tenant = tenant_resolver(yard.settings)
-    Tenant = Annotated[str, Depends(tenant)]
-    router = APIRouter(
-        prefix="/ingest",
-        tags=["ingestion"],
-        route_class=strict_route_class(yard.settings.max_body_bytes),
-    )
-
-    @router.post(
-        "/sources",
-        status_code=201,
-        summary="Add a source (and its schedule, with every_s or cron)",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": SourceIn.model_json_schema()}},
-            }
-        },
-        responses={201: {"model": SourceOut}, **documented(409, 422)},
-        response_class=Response,
-    )
-    async def create(request: Request, owner: Tenant) -> Response:
-        spec = parse_body(await request.body(), SourceIn)
-        source = await service.create(spec, owner=owner)
-        return json_response(source, 201, {"Location": source["links"]["self"]})
-
-    @router.get("/sources", response_model=SourcePage, response_class=Response)
-    async def list_sources(owner: Tenant) -> Response:
-        return json_response({"items": await service.list_sources(owner=owner)})
-
-    @router.get(
-        "/sources/{source_id}",
-        response_model=SourceOut,
-        responses=documented(404, 422),
-        response_class=Response,
-    )
-    async def get(source_id: SourceId, owner: Tenant) -> Response:
-        return json_response(await service.get(str(source_id), owner=owner))
-
-    @router.delete(
-        "/sources/{source_id}",
-        status_code=204,
-        summary="Forget a source, its schedule, its table and its cursor",
-        responses=documented(404, 422),
-        response_class=Response,
-    )
-    async def delete(source_id: SourceId, owner: Tenant) -> Response:
-        await service.delete(str(source_id), owner=owner)
-        return Response(status_code=204)
-
-    @router.post(
-        "/sources/{source_id}/run",
-        status_code=202,
-        summary="Run the source now: 202 + the task",
-        responses={202: {"model": TaskOut}, **documented(404, 422, 429)},
-        response_class=Response,
-    )
-    async def run(source_id: SourceId, owner: Tenant) -> Response:
-        record = await service.start_run(str(source_id), owner=owner)
-        return json_response(record.to_json(), 202, {"Location": f"/tasks/{record.id}"})
-
-    @router.get(
-        "/sources/{source_id}/rows",
-        summary="The source's table, in the order rows were first stored",
-        response_model=RowPage,
-        responses=documented(404, 422),
-        response_class=Response,
-    )
-    async def rows(
-        source_id: SourceId,
-        owner: Tenant,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        cursor: Annotated[str | None, Query(max_length=18, pattern=r"^[0-9]+$")] = None,
-    ) -> Response:
-        items, next_cursor = await service.rows(
-            str(source_id), owner=owner, after=int(cursor or 0), limit=limit
-        )
-        return json_response({"items": items, "next_cursor": next_cursor})
-
-    return router
-
-
-__all__ = ["Ingestion", "InvalidArguments", "build_ingest_router", "register_ingest_tasks"]
+__all__ = ["Ingestion", "InvalidArguments", "register_ingest_tasks"]
