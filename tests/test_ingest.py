@@ -5,6 +5,7 @@ shown to happen before any connection (never beyond loopback)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,49 @@ async def _pg_rows(url: str, query: str) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in await conn.fetch(query)]
     finally:
         await conn.close()
+
+
+def test_a_page_of_100000_records_lands_in_one_transaction(
+    client: httpx.Client, api: LiveServer, upstream: Upstream
+) -> None:
+    upstream.fill(100_000)
+    body = source(api, "/offset", params={"limit": "100000"})
+    source_id = client.post("/ingest/sources", json=body).json()["id"]
+    task = run(client, source_id)
+    assert task["status"] == "completed", task["error"]
+    result = task["result"]
+    assert (result["pages"], result["rows_inserted"], result["rows_rejected"]) == (1, 100_000, 0)
+    assert result["bytes"] > 10_000_000, result["bytes"]
+    last = client.get(f"/ingest/sources/{source_id}/rows", params={"cursor": 99_990}).json()
+    assert [r["id"] for r in last["items"]] == list(range(99_991, 100_001))
+    again = run(client, source_id)["result"]
+    assert again["rows_unchanged"] == 100_000, "the second run rewrites nothing"
+
+
+def test_declared_columns_are_the_table(
+    client: httpx.Client, api: LiveServer, upstream: Upstream, tmp_path: Path
+) -> None:
+    """With ``columns``, the table has those columns with those kinds and no other (a field
+    not declared stays in the raw record, which is read back whole); a value that does not fit
+    its declared kind is stored as NULL in its column and kept in the raw record."""
+    upstream.records[0]["price"] = "unknown"
+    columns = {"id": "int", "price": "float", "name": "text", "tags": "json"}
+    body = source(api, "/link", pagination={"type": "link_header"}, columns=columns)
+    created = client.post("/ingest/sources", json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["columns"] == columns
+    result = run(client, created.json()["id"])["result"]
+    assert (result["rows_inserted"], result["rows_rejected"]) == (95, 0), result
+    table = created.json()["table"]
+    with sqlite3.connect(tmp_path / "ingest.db") as db:
+        kinds = {row[1]: row[2] for row in db.execute(f'PRAGMA table_info("{table}")')}
+        stored = db.execute(f'SELECT id, price, name, tags FROM "{table}" ORDER BY id').fetchall()
+    assert set(kinds) - {"_row_id", "_raw", "_hash", "_ingested_at"} == set(columns)
+    assert (kinds["id"], kinds["price"], kinds["name"]) == ("BIGINT", "FLOAT", "TEXT")
+    assert stored[0] == (1, None, "item 1", '["a","b"]'), "a price that is not a number"
+    assert stored[1] == (2, 3.0, "item 2", '["a","b"]')
+    rows = all_rows(client, created.json()["id"])
+    assert rows[0]["price"] == "unknown" and rows[0]["updated_at"], "the record is kept whole"
 
 
 @pytest.mark.parametrize("target", BOTH_TARGETS, indirect=True)
@@ -376,6 +420,10 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
         ({"every_s": 0.1}, "every_s"),
         ({"cron": "0 0 31 2 *"}, "cron"),
         ({"timezone": "Mars/Olympus"}, "timezone"),
+        ({"columns": {"price": "money"}}, "columns"),
+        ({"columns": {"bad name": "int"}}, "columns"),
+        ({"columns": {"_raw": "text"}}, "columns"),
+        ({"columns": {"Price": "float", "price": "float"}}, "columns"),
     ],
 )
 def test_bad_sources_get_422(client: httpx.Client, body: dict[str, Any], field: str) -> None:

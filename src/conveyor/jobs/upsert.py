@@ -1,11 +1,12 @@
-"""Upserting JSON records into a table of a local database (SQLAlchemy Core; written for SQLite and
-PostgreSQL, tested on SQLite), one transaction per page, with the cursor in the same transaction.
+"""Upserting JSON records into a table of a local database (SQLAlchemy Core, SQLite or
+PostgreSQL), one transaction per page, with the cursor in the same transaction.
 
-The table has one column per top-level field (typed from the first value seen, added when a new
-field appears), the raw record as JSON beside them (``_raw``, the truth: a value that does not fit
-its column's type is kept there only), a content hash (``_hash``) so an unchanged record is not
-rewritten, and ``_row_id`` for reading it back in order. The primary key fields have a unique
-index and are the upsert's conflict target; within a page, the last record with a key wins.
+The table has one column per top-level field (declared with their kinds, or typed from the first
+value seen and added when a new field appears), the raw record as JSON beside them (``_raw``, the
+truth: a value that does not fit its column's type is kept there only), a content hash (``_hash``)
+so an unchanged record is not rewritten, and ``_row_id`` for reading it back in order. The primary
+key fields have a unique index and are the upsert's conflict target; within a page, the last
+record with a key wins.
 
 The cursor (the highest value of a record field such as ``updated_at``) moves in two steps: each
 page's transaction records the highest value it committed as ``pending_cursor``; the run's end
@@ -19,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -74,6 +75,7 @@ _TYPES: dict[str, sa.types.TypeEngine[Any]] = {
 }
 
 
+KINDS = tuple(_TYPES)  # what a declared column may be
 _NATIVE = {bool: "bool", int: "int", float: "float", str: "text"}
 
 
@@ -111,10 +113,20 @@ def _comparable(value: Any) -> tuple[int, Any] | None:
 class Target:
     """One source's table in the ingestion database."""
 
-    def __init__(self, engine: sa.Engine, table: str, primary_key: Sequence[str]) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        table: str,
+        primary_key: Sequence[str],
+        columns: Mapping[str, str] | None = None,
+    ) -> None:
+        """``columns`` declares the table's columns and their kinds (``KINDS``): only those
+        are made, typed as declared, and no column is added for a new field (the record is
+        whole in ``_raw``); without it, columns are inferred from the records."""
         self.engine = engine
         self.name = table
         self.primary_key = list(primary_key)
+        self.declared = dict(columns) if columns is not None else None
         self.metadata = sa.MetaData()
         self.state = state_table(self.metadata)
         self.table: sa.Table | None = None
@@ -137,11 +149,16 @@ class Target:
         columns: list[sa.Column[Any]] = [
             sa.Column("_row_id", sa.Integer, primary_key=True, autoincrement=True)
         ]
+        declared = self.declared or {}
         for name in self.primary_key:
-            kind = _kind(sample.get(name))
+            kind = declared.get(name) or _kind(sample.get(name))
             kind = "text" if kind == "json" else kind
             self.kinds[name] = kind
             columns.append(sa.Column(name, _TYPES[kind], nullable=False))
+        for name, kind in declared.items():
+            if name not in self.kinds:
+                self.kinds[name] = kind
+                columns.append(sa.Column(name, _TYPES[kind]))
         columns += [
             sa.Column("_raw", sa.Text, nullable=False),
             sa.Column("_hash", sa.String(32), nullable=False),
@@ -153,8 +170,11 @@ class Target:
         self.table = table
 
     def _widen(self, conn: sa.Connection, records: list[dict[str, Any]]) -> None:
-        """Add a column for each field not seen before (named like an identifier)."""
+        """Add a column for each field not seen before (named like an identifier), unless
+        the columns are declared."""
         assert self.table is not None
+        if self.declared is not None:
+            return
         taken = {name.lower() for name in self.kinds} | set(RESERVED)
         fields = set().union(*records) - self.kinds.keys()
         new: dict[str, str] = {}

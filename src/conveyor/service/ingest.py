@@ -31,14 +31,14 @@ from ..errors import ConfigurationError, ConveyorError, InvalidArguments, Schedu
 from ..ids import uuid7
 from ..jobs.fetch import FetchError, FetchStats, Limits, Pagination, pages
 from ..jobs.netguard import guarded_transport
-from ..jobs.upsert import MAX_REJECTS, Target
+from ..jobs.upsert import MAX_REJECTS, RESERVED, Target
 from ..task import validated
 
 if TYPE_CHECKING:
     from ..core import Conveyor
 
 TASK = "ingest.run"
-FIXED = frozenset({"name", "table", "primary_key"})  # what a change cannot touch
+FIXED = frozenset({"name", "table", "primary_key", "columns"})  # what a change cannot touch
 HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$"
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 Clean = Annotated[str, Field(max_length=4096, pattern=r"^[^\x00\r\n]*$")]
@@ -94,6 +94,17 @@ class SourceIn(BaseModel):
     timeout_s: float = Field(default=30, gt=0, le=600)
     rate_per_s: float | None = Field(default=None, gt=0, le=1000)
     table: str | None = Field(default=None, pattern=IDENTIFIER)
+    columns: (
+        dict[
+            Annotated[str, Field(pattern=IDENTIFIER)],
+            Literal["bool", "int", "float", "text", "json"],
+        ]
+        | None
+    ) = Field(
+        default=None,
+        max_length=500,
+        description="The table's columns and their kinds; without it, inferred from the records.",
+    )
 
     @field_validator("primary_key", mode="before")
     @classmethod
@@ -115,6 +126,10 @@ class SourceIn(BaseModel):
             raise ValueError("url: http or https only")
         if self.every_s is not None and self.cron is not None:
             raise ValueError("give every_s or cron, not both")
+        if self.columns is not None:
+            names = [name.lower() for name in self.columns]
+            if len(set(names)) < len(names) or set(names) & set(RESERVED):
+                raise ValueError(f"columns: names must differ and not be {', '.join(RESERVED)}")
         if self.table is None:
             slug = "".join(c if c.isascii() and c.isalnum() else "_" for c in self.name.lower())
             slug = slug[:50]
@@ -279,9 +294,9 @@ class Ingestion:
         self, source_id: str, changes: dict[str, Any], *, owner: str
     ) -> dict[str, Any]:
         """Change the fields in ``changes`` (``headers`` replaced whole); the source is checked
-        again as a whole. Its name, table and key stay: they name and key the stored rows. A
-        new time spec changes (or makes, or ends) its schedule; a new cursor field forgets the
-        cursor."""
+        again as a whole. Its name, table, key and declared columns stay: they name and shape
+        the stored rows. A new time spec changes (or makes, or ends) its schedule; a new cursor
+        field forgets the cursor."""
         fixed = sorted(set(changes) & FIXED)
         if fixed:
             raise InvalidArguments(
@@ -404,7 +419,9 @@ class Ingestion:
         target = self.targets.get(row["id"])
         if target is None:
             spec = orjson.loads(row["spec"])
-            target = Target(self.engine, row["table_name"], spec["primary_key"])
+            target = Target(
+                self.engine, row["table_name"], spec["primary_key"], spec.get("columns")
+            )
             self.targets[row["id"]] = target
         return target
 

@@ -34,6 +34,7 @@ class SourceOut(BaseModel):
     timeout_s: float
     rate_per_s: float | None
     table: str
+    columns: dict[str, str] | None
     schedule_id: str | None
     created_at: float
     links: dict[str, str]
