@@ -4,7 +4,9 @@ tenants kept apart."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,8 @@ from fastapi import FastAPI
 
 from conveyor.service import create_app
 
-from .support.live import LiveServer, follow, service_settings
+from .support.faults import wait_until
+from .support.live import LiveServer, follow, free_port, service_settings
 
 
 @pytest.fixture
@@ -200,3 +203,38 @@ def test_schedules_on_postgresql(
         assert client.post("/schedules", json=hourly()).status_code == 409
         assert client.delete(f"/schedules/{schedule['id']}").status_code == 204
         assert client.get("/schedules").json()["items"] == []
+
+
+@pytest.mark.slow
+def test_three_processes_fire_a_one_second_schedule_for_a_minute(
+    spawn: Any, tmp_path: Path
+) -> None:
+    """`conveyor serve` and two `conveyor worker` processes on one SQLite file, each firing
+    schedules (no leader): a one-second schedule for 60 s makes exactly one task per second,
+    no gap, none twice, none missed, every one completed."""
+    port = free_port()
+    info = {"CONVEYOR_LOG_LEVEL": "info"}
+    spawn("serve", "--port", str(port), "--no-access-log", ready="Uvicorn running on", **info)
+    spawn("worker", ready="worker running", **info)
+    spawn("worker", ready="worker running", **info)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        body = {"name": "tick", "task": "demo.echo", "args": {"value": 1}, "every_s": 1}
+        created = client.post("/schedules", json=body)
+        assert created.status_code == 201, created.text
+        path = f"/schedules/{created.json()['id']}"
+
+        def fires() -> list[dict[str, Any]]:
+            return list(client.get(f"{path}/fires", params={"limit": 200}).json()["items"])
+
+        wait_until(lambda: len(fires()) >= 60, 120, "60 fires")
+        assert client.post(f"{path}/pause").status_code == 200
+        recorded = fires()
+        tasks = [client.get(f"/tasks/{f['task_id']}").json() for f in recorded]
+        listed = client.get("/tasks", params={"limit": 500}).json()["items"]
+    assert len(recorded) >= 60 and {f["outcome"] for f in recorded} == {"fired"}, recorded
+    planned = sorted(datetime.fromisoformat(f["fire_at"]).timestamp() for f in recorded)
+    assert {round(b - a, 6) for a, b in itertools.pairwise(planned)} == {1.0}, "no gap"
+    ids = {f["task_id"] for f in recorded}
+    assert len(ids) == len(recorded) == len(listed), "one task per fire, and no other task"
+    assert {t["id"] for t in listed} == ids
+    assert all(t["status"] in ("queued", "running", "completed") for t in tasks)
