@@ -120,6 +120,48 @@ def test_actions_need_the_csrf_token(service: LiveServer) -> None:
         assert client.get(f"/tasks/{task_id}").json()["status"] in ("queued", "running")
 
 
+def test_workers_and_schedules_pages(service: LiveServer) -> None:
+    """The workers page shows the server's worker; a schedule is listed with its next fires
+    and history; trigger, pause and resume are CSRF-checked POSTs that do what they say."""
+    with service.client() as client:
+        workers = client.get("/dashboard/workers")
+        assert workers.status_code == 200
+        (worker,) = client.get("/workers").json()["items"]
+        assert worker["id"] in workers.text and str(worker["pid"]) in workers.text
+        body = {
+            "name": "nightly <b>",
+            "task": "demo.echo",
+            "args": {"value": "<script>x</script>"},
+            "cron": "30 2 * * *",
+            "timezone": "Europe/Oslo",
+        }
+        schedule = client.post("/schedules", json=body).json()
+        listing = client.get("/dashboard/schedules").text
+        assert f"/dashboard/schedules/{schedule['id']}" in listing
+        assert "nightly &lt;b&gt;" in listing and "nightly <b>" not in listing
+        path = f"/dashboard/schedules/{schedule['id']}"
+        page = client.get(path).text
+        assert "30 2 * * *" in page and "Europe/Oslo" in page and "No fires yet" in page
+        assert page.count("T02:30:00+0") == 5, "the next five fires, in local time"
+        assert "&lt;script&gt;" in page and "<script>x" not in page
+
+        assert client.post(f"{path}/trigger", data={}).status_code == 403
+        triggered = client.post(f"{path}/trigger", data={"csrf": csrf_of(page)})
+        assert triggered.status_code == 303
+        task_id = triggered.headers["location"].rsplit("/", 1)[1]
+        assert follow(client, task_id)[0]["result"] == "<script>x</script>"
+        history = client.get(path).text
+        assert task_id in history and "triggered" in history
+
+        paused = client.post(f"{path}/pause", data={"csrf": csrf_of(page)})
+        assert paused.status_code == 303
+        assert client.get(f"/schedules/{schedule['id']}").json()["enabled"] is False
+        assert 'id="resume"' in client.get(path).text
+        client.post(f"{path}/resume", data={"csrf": csrf_of(page)})
+        assert client.get(f"/schedules/{schedule['id']}").json()["enabled"] is True
+        assert client.get("/dashboard/schedules/0").status_code == 404
+
+
 def test_tenants_and_sessions(serve: Callable[[FastAPI], LiveServer], tmp_path: Path) -> None:
     settings = service_settings(tmp_path, api_keys="alpha:alpha-secret-key,beta:beta-secret-key")
     server = serve(create_app(settings))
@@ -146,6 +188,14 @@ def test_tenants_and_sessions(serve: Callable[[FastAPI], LiveServer], tmp_path: 
         batch = api_b.post("/batches", json={"name": "demo.echo", "items": [{"value": 3}]}).json()
         assert batch["id"] not in browser.get("/dashboard/batches").text
         assert browser.get(f"/dashboard/batches/{batch['id']}").status_code == 404
+        hourly = {"name": "b-hourly", "task": "demo.echo", "args": {"value": 1}, "every_s": 3600}
+        their_schedule = api_b.post("/schedules", json=hourly).json()
+        assert "b-hourly" not in browser.get("/dashboard/schedules").text
+        schedule_path = f"/dashboard/schedules/{their_schedule['id']}"
+        assert browser.get(schedule_path).status_code == 404
+        forced = browser.post(f"{schedule_path}/trigger", data={"csrf": csrf_of(page)})
+        assert forced.status_code == 404
+        assert api_b.get(f"/schedules/{their_schedule['id']}/fires").json()["items"] == []
         browser.cookies.set("conveyor_session", "YmV0YQ|9999999999|forged")
         assert browser.get("/dashboard/").status_code == 303, "a forged cookie is refused"
 

@@ -7,6 +7,9 @@ from this package, no CDN, no build):
   the counts refresh by Server-Sent Events (``/events``);
 - ``/tasks``: the history, newest first, with the query parameters of ``GET /tasks``
   (``status``, ``name``, ``cursor``, ``limit``), so a view's URL is shareable;
+- ``/workers``: the live worker processes, their slots and heartbeats;
+- ``/schedules`` and ``/schedules/{id}``: schedules with their next fires (local time, DST
+  flagged) and their history; trigger, pause and resume;
 - ``/batches`` and ``/batches/{id}``: batches (emails among them) with their counts and
   progress, and a batch's items in submission order, filtered by status;
 - ``/tasks/{id}``: arguments, result, error and traceback (each truncated at ``MAX_SHOWN``
@@ -32,8 +35,10 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from ..cron import describe
 from ..errors import ConveyorError
 from ..record import TaskRecord, iso
+from ..scheduler import upcoming
 from ..status import TERMINAL, TaskStatus
 from .session import SESSION_COOKIE, SESSION_S, Signer
 
@@ -249,6 +254,68 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
             statuses=[s.value for s in TaskStatus],
             next_cursor=str(page[-1].seq) if len(items) > PAGE and page else None,
         )
+
+    @app.get("/workers", response_class=HTMLResponse)
+    async def workers(request: Request, owner: str | None = Depends(tenant_of)) -> Response:
+        alive = await yard.store.workers().alive(lease_s=settings.lease_s)
+        return render(request, "workers.html", workers=alive, lease_s=settings.lease_s)
+
+    @app.get("/schedules", response_class=HTMLResponse)
+    async def schedules(request: Request, owner: str | None = Depends(tenant_of)) -> Response:
+        found = await yard.schedules.list_schedules(owner=owner)
+        return render(request, "schedules.html", schedules=found)
+
+    @app.get("/schedules/{schedule_id}", response_class=HTMLResponse)
+    async def schedule(
+        request: Request,
+        schedule_id: str,
+        owner: str | None = Depends(tenant_of),
+        cursor: str | None = Query(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?$"),
+    ) -> Response:
+        try:
+            record = await yard.schedules.get(schedule_id, owner=owner)
+            fires = await yard.schedules.fires(
+                record.id, owner=owner, limit=PAGE + 1, before=float(cursor) if cursor else None
+            )
+        except ConveyorError as exc:
+            raise HTTPException(exc.status_code, exc.message) from None
+        page = fires[:PAGE]
+        return render(
+            request,
+            "schedule.html",
+            schedule=record,
+            fires=page,
+            upcoming=[describe(m, record.timezone) for m in upcoming(record, 5)],
+            next_cursor=repr(page[-1].fire_at) if len(fires) > PAGE and page else None,
+        )
+
+    async def act_on_schedule(
+        request: Request, schedule_id: str, owner: str | None, action: str
+    ) -> Response:
+        try:
+            record = await yard.schedules.get(schedule_id, owner=owner)
+            if action == "trigger":
+                task = await yard.schedules.trigger(record.id, owner=record.owner)
+                return RedirectResponse(f"{base(request)}/tasks/{task.id}", 303)
+            changes = {"enabled": action == "resume"}
+            await yard.schedules.update(record.id, changes, owner=record.owner)
+        except ConveyorError as exc:
+            raise HTTPException(exc.status_code, exc.message) from None
+        return RedirectResponse(f"{base(request)}/schedules/{record.id}", 303)
+
+    def schedule_action_route(action: str) -> None:
+        async def handler(
+            request: Request,
+            schedule_id: str,
+            owner: str | None = Depends(tenant_of),
+            _: None = Depends(csrf_checked),
+        ) -> Response:
+            return await act_on_schedule(request, schedule_id, owner, action)
+
+        app.post(f"/schedules/{{schedule_id}}/{action}", name=f"schedule_{action}")(handler)
+
+    for action in ("trigger", "pause", "resume"):
+        schedule_action_route(action)
 
     async def visible(task_id: str, owner: str | None) -> TaskRecord:
         try:
