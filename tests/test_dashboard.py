@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI, Header, HTTPException
 from playwright.sync_api import sync_playwright
 
-from conveyor import Conveyor
+from conveyor import Conveyor, dashboard
 from conveyor.service import create_app
 
 from .support.live import LiveServer, follow, service_settings
@@ -118,6 +118,37 @@ def test_actions_need_the_csrf_token(service: LiveServer) -> None:
         again = client.post(f"/dashboard/tasks/{task_id}/retry", data={"csrf": csrf_of(page)})
         assert again.status_code == 303
         assert client.get(f"/tasks/{task_id}").json()["status"] in ("queued", "running")
+
+
+def test_bulk_retry_counts_first_and_is_capped(
+    service: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filtered set is counted before it is acted on, the action is a CSRF-checked POST that
+    asks for confirmation, it touches at most ``BULK_MAX`` tasks (the newest), and only the
+    statuses it applies to."""
+    monkeypatch.setattr(dashboard, "BULK_MAX", 3)
+    with service.client() as client:
+        failed = [submit(client, "demo.fail", message=f"m{i}") for i in range(5)]
+        finished = {t: follow(client, t)[0]["finished_at"] for t in failed}
+        follow(client, submit(client, value=1))
+        listing = client.get("/dashboard/tasks", params={"status": "failed"}).text
+        assert 'id="bulk-retry"' in listing and 'id="bulk-cancel"' not in listing
+        form = client.get("/dashboard/tasks/bulk", params={"action": "retry", "status": "failed"})
+        assert form.status_code == 200
+        assert re.search(r"3 failed tasks \(more match: the newest 3", form.text), form.text
+        assert 'data-confirm="Retry 3 tasks?"' in form.text
+        fields = {"action": "retry", "status": "failed", "name": ""}
+        assert client.post("/dashboard/tasks/bulk", data=fields).status_code == 403
+        done = client.post("/dashboard/tasks/bulk", data=fields | {"csrf": csrf_of(form.text)})
+        assert done.status_code == 303 and "done=retry%3A3" in done.headers["location"]
+        again = {t: follow(client, t)[0]["finished_at"] for t in failed}
+        rerun = [t for t in failed if again[t] != finished[t]]
+        assert rerun == failed[2:], "the newest three ran again, the others did not"
+        assert "Retried 3 tasks" in client.get(done.headers["location"]).text
+        wrong = client.get("/dashboard/tasks/bulk", params={"action": "retry", "status": "queued"})
+        assert wrong.status_code == 422 and "cancelled or failed" in wrong.text
+        none = client.get("/dashboard/tasks/bulk", params={"action": "cancel", "status": "queued"})
+        assert "No queued task matches" in none.text and 'id="bulk"' not in none.text
 
 
 def test_workers_and_schedules_pages(service: LiveServer) -> None:

@@ -27,7 +27,8 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -48,6 +49,12 @@ if TYPE_CHECKING:
 HERE = Path(__file__).parent
 MAX_SHOWN = 10_000
 PAGE = 50
+BULK_MAX = 1000  # the most tasks one bulk action touches
+BULK = {
+    "cancel": {TaskStatus.QUEUED, TaskStatus.RUNNING},
+    "retry": {TaskStatus.FAILED, TaskStatus.CANCELLED},
+}
+BulkAction = Literal["cancel", "retry"]
 EVENTS_S = 1.0  # the overview's counts are re-read this often while a page is open
 Auth = Callable[..., Awaitable[str | None]]  # the tenant shown; None: every tenant
 # a form's "any" sends an empty value: the filter is then off
@@ -162,6 +169,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         name: str | None = Query(default=None, max_length=200),
         limit: int = Query(default=PAGE, ge=1, le=500),
         cursor: str | None = Query(default=None, max_length=18, pattern=r"^[0-9]+$"),
+        done: str | None = Query(default=None, pattern=r"^(cancel|retry):[0-9]{1,6}$"),
     ) -> Response:
         found = await yard.store.list_tasks(
             owner=owner,
@@ -185,7 +193,59 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
             statuses=[s.value for s in TaskStatus],
             query=query,
             next_cursor=str(page[-1].seq) if more and page else None,
+            bulk=[a for a, among in BULK.items() if _status(status) in among],
+            done=done.split(":") if done else None,
         )
+
+    @app.get("/tasks/bulk", response_class=HTMLResponse)
+    async def bulk_form(
+        request: Request,
+        action: BulkAction,
+        owner: str | None = Depends(tenant_of),
+        status: StatusFilter = None,
+        name: str | None = Query(default=None, max_length=200),
+    ) -> Response:
+        """What a bulk action would touch, counted (up to ``BULK_MAX``) before it is asked."""
+        chosen = bulk_status(action, status)
+        found = await yard.store.list_tasks(
+            owner=owner, status=chosen, name=name or None, limit=BULK_MAX + 1
+        )
+        return render(
+            request,
+            "bulk.html",
+            action=action,
+            status=chosen.value,
+            type_name=name or "",
+            count=min(len(found), BULK_MAX),
+            more=len(found) > BULK_MAX,
+            cap=BULK_MAX,
+        )
+
+    @app.post("/tasks/bulk")
+    async def bulk(
+        request: Request,
+        action: Annotated[BulkAction, Form()],
+        status: Annotated[str, Form(max_length=20)],
+        name: Annotated[str, Form(max_length=200)] = "",
+        owner: str | None = Depends(tenant_of),
+        _: None = Depends(csrf_checked),
+    ) -> Response:
+        """Cancel or retry the tasks of one status (and type), newest first, at most
+        ``BULK_MAX``; a task whose state changed meanwhile is left as it is."""
+        chosen = bulk_status(action, status)
+        found = await yard.store.list_tasks(
+            owner=owner, status=chosen, name=name or None, limit=BULK_MAX
+        )
+        act_on = yard.cancel if action == "cancel" else yard.retry
+        done = 0
+        for start in range(0, len(found), 100):
+            outcomes = await asyncio.gather(
+                *(act_on(t.id, owner=t.owner) for t in found[start : start + 100]),
+                return_exceptions=True,
+            )
+            done += sum(not isinstance(o, BaseException) for o in outcomes)
+        query = urlencode({"status": chosen.value, "name": name, "done": f"{action}:{done}"})
+        return RedirectResponse(f"{base(request)}/tasks?{query}", 303)
 
     @app.get("/tasks/live", response_class=EventSourceResponse)
     async def tasks_live(
@@ -393,6 +453,16 @@ def _row(task: TaskRecord) -> dict[str, Any]:
         "attempts": f"{task.attempts}/{task.max_attempts}",
         "created_at": iso(task.created_at),
     }
+
+
+def bulk_status(action: str, status: str | None) -> TaskStatus:
+    """The status a bulk action applies to: cancel queued or running tasks, retry failed or
+    cancelled ones (``422`` otherwise)."""
+    chosen = _status(status) if status in {s.value for s in TaskStatus} else None
+    if chosen is None or chosen not in BULK[action]:
+        allowed = " or ".join(sorted(s.value for s in BULK[action]))
+        raise HTTPException(422, f"{action} applies to {allowed} tasks: choose one of them")
+    return chosen
 
 
 def _status(value: str | None) -> TaskStatus | None:
