@@ -26,7 +26,8 @@ from conveyor.jobs.email import (
 )
 from conveyor.service import create_app
 
-from .support.live import LiveServer, follow, read_events, service_settings
+from .support.faults import wait_until
+from .support.live import LiveServer, counted, follow, read_events, service_settings
 from .support.smtp_server import SmtpServer, message
 
 pytestmark = pytest.mark.timeout(120)
@@ -119,6 +120,18 @@ def test_deferred_bounced_and_dropped(
     csv_text = client.get(f"/emails/{sent['id']}/recipients.csv").text
     assert csv_text.splitlines()[0].startswith("email,name,status,smtp_code")
     assert "bounce@example.com,,bounced,550" in csv_text
+
+    # every attempt's SMTP outcome is counted: 3 deferrals of one, the dropped connection of
+    # another (then sent), a bounce and two sends
+    replies = {"sent": 2.0, "deferred": 4.0, "bounced": 1.0}
+    wait_until(
+        lambda: (
+            {k: counted(client, "conveyor_email_replies_total", outcome=k) for k in replies}
+            == replies
+        ),
+        10,
+        "the email counters",
+    )
 
 
 def test_a_deferred_recipient_waits_with_its_next_attempt_visible(

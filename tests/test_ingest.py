@@ -20,7 +20,8 @@ from conveyor.jobs.netguard import refusal
 from conveyor.service import create_app
 
 from .support.api_server import Upstream, build_api
-from .support.live import LiveServer, follow, service_settings
+from .support.faults import wait_until
+from .support.live import LiveServer, counted, follow, service_settings
 
 SECRET = "Bearer s3cr3t-token-value"
 
@@ -138,6 +139,15 @@ def test_second_run_rewrites_nothing_and_changes_are_updates(
     assert (third["rows_inserted"], third["rows_updated"], third["rows_unchanged"]) == (1, 1, 94)
     rows = {r["id"]: r for r in all_rows(client, source_id)}
     assert rows[4]["price"] == 999.0 and rows[500]["colour"] == "red" and len(rows) == 96
+    expected = {"inserted": 96.0, "updated": 1.0, "unchanged": 189.0, "rejected": 0.0}
+    wait_until(
+        lambda: (
+            {k: counted(client, "conveyor_ingest_rows_total", outcome=k) for k in expected}
+            == expected
+        ),
+        10,
+        "the ingestion counters",
+    )
     if target is not None:  # the rows are PostgreSQL's, in a table with a column per field
         table = client.get(f"/ingest/sources/{source_id}").json()["table"]
         stored = asyncio.run(_pg_rows(target, f'SELECT id, price, colour FROM "{table}"'))

@@ -1,6 +1,7 @@
 """``GET /metrics`` read from the store: after a known workload run by two processes sharing
 one SQLite file (``conveyor serve`` and a ``conveyor worker``), the figures parsed with
-prometheus-client's own parser match what was submitted; the scrape token is enforced."""
+prometheus-client's own parser match what was submitted and run (gauges read from the store,
+counters and histograms added to it by each process); the scrape token is enforced."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.service import create_app
 
+from .support.faults import wait_until
 from .support.live import LiveServer, follow, free_port, listed, service_settings
 from .support.process import serve_with_worker
 
@@ -65,6 +67,35 @@ def test_metrics_match_a_known_workload_across_two_processes(spawn: Any) -> None
         assert metrics["conveyor_workers"][(("engine", "local"),)] == 2
         assert metrics["conveyor_worker_slots"][(("state", "capacity"),)] == 3 + 5
         assert all("task_id" not in dict(k) and "tenant" not in dict(k) for k in tasks)
+
+        # counters and histograms: what each process counted, added to the store's totals
+        def counted() -> dict[str, dict[tuple[Any, ...], float]]:
+            return scrape(client)
+
+        echo, fail = (("task", "demo.echo"),), (("task", "demo.fail"),)
+        wait_until(
+            lambda: (
+                counted()
+                .get("conveyor_tasks_finished_total", {})
+                .get((("outcome", "failed"), *fail))
+                == 2
+            ),
+            30,
+            "the workers' counts in the store",
+        )
+        metrics = counted()
+        assert metrics["conveyor_tasks_submitted_total"][echo] == 9
+        assert metrics["conveyor_tasks_submitted_total"][fail] == 2
+        finished = metrics["conveyor_tasks_finished_total"]
+        assert finished[(("outcome", "completed"), *echo)] == 6
+        retried = sum(client.get(f"/tasks/{t}").json()["attempts"] - 1 for t in failed)
+        assert metrics.get("conveyor_task_retries_total", {}).get(fail, 0) == retried
+        runs = metrics["conveyor_task_run_seconds_count"]
+        assert runs[echo] == 6 and runs[fail] == 2 + retried, "one per attempt"
+        buckets = metrics["conveyor_task_run_seconds_bucket"]
+        assert buckets[(("le", "+Inf"), *echo)] == 6
+        assert metrics["conveyor_task_queue_wait_seconds_count"][echo] == 6
+        assert metrics["conveyor_task_run_seconds_sum"][echo] >= 0
 
 
 def test_the_scrape_token(serve: Callable[[FastAPI], LiveServer], tmp_path: Path) -> None:

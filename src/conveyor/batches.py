@@ -22,6 +22,7 @@ from .record import TaskRecord
 from .settings import Settings
 from .status import TaskStatus
 from .store.base import BatchStore, Store
+from .tally import Tally
 from .task import UNSET, TaskType, new_records
 
 # Counts are streamed at most this often: a batch's events are coalesced, not one per item.
@@ -35,6 +36,7 @@ class BatchHost(Protocol):
     """What batches need of :class:`~conveyor.core.Conveyor`."""
 
     settings: Settings
+    tally: Tally
 
     @property
     def task_types(self) -> Mapping[str, TaskType[Any, Any]]: ...
@@ -107,6 +109,7 @@ class Batches:
             args_json=[args_json for _, args_json in built],
             max_queued=host.settings.max_queued,
         )
+        host.tally.count("conveyor_tasks_submitted", {"task": task_type.name}, len(records))
         engine = host.engine
         if engine is not None:
             for record in records:

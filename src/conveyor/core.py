@@ -31,6 +31,7 @@ from .scheduler import Scheduler, Schedules
 from .settings import Settings
 from .status import TaskStatus
 from .store import Store, open_store
+from .tally import Flusher, Tally
 from .task import UNSET, Executor, TaskOptions, TaskType, new_record, new_records
 
 if TYPE_CHECKING:
@@ -100,6 +101,8 @@ class Conveyor:
         self._scheduler: Scheduler | None = None
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self.retention = Retention(self)
+        self.tally = Tally()  # what this process did, for /metrics
+        self._flusher: Flusher | None = None
 
     # registry ----------------------------------------------------------------------------------
 
@@ -268,6 +271,8 @@ class Conveyor:
             await store.open()
             self._store = store
             self._subscribed = False
+            self._flusher = Flusher(self.tally, store.stats().add_totals)
+            self._flusher.start()
             celery = self.celery_app() if self.settings.engine == "celery" else None
             engine = open_engine(self, run_workers=self.run_workers, consume=consume, celery=celery)
             if engine is not None:
@@ -324,6 +329,9 @@ class Conveyor:
                     logger.exception("a stop callback failed")
         finally:
             self._engine = None
+            if self._flusher is not None:
+                await self._flusher.stop()
+                self._flusher = None
             if self._store is not None:
                 await self._store.close()
             self._store = None
@@ -422,8 +430,10 @@ class Conveyor:
         stored, created = await self.store.insert(
             record, args_json=args_json, max_queued=self.settings.max_queued
         )
-        if created and self._engine is not None:
-            self._engine.submitted(stored)
+        if created:
+            self.tally.count("conveyor_tasks_submitted", {"task": stored.name})
+            if self._engine is not None:
+                self._engine.submitted(stored)
         return stored, created
 
     async def submit_many(
@@ -458,6 +468,7 @@ class Conveyor:
             args_json=[args_json for _, args_json in built],
             max_queued=self.settings.max_queued,
         )
+        self.tally.count("conveyor_tasks_submitted", {"task": name}, len(stored))
         if self._engine is not None:
             for record in stored:
                 self._engine.submitted(record)

@@ -42,6 +42,7 @@ from .schedule_record import (
 )
 from .settings import Settings
 from .store.base import ScheduleStore, Store
+from .tally import Tally
 from .task import UNSET, TaskType, new_record
 
 
@@ -49,6 +50,7 @@ class ScheduleHost(Protocol):
     """What schedules need of :class:`~conveyor.core.Conveyor`."""
 
     settings: Settings
+    tally: Tally
 
     @property
     def store(self) -> Store: ...
@@ -276,6 +278,7 @@ class Schedules:
             return None
 
     def _submitted(self, record: TaskRecord) -> None:
+        self._yard.tally.count("conveyor_tasks_submitted", {"task": record.name})
         engine = self._yard.engine
         if engine is not None:
             engine.submitted(record)

@@ -138,3 +138,16 @@ def listed(client: httpx.Client) -> dict[int, dict[str, Any]]:
     response = client.get("/workers")
     assert response.status_code == 200, response.text
     return {worker["pid"]: worker for worker in response.json()["items"]}
+
+
+def counted(client: httpx.Client, sample: str, **labels: str) -> float:
+    """A sample of ``GET /metrics`` (0 when absent), parsed by prometheus-client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    for family in text_string_to_metric_families(response.text):
+        for found in family.samples:
+            if found.name == sample and found.labels == labels:
+                return float(found.value)
+    return 0.0

@@ -15,14 +15,21 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import orjson
 from fastapi import APIRouter, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from ..record import WorkerRecord
 from ..status import TaskStatus
 from ..store.stats import Snapshot
+from ..tally import BOUNDS, DESCRIBED
 
 if TYPE_CHECKING:
     from ..core import Conveyor
@@ -37,6 +44,7 @@ class StoreCollector(Collector):
         self.snapshot = Snapshot({}, None)
         self.workers: list[WorkerRecord] = []
         self.task_types: list[str] = []
+        self.totals: list[tuple[str, str, str, float]] = []
 
     def collect(self) -> Iterator[Metric]:
         tasks = GaugeMetricFamily(
@@ -72,6 +80,38 @@ class StoreCollector(Collector):
         running.add_metric(["busy"], sum(w.running for w in self.workers))
         yield workers
         yield running
+        yield from counted(self.totals)
+
+
+def counted(totals: list[tuple[str, str, str, float]]) -> Iterator[Metric]:
+    """The counters and histograms every process added to the store (``conveyor.tally``)."""
+    series: dict[str, dict[str, dict[str, float]]] = {}
+    for metric, labels, le, value in totals:
+        series.setdefault(metric, {}).setdefault(labels, {})[le] = value
+    for metric, (kind, help_text) in sorted(DESCRIBED.items()):
+        if kind == "counter":
+            family: Metric = CounterMetricFamily(metric, help_text, labels=None)
+            for labels, values in sorted(series.get(metric, {}).items()):
+                family.add_sample(f"{metric}_total", _labels(labels), values.get("", 0.0))
+            yield family
+            continue
+        histogram = HistogramMetricFamily(metric, help_text, labels=None)
+        sums = series.get(f"{metric}_sum", {})
+        for labels, buckets in sorted(series.get(metric, {}).items()):
+            cumulative, running = [], 0.0
+            for bound in BOUNDS:
+                running += buckets.get(bound, 0.0)
+                cumulative.append((bound, running))
+            label_set = _labels(labels)
+            for bound, n in cumulative:
+                histogram.add_sample(f"{metric}_bucket", {**label_set, "le": bound}, n)
+            histogram.add_sample(f"{metric}_count", label_set, running)
+            histogram.add_sample(f"{metric}_sum", label_set, sums.get(labels, {}).get("", 0.0))
+        yield histogram
+
+
+def _labels(text: str) -> dict[str, str]:
+    return {str(k): str(v) for k, v in orjson.loads(text).items()}
 
 
 def build_metrics_router(yard: "Conveyor") -> APIRouter:
@@ -111,6 +151,7 @@ def build_metrics_router(yard: "Conveyor") -> APIRouter:
             collector.snapshot = await store.stats().snapshot()
             collector.workers = await store.workers().alive(lease_s=settings.lease_s)
             collector.task_types = sorted(yard.task_types)
+            collector.totals = await store.stats().totals()
             read_at = time.monotonic()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

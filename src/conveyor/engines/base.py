@@ -13,6 +13,7 @@ from ..blobs import BlobStore
 from ..record import TaskRecord
 from ..settings import Settings
 from ..store import Store
+from ..tally import Tally
 from ..task import TaskType
 
 
@@ -33,6 +34,11 @@ class EngineHost(Protocol):
 
     @property
     def task_types(self) -> Mapping[str, TaskType[Any, Any]]: ...
+
+    @property
+    def tally(self) -> Tally:
+        """What this process did, for /metrics."""
+        ...
 
     def notify(self, task_id: str) -> None:
         """Wake whoever waits on this task in this process."""

@@ -97,6 +97,7 @@ class _Running:
     progress: ProgressWriter | None = None
     executed: asyncio.Event = field(default_factory=asyncio.Event)
     log: tasklogs.TaskLog | None = None
+    began: float = 0.0  # monotonic, when this attempt began
 
 
 class Runner:
@@ -283,6 +284,7 @@ class Runner:
 
     async def _attempt(self, run: _Running) -> None:
         record, task_type = run.record, run.task_type
+        run.began = time.monotonic()
         # this attempt's own context (its asyncio task's): what it logs is the task's
         run.log = tasklogs.TaskLog(record.id, record.name, record.attempts, self.worker_id)
         tasklogs.CURRENT.set(run.log)
@@ -437,7 +439,12 @@ class Runner:
         )
         if not recorded:
             logger.warning("task %s was taken from this worker; its outcome is dropped", record.id)
-        elif status is TaskStatus.FAILED:
+            return
+        self._ran(run)
+        self.host.tally.count(
+            "conveyor_tasks_finished", {"task": record.name, "outcome": status.value}
+        )
+        if status is TaskStatus.FAILED:
             logger.error(
                 "task %s (%s) failed: %s: %s",
                 record.id,
@@ -477,8 +484,20 @@ class Runner:
             )
             if requeued is not None and requeued.status is TaskStatus.CANCELLED:
                 logger.info("task %s was cancelled before its retry", record.id)
+            elif requeued is not None:
+                self._ran(run)
+                self.host.tally.count("conveyor_task_retries", {"task": record.name})
             return
         await self._finish(run, TaskStatus.FAILED, error=error)
+
+    def _ran(self, run: _Running) -> None:
+        """Count an ended attempt's time, and how long its task waited to start (both on the
+        store's clock)."""
+        record, labels = run.record, {"task": run.record.name}
+        self.host.tally.observe("conveyor_task_run_seconds", labels, time.monotonic() - run.began)
+        if record.started_at is not None:
+            waited = record.started_at - max(record.run_at, record.created_at)
+            self.host.tally.observe("conveyor_task_queue_wait_seconds", labels, max(waited, 0.0))
 
     # progress ----------------------------------------------------------------------------------
 

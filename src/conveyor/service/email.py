@@ -33,8 +33,10 @@ from ..batch_record import BatchRecord
 from ..context import TaskContext
 from ..errors import BatchNotFound, InvalidArguments, PayloadTooLarge
 from ..jobs.email import (
+    Bounced,
     Deferred,
     EmailInputError,
+    SendError,
     SmtpPool,
     Templates,
     build_message,
@@ -45,6 +47,13 @@ from ..jobs.email import (
 )
 from ..record import TaskRecord, iso
 from ..status import TaskStatus
+from ..tally import describe
+
+describe(
+    "conveyor_email_replies",
+    "counter",
+    "Send attempts by SMTP outcome: sent (2xx), deferred (4xx or no connection), bounced (5xx).",
+)
 
 if TYPE_CHECKING:
     from ..core import Conveyor
@@ -257,7 +266,13 @@ class Emails:
             reply_to=meta["reply_to"],
             headers=meta["headers"],
         )
-        accepted = await self.pool().send(message, sender=meta["from"], recipient=item["to"])
+        try:
+            accepted = await self.pool().send(message, sender=meta["from"], recipient=item["to"])
+        except SendError as exc:
+            outcome = "bounced" if isinstance(exc, Bounced) else "deferred"
+            self.yard.tally.count("conveyor_email_replies", {"outcome": outcome})
+            raise
+        self.yard.tally.count("conveyor_email_replies", {"outcome": "sent"})
         return {
             "smtp_code": accepted.code,
             "smtp_reply": accepted.reply,

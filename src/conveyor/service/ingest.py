@@ -32,7 +32,15 @@ from ..ids import uuid7
 from ..jobs.fetch import FetchError, FetchStats, Limits, Pagination, pages
 from ..jobs.netguard import guarded_transport
 from ..jobs.upsert import MAX_REJECTS, RESERVED, Target
+from ..tally import describe
 from ..task import validated
+
+describe("conveyor_ingest_pages", "counter", "Pages fetched by ingestion runs that completed.")
+describe(
+    "conveyor_ingest_rows",
+    "counter",
+    "Records of completed ingestion runs: inserted, updated, unchanged, rejected.",
+)
 
 if TYPE_CHECKING:
     from ..core import Conveyor
@@ -492,6 +500,10 @@ class Ingestion:
             except FetchError as exc:
                 raise IngestFailed(str(exc)) from None
         cursor_after = await anyio.to_thread.run_sync(target.finish_run, source_id)
+        tally = self.yard.tally
+        tally.count("conveyor_ingest_pages", {}, stats.pages)
+        for kind, n in (*totals.items(), ("rejected", rejected)):
+            tally.count("conveyor_ingest_rows", {"outcome": kind}, n)
         return {
             "source_id": source_id,
             "table": row["table_name"],

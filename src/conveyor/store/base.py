@@ -347,6 +347,14 @@ class StatsReader(Protocol):
         age."""
         ...
 
+    async def add_totals(self, rows: Sequence[tuple[str, str, str, float]]) -> None:
+        """Add a process's counts ``(metric, labels, le, n)`` to the totals (see ``tally``)."""
+        ...
+
+    async def totals(self) -> list[tuple[str, str, str, float]]:
+        """Every series of every process's counts, summed."""
+        ...
+
 
 class LogStore(Protocol):
     async def append(self, task_id: str, lines: Sequence[LogLine]) -> None:

@@ -52,10 +52,10 @@ from .sqlite_commit import GroupCommit
 from .sqlite_schedules import SCHEDULES, SQLiteSchedules
 from .sqlite_tally import WriteTally
 from .sqlite_wake import Doorbell
-from .stats import SQLiteStats
+from .stats import SQLITE_TOTALS, SQLiteStats
 from .workers import SQLITE_WORKERS, SQLiteWorkers
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 _COUNTS = """
 CREATE TABLE IF NOT EXISTS task_counts (
     owner TEXT NOT NULL,
@@ -114,6 +114,7 @@ CREATE INDEX IF NOT EXISTS tasks_status_seq ON tasks(status, seq);
     + _RATE_STARTS
     + SQLITE_WORKERS
     + SQLITE_LOGS
+    + SQLITE_TOTALS
 )
 
 # Each step takes a store from the version before it to its own; a new store gets _SCHEMA.
@@ -126,6 +127,7 @@ _MIGRATIONS: dict[int, str] = {
     5: "ALTER TABLE tasks ADD COLUMN batch_id TEXT;" + BATCHES + _RATE_STARTS,
     6: SQLITE_WORKERS,
     7: SQLITE_LOGS,
+    8: SQLITE_TOTALS,
 }
 _WAITING_AND_RUNNING = (
     "SELECT name, status, n FROM task_counts WHERE status IN ('queued', 'running') AND n > 0"

@@ -1,14 +1,16 @@
-"""What a metrics scrape reads of a store: task counts by type and status, and the age of the
-oldest queued task. Each is a constant number of index reads on SQLite (``task_counts`` is one
-row per owner, type and status; the oldest queued task is the first of ``tasks_status_seq``);
-on PostgreSQL the counts are grouped from the table (cached by the caller between scrapes).
+"""What a metrics scrape reads of a store: task counts by type and status, the age of the
+oldest queued task, and the totals of what every process counted. The first two are a constant
+number of index reads on SQLite (``task_counts`` is one row per owner, type and status; the
+oldest queued task is the first of ``tasks_status_seq``); on PostgreSQL the counts are grouped
+from the table (cached by the caller between scrapes). The totals (``metric_totals``) are one
+row per series, each process adding what it counted (``conveyor.tally``) about once a second.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -18,6 +20,26 @@ import asyncpg
 from .postgres_sql import NOW
 
 T = TypeVar("T")
+
+SQLITE_TOTALS = """
+CREATE TABLE IF NOT EXISTS metric_totals (
+    metric TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    le TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (metric, labels, le)
+) WITHOUT ROWID;
+"""
+POSTGRES_TOTALS = """
+CREATE TABLE IF NOT EXISTS conveyor_metric_totals (
+    metric TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    le TEXT NOT NULL,
+    value DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (metric, labels, le)
+);
+"""
+Row = tuple[str, str, str, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +53,8 @@ class Snapshot:
 
 class _File(Protocol):
     def _read(self, op: Callable[[sqlite3.Connection], T]) -> Awaitable[T]: ...
+
+    def _write(self, op: Callable[[sqlite3.Connection], T]) -> Awaitable[T]: ...
 
 
 class SQLiteStats:
@@ -50,6 +74,22 @@ class SQLiteStats:
             ).fetchone()
             age = None if oldest is None else max(0.0, time.time() - oldest[0])
             return Snapshot({(name, status): n for name, status, n in rows}, age)
+
+        return await self._store._read(op)
+
+    async def add_totals(self, rows: Sequence[Row]) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO metric_totals (metric, labels, le, value) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (metric, labels, le) DO UPDATE SET value = value + excluded.value",
+                rows,
+            )
+
+        await self._store._write(op)
+
+    async def totals(self) -> list[Row]:
+        def op(conn: sqlite3.Connection) -> list[Row]:
+            return conn.execute("SELECT metric, labels, le, value FROM metric_totals").fetchall()
 
         return await self._store._read(op)
 
@@ -74,3 +114,21 @@ class PostgresStats:
                 "WHERE status = 'queued' ORDER BY seq LIMIT 1"
             )
         return Snapshot({(row[0], row[1]): row[2] for row in rows}, age)
+
+    async def add_totals(self, rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        columns = [[row[i] for row in rows] for i in range(4)]
+        async with self._store.connection() as conn:
+            await conn.execute(
+                "INSERT INTO conveyor_metric_totals (metric, labels, le, value) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) "
+                "ON CONFLICT (metric, labels, le) "
+                "DO UPDATE SET value = conveyor_metric_totals.value + excluded.value",
+                *columns,
+            )
+
+    async def totals(self) -> list[Row]:
+        async with self._store.connection() as conn:
+            found = await conn.fetch("SELECT metric, labels, le, value FROM conveyor_metric_totals")
+        return [(row[0], row[1], row[2], row[3]) for row in found]
