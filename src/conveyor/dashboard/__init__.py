@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request, Response
+from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
@@ -81,6 +82,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
     pages.filters["iso"] = iso
     pages.filters["shown"] = shown
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(GZipMiddleware, minimum_size=1024)  # event streams are left alone
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     async def session_tenant(request: Request) -> str | None:
