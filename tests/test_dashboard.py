@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,28 @@ def test_overview_tasks_and_task_pages(service: LiveServer) -> None:
         assert "boom &lt;b&gt;" in page.text and "boom <b>" not in page.text
         assert "Traceback" in page.text and 'id="retry"' in page.text
         assert client.get("/dashboard/tasks/not-an-id").status_code in (404, 422)
+
+
+def test_the_task_list_narrowed_by_id_time_and_batch(service: LiveServer) -> None:
+    with service.client() as client:
+        ids = [submit(client, value=i) for i in range(3)]
+        batch = client.post("/batches", json={"name": "demo.echo", "items": [{"value": 7}]})
+        one = client.get("/dashboard/tasks", params={"id_prefix": ids[1][:13]}).text
+        assert ids[1] in one and ids[0] not in one and ids[2] not in one
+        assert f"id_prefix={ids[1][:13]}" in one, "the live page and the next page keep it"
+        now = datetime.now(UTC)
+        form = {  # a datetime-local field sends no zone: UTC
+            "created_after": (now - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S"),
+            "created_before": (now + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        window = client.get("/dashboard/tasks", params=form).text
+        assert all(task_id in window for task_id in ids)
+        later = {"created_after": (now + timedelta(minutes=5)).isoformat()}
+        assert "No task matches" in client.get("/dashboard/tasks", params=later).text
+        in_batch = client.get("/dashboard/tasks", params={"batch": batch.json()["id"]}).text
+        assert not any(task_id in in_batch for task_id in ids) and "demo.echo" in in_batch
+        bad = client.get("/dashboard/tasks", params={"created_after": "soon"})
+        assert bad.status_code == 422 and "created_after" in bad.text
 
 
 def test_batches_and_their_items(service: LiveServer) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,35 @@ def test_list_filters_and_cursor(client: httpx.Client) -> None:
     assert seen == ids[::-1]
     assert len(client.get("/tasks", params={"status": "queued"}).json()["items"]) == 5
     assert client.get("/tasks", params={"status": "completed"}).json()["items"] == []
+
+
+def test_list_narrowed_to_an_id_prefix_a_time_range_or_a_batch(client: httpx.Client) -> None:
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    ids = [submit(client, "demo.echo", {"value": i}).json()["id"] for i in range(3)]
+    batch = client.post("/batches", json={"name": "demo.echo", "items": [{"value": 9}]}).json()
+    after = datetime.now(UTC) + timedelta(seconds=1)
+
+    def listed(**params: Any) -> list[str]:
+        response = client.get("/tasks", params=params)
+        assert response.status_code == 200, response.text
+        return [t["id"] for t in response.json()["items"]]
+
+    assert ids[1] in listed(id_prefix=ids[1][:13])
+    assert listed(id_prefix=ids[1]) == [ids[1]], "a whole id is a prefix too"
+    window = listed(created_after=before.isoformat(), created_before=after.isoformat())
+    assert set(ids) < set(window) and batch["id"] not in window
+    assert listed(created_after=after.isoformat()) == []
+    assert listed(created_before=before.isoformat()) == []
+    (item,) = listed(batch=batch["id"])
+    assert item not in ids
+    for bad, where in [
+        ({"id_prefix": ids[0][:7]}, "id_prefix"),
+        ({"id_prefix": "ZZZZZZZZ"}, "id_prefix"),
+        ({"created_after": "2026-12-06T10:00:00"}, "created_after"),
+        ({"created_before": "yesterday"}, "created_before"),
+    ]:
+        refused = client.get("/tasks", params=bad)
+        assert refused.status_code == 422 and where in refused.text, (bad, refused.text)
 
 
 def test_task_types_and_health(client: httpx.Client) -> None:

@@ -16,6 +16,7 @@ import pytest
 from conveyor.status import TaskStatus
 from conveyor.store import sqlite as sqlite_store
 from conveyor.store import sqlite_commit
+from conveyor.store.rows import TaskFilter
 from conveyor.store.sqlite import SQLiteStore
 from conveyor.store.sqlite_batches import BATCHES
 
@@ -98,6 +99,15 @@ async def test_hot_statements_never_sort_or_read_the_backlog(
             await store.list_tasks(owner="", status=status, limit=50)
             await store.list_tasks(owner=None, status=status, limit=50)
         await store.get(claimed[2].id, owner="")
+        narrowings = [
+            TaskFilter(created_after=time.time() - 60),
+            TaskFilter(created_before=time.time() - 60, created_after=time.time() - 120),
+            TaskFilter(id_prefix="00001234"),
+            TaskFilter(batch_id="b-1"),
+        ]
+        for narrowed in narrowings:
+            await store.list_tasks(owner=None, narrowed=narrowed, limit=50)
+            await store.list_tasks(owner="", narrowed=narrowed, limit=50)
     finally:
         await store.close()
 
@@ -113,7 +123,11 @@ async def test_hot_statements_never_sort_or_read_the_backlog(
             # task_counts has one row per owner, type and status: read whole, it stays small; the
             # claim sorts only the few candidates each type's index walk gave
             continue
+        prefixed = "id >= '00001234'" in statement
         for step in steps:
+            if prefixed:  # the sort covers the ids sharing an 8-character prefix (65 s of ids)
+                assert "sqlite_autoindex_tasks_1 (id>? AND id<?)" in steps[0], (statement, steps)
+                continue
             assert "TEMP B-TREE" not in step, (statement, steps)
             if step.startswith("SCAN tasks"):  # a full walk: only for a newest-first page
                 assert "ORDER BY seq DESC LIMIT" in statement, (statement, steps)

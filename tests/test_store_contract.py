@@ -19,6 +19,7 @@ from conveyor.record import TaskRecord, WorkerRecord
 from conveyor.status import TaskStatus
 from conveyor.store import Store
 from conveyor.store.postgres import PostgresStore
+from conveyor.store.rows import TaskFilter
 from conveyor.store.sqlite import SQLiteStore
 from conveyor.tasklogs import MAX_LINES, LogLine
 
@@ -298,6 +299,53 @@ async def test_listing_is_newest_first_with_a_cursor(store: Store) -> None:
     assert [r.id for r in rest] == ids[::-1][2:]
     echoes = await store.list_tasks(owner=None, name="t.echo", status=TaskStatus.QUEUED)
     assert [r.id for r in echoes] == [ids[3], ids[1]]
+
+
+async def test_listing_narrowed_to_a_time_range_an_id_prefix_or_a_batch(store: Store) -> None:
+    """Tasks submitted at known times: a time range (found by submission order) lists exactly
+    those inside it, newest first, with the cursor; an id prefix lists the tasks whose id
+    starts with it; a batch lists its own tasks."""
+    made: list[TaskRecord] = []
+    for i in range(12):
+        record = TaskRecord(
+            id=f"0{i:07x}-0000-7000-8000-{i:012x}",
+            name="t.echo",
+            status=TaskStatus.QUEUED,
+            args={"value": 1},
+            created_at=1000.0 + i,
+            run_at=1000.0 + i,
+            batch_id="b-1" if i % 3 == 0 else None,
+        )
+        made.append((await store.insert(record, args_json='{"value":1}', max_queued=None))[0])
+    stamped = {r.id: 1000.0 + i for i, r in enumerate(made)}
+    if isinstance(store, PostgresStore):  # the database's clock stamps a new task: set them
+        async with store.connection() as conn:
+            await conn.executemany(
+                "UPDATE conveyor_tasks SET created_at = $2 WHERE id = $1", list(stamped.items())
+            )
+
+    window = TaskFilter(created_after=1003.0, created_before=1009.0)
+    inside = await store.list_tasks(owner=None, narrowed=window)
+    assert [r.id for r in inside] == [r.id for r in reversed(made[3:9])]
+    first = await store.list_tasks(owner=None, narrowed=window, limit=4)
+    rest = await store.list_tasks(owner=None, narrowed=window, limit=4, before_seq=first[-1].seq)
+    assert [r.id for r in first + rest] == [r.id for r in inside], "the cursor within it"
+    later = await store.list_tasks(owner=None, narrowed=TaskFilter(created_after=1010.5))
+    assert [r.id for r in later] == [made[11].id]
+    assert await store.list_tasks(owner=None, narrowed=TaskFilter(created_after=2000)) == []
+    earlier = await store.list_tasks(owner=None, narrowed=TaskFilter(created_before=1001.0))
+    assert [r.id for r in earlier] == [made[0].id]
+
+    prefixed = await store.list_tasks(owner=None, narrowed=TaskFilter(id_prefix="0000000a"))
+    assert [r.id for r in prefixed] == [made[10].id]
+    assert await store.list_tasks(owner=None, narrowed=TaskFilter(id_prefix="ffffffff")) == []
+    batch = await store.list_tasks(owner=None, narrowed=TaskFilter(batch_id="b-1"))
+    assert [r.id for r in batch] == [made[9].id, made[6].id, made[3].id, made[0].id]
+    mixed = TaskFilter(batch_id="b-1", created_after=1004.0)
+    assert [r.id for r in await store.list_tasks(owner=None, narrowed=mixed)] == [
+        made[9].id,
+        made[6].id,
+    ]
 
 
 async def test_many_tasks_are_committed_together_or_not_at_all(store: Store) -> None:

@@ -31,6 +31,7 @@ from .scheduler import Scheduler, Schedules
 from .settings import Settings
 from .status import TaskStatus
 from .store import Store, open_store
+from .store.rows import NO_FILTER, TaskFilter
 from .tally import Flusher, Tally
 from .task import UNSET, Executor, TaskOptions, TaskType, new_record, new_records
 
@@ -513,9 +514,16 @@ class Conveyor:
         name: str | None = None,
         limit: int = 50,
         before_seq: int | None = None,
+        narrowed: TaskFilter = NO_FILTER,
     ) -> list[TaskRecord]:
+        """Tasks newest first: ``narrowed`` to a batch, an id prefix or a time range."""
         return await self.store.list_tasks(
-            owner=owner, status=status, name=name, limit=limit, before_seq=before_seq
+            owner=owner,
+            status=status,
+            name=name,
+            limit=limit,
+            before_seq=before_seq,
+            narrowed=narrowed,
         )
 
     async def cancel(self, task_id: str, *, owner: str | None = None) -> TaskRecord:

@@ -8,12 +8,13 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field
 
 from ..blobs import safe_filename
 from ..errors import ConveyorError, InvalidArguments, TaskStateConflict
 from ..record import TaskRecord, iso
 from ..status import TaskStatus
+from ..store.rows import TaskFilter
 from ..task import UNSET
 from .auth import tenant_resolver
 from .batches import BatchCreate, build_batch_router
@@ -171,10 +172,35 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         name: Annotated[str | None, Query(max_length=200)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, Query(max_length=18, pattern=r"^[0-9]+$")] = None,
+        batch: Annotated[str | None, Query(max_length=64, description="A batch's id")] = None,
+        id_prefix: Annotated[
+            str | None,
+            Query(
+                pattern=r"^[0-9a-f-]{8,36}$",
+                description="The first characters of the task's id (at least 8)",
+            ),
+        ] = None,
+        created_after: Annotated[
+            AwareDatetime | None, Query(description="Submitted at or after (with a time zone)")
+        ] = None,
+        created_before: Annotated[
+            AwareDatetime | None, Query(description="Submitted before (with a time zone)")
+        ] = None,
     ) -> Response:
         before = int(cursor) if cursor is not None else None
+        narrowed = TaskFilter(
+            batch_id=batch,
+            id_prefix=id_prefix,
+            created_after=created_after.timestamp() if created_after else None,
+            created_before=created_before.timestamp() if created_before else None,
+        )
         records = await yard.list(
-            owner=owner, status=status, name=name, limit=limit + 1, before_seq=before
+            owner=owner,
+            status=status,
+            name=name,
+            limit=limit + 1,
+            before_seq=before,
+            narrowed=narrowed,
         )
         page = records[:limit]
         next_cursor = str(page[-1].seq) if len(records) > limit else None

@@ -26,6 +26,7 @@ import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlencode
@@ -42,6 +43,7 @@ from ..errors import ConveyorError
 from ..record import TaskRecord, iso
 from ..scheduler import upcoming
 from ..status import TERMINAL, TaskStatus
+from ..store.rows import NO_FILTER, TaskFilter
 from .session import SESSION_COOKIE, SESSION_S, Signer
 
 if TYPE_CHECKING:
@@ -172,30 +174,37 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         limit: int = Query(default=PAGE, ge=1, le=500),
         cursor: str | None = Query(default=None, max_length=18, pattern=r"^[0-9]+$"),
         done: str | None = Query(default=None, pattern=r"^(cancel|retry):[0-9]{1,6}$"),
+        narrowing: tuple[TaskFilter, dict[str, str]] = Depends(narrowed_by),
     ) -> Response:
+        narrowed, shown_filter = narrowing
         found = await yard.store.list_tasks(
             owner=owner,
             status=_status(status),
             name=name or None,
             limit=limit + 1,
             before_seq=int(cursor) if cursor else None,
+            narrowed=narrowed,
         )
         more = len(found) > limit
         page = found[:limit]
         query = {
             "status": status or "",
             "name": name or "",
+            **shown_filter,
             "limit": limit,
             "cursor": cursor or "",
         }
         return render(
             request,
             "tasks.html",
+            filters=urlencode({k: v for k, v in query.items() if k not in ("limit", "cursor")}),
             tasks=page,
             statuses=[s.value for s in TaskStatus],
             query=query,
             next_cursor=str(page[-1].seq) if more and page else None,
-            bulk=[a for a, among in BULK.items() if _status(status) in among],
+            bulk=[
+                a for a, among in BULK.items() if _status(status) in among and narrowed == NO_FILTER
+            ],
             done=done.split(":") if done else None,
         )
 
@@ -255,13 +264,18 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         status: StatusFilter = None,
         name: str | None = Query(default=None, max_length=200),
         limit: int = Query(default=PAGE, ge=1, le=500),
+        narrowing: tuple[TaskFilter, dict[str, str]] = Depends(narrowed_by),
     ) -> AsyncIterator[ServerSentEvent]:
         """The first page of the history, sent again each time it changes (new tasks,
         statuses, progress): what the tasks page shows without a reload."""
         last: list[tuple[str, str, float]] | None = None
         while True:
             page = await yard.store.list_tasks(
-                owner=owner, status=_status(status), name=name or None, limit=limit
+                owner=owner,
+                status=_status(status),
+                name=name or None,
+                limit=limit,
+                narrowed=narrowing[0],
             )
             key = [(t.id, t.status.value, t.progress) for t in page]
             if key != last:
@@ -455,6 +469,35 @@ def _row(task: TaskRecord) -> dict[str, Any]:
         "attempts": f"{task.attempts}/{task.max_attempts}",
         "created_at": iso(task.created_at),
     }
+
+
+def narrowed_by(
+    batch: str | None = Query(default=None, max_length=64),
+    id_prefix: str | None = Query(default=None, pattern=r"^([0-9a-f-]{8,36})?$"),
+    created_after: str | None = Query(default=None, max_length=40),
+    created_before: str | None = Query(default=None, max_length=40),
+) -> tuple[TaskFilter, dict[str, str]]:
+    """The task list's narrowing (a form's empty field: none), and its values for links. Times
+    are ISO 8601; one without a zone (the form's) is UTC."""
+    times = {"created_after": created_after, "created_before": created_before}
+    moments: dict[str, float | None] = {}
+    for key, text in times.items():
+        moments[key] = None
+        if text:
+            try:
+                moment = datetime.fromisoformat(text)
+            except ValueError:
+                raise HTTPException(422, f"{key}: not an ISO 8601 time: {text!r}") from None
+            aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+            moments[key] = aware.timestamp()
+    narrowed = TaskFilter(batch_id=batch or None, id_prefix=id_prefix or None, **moments)
+    shown = {
+        "batch": batch or "",
+        "id_prefix": id_prefix or "",
+        "created_after": created_after or "",
+        "created_before": created_before or "",
+    }
+    return narrowed, shown
 
 
 def bulk_status(action: str, status: str | None) -> TaskStatus:

@@ -12,6 +12,7 @@ from ..record import TaskRecord, WorkerRecord
 from ..schedule_record import FireRecord, ScheduleRecord
 from ..status import TaskStatus
 from ..tasklogs import LogLine
+from .rows import NO_FILTER, TaskFilter
 from .stats import Snapshot
 
 
@@ -91,7 +92,11 @@ class Store(Protocol):
         name: str | None = None,
         limit: int = 50,
         before_seq: int | None = None,
-    ) -> list[TaskRecord]: ...
+        narrowed: TaskFilter = NO_FILTER,
+    ) -> list[TaskRecord]:
+        """Newest first; ``narrowed`` to a batch, an id prefix or a submission time range,
+        each read through an index or a ``seq`` range (flat in the history's length)."""
+        ...
 
     async def claim(
         self,

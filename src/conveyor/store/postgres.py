@@ -48,7 +48,9 @@ from .postgres_sql import (
 from .retention import PostgresRetention
 from .rows import (
     COLUMNS,
+    NO_FILTER,
     WORKER_LOST,
+    TaskFilter,
     choose_claims,
     dump,
     list_query,
@@ -56,6 +58,7 @@ from .rows import (
     recovery_statements,
     requeue_statement,
     retry_set,
+    seq_range,
 )
 from .stats import PostgresStats
 from .workers import PostgresWorkers
@@ -581,17 +584,25 @@ class PostgresStore:
         name: str | None = None,
         limit: int = 50,
         before_seq: int | None = None,
+        narrowed: TaskFilter = NO_FILTER,
     ) -> list[TaskRecord]:
-        sql, params = list_query(
-            "conveyor_tasks",
-            lambda n: f"${n}",
-            owner=owner,
-            status=status,
-            name=name,
-            limit=limit,
-            before_seq=before_seq,
-        )
         async with self.connection() as conn:
+
+            async def fetch(sql: str, param: int | None) -> Any:
+                return await conn.fetchrow(sql, *(() if param is None else (param,)))
+
+            bounds = await seq_range(narrowed, "conveyor_tasks", fetch, "$1")
+            sql, params = list_query(
+                "conveyor_tasks",
+                lambda n: f"${n}",
+                owner=owner,
+                status=status,
+                name=name,
+                limit=limit,
+                before_seq=before_seq,
+                narrowed=narrowed,
+                seq_range=bounds,
+            )
             rows = await conn.fetch(sql, *params)
         return [record_from_row(row) for row in rows]
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..record import TaskRecord
@@ -65,6 +66,77 @@ def dump(value: Any) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """What a listing narrows to beyond owner, status and type (None: not narrowed): a batch,
+    an id prefix (at least 8 characters: a UUIDv7's first 8 are its first 65 seconds), and a
+    time range of submission (epoch seconds, from inclusive, to exclusive)."""
+
+    batch_id: str | None = None
+    id_prefix: str | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+
+    @property
+    def times(self) -> bool:
+        return self.created_after is not None or self.created_before is not None
+
+
+NO_FILTER = TaskFilter()
+MIN_ID_PREFIX = 8
+
+
+async def seq_from(
+    moment: float,
+    bounds: tuple[int | None, int | None],
+    probe: Callable[[int], Awaitable[tuple[int, float] | None]],
+) -> int:
+    """The first ``seq`` whose task was submitted at ``moment`` or later, found by bisection
+    over ``seq`` (tasks are numbered in submission order), ``probe(s)`` giving the first task
+    at or after ``s``: a few dozen point reads whatever the history's length. A clock that
+    stepped back makes the bound approximate by that step."""
+    low, high = bounds
+    if low is None or high is None:
+        return 0
+    high += 1  # one past the last: no task at or after the moment
+    while low < high:
+        middle = (low + high) // 2
+        found = await probe(middle)
+        if found is None or found[1] >= moment:
+            high = middle
+        else:
+            low = found[0] + 1
+    return low
+
+
+async def seq_range(
+    narrowed: TaskFilter,
+    table: str,
+    fetch: Callable[[str, int | None], Awaitable[Sequence[Any] | None]],
+    placeholder: str,
+) -> tuple[int | None, int | None]:
+    """The ``seq`` bounds of ``narrowed``'s time range; ``fetch(sql, param)`` reads one row."""
+    if not narrowed.times:
+        return None, None
+    first_last = await fetch(  # one aggregate per query: each is read off the key's ends
+        f"SELECT (SELECT min(seq) FROM {table}), (SELECT max(seq) FROM {table})", None
+    )
+    bounds = (None, None) if first_last is None else (first_last[0], first_last[1])
+    statement = (
+        f"SELECT seq, created_at FROM {table} WHERE seq >= {placeholder} ORDER BY seq LIMIT 1"
+    )
+
+    async def probe(seq: int) -> tuple[int, float] | None:
+        found = await fetch(statement, seq)
+        return None if found is None else (found[0], found[1])
+
+    after, before = narrowed.created_after, narrowed.created_before
+    return (
+        None if after is None else await seq_from(after, bounds, probe),
+        None if before is None else await seq_from(before, bounds, probe),
+    )
+
+
 def list_query(
     table: str,
     placeholder: Callable[[int], str],
@@ -74,22 +146,51 @@ def list_query(
     name: str | None,
     limit: int,
     before_seq: int | None,
+    narrowed: TaskFilter = NO_FILTER,
+    seq_range: tuple[int | None, int | None] = (None, None),
+    by_id: str = "",
 ) -> tuple[str, list[Any]]:
     """The newest-first page query of ``list_tasks``; ``placeholder(n)`` is the n-th parameter
-    in the driver's style (``?`` or ``$n``)."""
+    in the driver's style (``?`` or ``$n``). ``seq_range`` bounds a time range by submission
+    order (see :func:`seq_from`), so a page reads only the rows inside it. An id prefix is read
+    through the id's index (``by_id``: how to ask for it, where the planner needs telling), and
+    the ids sharing it are sorted: with 8 characters of a UUIDv7, those of 65 seconds."""
     where: list[str] = []
     params: list[Any] = []
-    for column, value in (("owner", owner), ("status", status), ("name", name)):
+
+    def add(condition: str, value: Any) -> None:
+        params.append(value)
+        where.append(condition.format(placeholder(len(params))))
+
+    for column, value in (
+        ("owner", owner),
+        ("status", status),
+        ("name", name),
+        ("batch_id", narrowed.batch_id),
+    ):
         if value is not None:
-            params.append(str(value))
-            where.append(f"{column} = {placeholder(len(params))}")
+            add(f"{column} = {{}}", str(value))
+    if narrowed.id_prefix is not None:
+        prefix = narrowed.id_prefix
+        add("id >= {}", prefix)
+        add("id < {}", prefix[:-1] + chr(ord(prefix[-1]) + 1))
+    if narrowed.created_after is not None:
+        add("created_at >= {}", narrowed.created_after)
+    if narrowed.created_before is not None:
+        add("created_at < {}", narrowed.created_before)
+    first, last = seq_range
+    if first is not None:
+        add("seq >= {}", first)
+    if last is not None:
+        before_seq = last if before_seq is None else min(before_seq, last)
     if before_seq is not None:
         params.append(before_seq)
         where.append(f"seq < {placeholder(len(params))}")
     clause = f"WHERE {' AND '.join(where)}" if where else ""
     params.append(limit)
     page = f"ORDER BY seq DESC LIMIT {placeholder(len(params))}"
-    return f"SELECT {COLUMNS} FROM {table} {clause} {page}", params
+    source = f"{table} {by_id}" if narrowed.id_prefix is not None and by_id else table
+    return f"SELECT {COLUMNS} FROM {source} {clause} {page}", params
 
 
 def choose_claims(candidates: Sequence[tuple[str, str]], room: dict[str, int], n: int) -> list[str]:

@@ -38,7 +38,9 @@ from .logs import SQLITE_LOGS, SQLiteLogs
 from .retention import SQLiteRetention
 from .rows import (
     COLUMNS,
+    NO_FILTER,
     WORKER_LOST,
+    TaskFilter,
     choose_claims,
     dump,
     list_query,
@@ -46,6 +48,7 @@ from .rows import (
     recovery_statements,
     requeue_statement,
     retry_set,
+    seq_range,
 )
 from .sqlite_batches import BATCHES, SQLiteBatches
 from .sqlite_commit import GroupCommit
@@ -570,7 +573,13 @@ class SQLiteStore:
         name: str | None = None,
         limit: int = 50,
         before_seq: int | None = None,
+        narrowed: TaskFilter = NO_FILTER,
     ) -> list[TaskRecord]:
+        def fetch(sql: str, param: int | None) -> Any:
+            args = () if param is None else (param,)
+            return self._read(lambda conn: conn.execute(sql, args).fetchone())
+
+        bounds = await seq_range(narrowed, "tasks", fetch, "?")
         sql, params = list_query(
             "tasks",
             lambda _: "?",
@@ -579,6 +588,9 @@ class SQLiteStore:
             name=name,
             limit=limit,
             before_seq=before_seq,
+            narrowed=narrowed,
+            seq_range=bounds,
+            by_id="INDEXED BY sqlite_autoindex_tasks_1",  # the id's UNIQUE constraint
         )
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return [record_from_row(row) for row in rows]
