@@ -8,7 +8,7 @@ PORT ?= 8000
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck bench soak install services clean
+.PHONY: run test lint typecheck bench bench-peers soak install services clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.email
 	$(PY) -m benchmarks.retention
 	$(PY) -m benchmarks.metrics
+
+# Conveyor against Huey, Celery and DBOS (their packages from benchmarks/requirements-peers.txt)
+bench-peers: $(STAMP) services
+	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(PY) -m pip install --quiet -r benchmarks/requirements-peers.txt
+	$(PY) -m benchmarks.peers $(PEERS_ARGS)
 
 # the fault suite for minutes (the embedded engine): prints what it counted
 soak: $(STAMP)
