@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -156,6 +157,7 @@ class Worker:
             stdout=subprocess.PIPE if ready else subprocess.DEVNULL,
             stderr=subprocess.STDOUT if ready else subprocess.DEVNULL,
             text=True,
+            start_new_session=True,  # its children (Celery's pool) are stopped with it
         )
 
     def wait_ready(self) -> None:
@@ -166,7 +168,7 @@ class Worker:
         raise RuntimeError(f"{self.args} ended before it was ready")
 
     def stop(self) -> None:
-        self.popen.kill()
+        os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait(30)
 
 

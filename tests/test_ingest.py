@@ -133,10 +133,12 @@ def test_second_run_rewrites_nothing_and_changes_are_updates(
     assert (first["rows_inserted"], first["rows_updated"]) == (95, 0)
     second = run(client, source_id)["result"]
     assert (second["rows_inserted"], second["rows_updated"], second["rows_unchanged"]) == (0, 0, 95)
+    assert second["pages_unchanged"] == second["pages"], "the same pages are not read again"
     upstream.records[3]["price"] = 999.0
     upstream.records.append({"id": 500, "name": "new", "colour": "red"})  # a new field
     third = run(client, source_id)["result"]
     assert (third["rows_inserted"], third["rows_updated"], third["rows_unchanged"]) == (1, 1, 94)
+    assert 0 < third["pages_unchanged"] < third["pages"] - 1, "the pages that changed are read"
     rows = {r["id"]: r for r in all_rows(client, source_id)}
     assert rows[4]["price"] == 999.0 and rows[500]["colour"] == "red" and len(rows) == 96
     expected = {"inserted": 96.0, "updated": 1.0, "unchanged": 189.0, "rejected": 0.0}

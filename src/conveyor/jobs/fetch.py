@@ -13,6 +13,7 @@ fails the run with an error saying so. Connections go through the SSRF guard
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -79,6 +80,7 @@ class Page:
     records: list[Any]
     body: Any
     size: int
+    digest: str = ""  # of the body's bytes: the same body, the same records
 
 
 @dataclass(slots=True)
@@ -175,7 +177,15 @@ async def pages(
             where = records_path or "the response"
             raise FetchError(f"page {number}: {where} is not a list of records")
         stats.pages += 1
-        yield Page(number=number, url=_shown(address), records=records, body=body, size=len(raw))
+        digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
+        yield Page(
+            number=number,
+            url=_shown(address),
+            records=records,
+            body=body,
+            size=len(raw),
+            digest=digest,
+        )
         following = _next(request, response, body, records, pagination, set(headers or {}))
         if following is None:
             return

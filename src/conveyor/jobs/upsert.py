@@ -32,6 +32,7 @@ RESERVED = ("_row_id", "_raw", "_hash", "_ingested_at")
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 MAX_REJECTS = 100
 STATE = "conveyor_ingest_state"
+PAGES = "conveyor_ingest_pages"
 Order = list[int] | Literal["named"] | None
 
 
@@ -46,12 +47,27 @@ def state_table(metadata: sa.MetaData) -> sa.Table:
     )
 
 
+def page_table(metadata: sa.MetaData) -> sa.Table:
+    """Each source's pages as last written: the digest of the page's body, its records with a
+    key and those rejected. A page whose body has the same digest is not read again."""
+    return sa.Table(
+        PAGES,
+        metadata,
+        sa.Column("source_id", sa.String(64), primary_key=True),
+        sa.Column("page", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("digest", sa.String(32), nullable=False),
+        sa.Column("keyed", sa.Integer, nullable=False),
+        sa.Column("rejected", sa.Integer, nullable=False),
+    )
+
+
 @dataclass(slots=True)
 class PageOutcome:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    same_page: bool = False  # the body was the one last written: not read again
 
 
 def _kind(value: Any) -> str:
@@ -129,6 +145,7 @@ class Target:
         self.declared = dict(columns) if columns is not None else None
         self.metadata = sa.MetaData()
         self.state = state_table(self.metadata)
+        self.pages = page_table(self.metadata)
         self.table: sa.Table | None = None
         self.kinds: dict[str, str] = {}
         self._compiled: dict[tuple[str, ...], tuple[str, Order]] = {}
@@ -137,6 +154,7 @@ class Target:
 
     def _load(self, conn: sa.Connection) -> None:
         self.state.create(conn, checkfirst=True)
+        self.pages.create(conn, checkfirst=True)
         inspector = sa.inspect(conn)
         if not inspector.has_table(self.name):
             return
@@ -207,8 +225,15 @@ class Target:
         source_id: str,
         cursor_field: str | None = None,
         page: int = 0,
+        digest: str | None = None,
     ) -> PageOutcome:
-        """Upsert one page of records and record its cursor, in one transaction."""
+        """Upsert one page of records and record its cursor, in one transaction. With the
+        ``digest`` of the page's body (and no incremental cursor), a page whose body is the one
+        last written is not read again: its records are counted unchanged."""
+        if digest is not None and cursor_field is None:
+            known = self._known_page(source_id, page, digest)
+            if known is not None:
+                return known
         outcome = PageOutcome()
         keyed: dict[tuple[Any, ...], dict[str, Any]] = {}
         for index, record in enumerate(records):
@@ -230,7 +255,42 @@ class Target:
                 self._upsert(conn, keyed, outcome)
             if cursor_field is not None:
                 self._move_pending(conn, source_id, keyed.values(), cursor_field)
+            elif digest is not None and self.table is not None:
+                self._remember_page(conn, source_id, page, digest, len(keyed), outcome)
         return outcome
+
+    def _known_page(self, source_id: str, page: int, digest: str) -> PageOutcome | None:
+        with self.engine.begin() as conn:
+            if self.table is None:
+                self._load(conn)
+            if self.table is None:
+                return None
+            found = conn.execute(
+                sa.select(self.pages.c.digest, self.pages.c.keyed, self.pages.c.rejected).where(
+                    self.pages.c.source_id == source_id, self.pages.c.page == page
+                )
+            ).first()
+        if found is None or found[0] != digest:
+            return None
+        return PageOutcome(unchanged=found[1], rejected=[{}] * found[2], same_page=True)
+
+    def _remember_page(
+        self,
+        conn: sa.Connection,
+        source_id: str,
+        page: int,
+        digest: str,
+        keyed: int,
+        outcome: PageOutcome,
+    ) -> None:
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        values = {"digest": digest, "keyed": keyed, "rejected": len(outcome.rejected)}
+        statement = dialect.insert(self.pages).values(source_id=source_id, page=page, **values)
+        conn.execute(
+            statement.on_conflict_do_update(
+                index_elements=[self.pages.c.source_id, self.pages.c.page], set_=values
+            )
+        )
 
     def _reason(self, record: Any) -> str | None:
         if not isinstance(record, dict):

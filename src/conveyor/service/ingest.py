@@ -412,7 +412,9 @@ class Ingestion:
             target = self.target(row)
             target.drop()
             with self.engine.begin() as conn:
-                conn.execute(target.state.delete().where(target.state.c.source_id == source_id))
+                for kept in (target.state, target.pages):
+                    kept.create(conn, checkfirst=True)
+                    conn.execute(kept.delete().where(kept.c.source_id == source_id))
                 conn.execute(self.sources.delete().where(self.sources.c.id == source_id))
             self.targets.pop(source_id, None)
 
@@ -464,7 +466,7 @@ class Ingestion:
         stats = FetchStats()
         totals = {"inserted": 0, "updated": 0, "unchanged": 0}
         rejects: list[dict[str, Any]] = []
-        rejected = 0
+        rejected = same_pages = 0
         async with self.client(spec["timeout_s"]) as client:
             try:
                 async for page in pages(
@@ -484,11 +486,13 @@ class Ingestion:
                         source_id=source_id,
                         cursor_field=cursor_spec["field"] if cursor_spec else None,
                         page=page.number,
+                        digest=page.digest,
                     )
                     outcome = await anyio.to_thread.run_sync(write)
                     totals["inserted"] += outcome.inserted
                     totals["updated"] += outcome.updated
                     totals["unchanged"] += outcome.unchanged
+                    same_pages += outcome.same_page
                     rejected += len(outcome.rejected)
                     room = MAX_REJECTS - len(rejects)
                     rejects += [r for r in outcome.rejected if r][: max(room, 0)]
@@ -508,6 +512,7 @@ class Ingestion:
             "source_id": source_id,
             "table": row["table_name"],
             "pages": stats.pages,
+            "pages_unchanged": same_pages,
             "rows_inserted": totals["inserted"],
             "rows_updated": totals["updated"],
             "rows_unchanged": totals["unchanged"],
