@@ -19,6 +19,7 @@ from playwright.sync_api import sync_playwright
 from conveyor import Conveyor, dashboard
 from conveyor.service import create_app
 
+from .support.faults import wait_until
 from .support.live import LiveServer, follow, service_settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,6 +55,13 @@ def test_overview_tasks_and_task_pages(service: LiveServer) -> None:
         assert re.search(r'data-count="completed">3<', overview.text)
         assert re.search(r'data-count="failed">1<', overview.text)
         assert "demo.echo" in overview.text and "local" in overview.text, "types and workers"
+        wait_until(  # the last hour's chart: counted by the worker, added to the store each second
+            lambda: 'id="hour-completed">3<' in client.get("/dashboard/").text,
+            10,
+            "the chart's counts",
+        )
+        chart = client.get("/dashboard/").text
+        assert 'id="hour-failed">1<' in chart and 'class="bar-completed"' in chart
         for asset in ("dashboard.css", "dashboard.js"):
             assert client.get(f"/dashboard/static/{asset}").status_code == 200
 
@@ -250,6 +258,14 @@ def test_tenants_and_sessions(serve: Callable[[FastAPI], LiveServer], tmp_path: 
         forced = browser.post(f"{schedule_path}/trigger", data={"csrf": csrf_of(page)})
         assert forced.status_code == 404
         assert api_b.get(f"/schedules/{their_schedule['id']}/fires").json()["items"] == []
+        follow(api_b, theirs)
+        late = submit(api_a, value=4)
+        follow(api_a, late)
+        wait_until(  # beta's task ended before alpha's second: counted by then, not shown to alpha
+            lambda: 'id="hour-completed">2<' in browser.get("/dashboard/").text,
+            10,
+            "alpha's two tasks in its chart",
+        )
         browser.cookies.set("conveyor_session", "YmV0YQ|9999999999|forged")
         assert browser.get("/dashboard/").status_code == 303, "a forged cookie is refused"
 

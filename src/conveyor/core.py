@@ -272,7 +272,8 @@ class Conveyor:
             await store.open()
             self._store = store
             self._subscribed = False
-            self._flusher = Flusher(self.tally, store.stats().add_totals)
+            stats = store.stats()
+            self._flusher = Flusher(self.tally, stats.add_totals, prune=stats.prune)
             self._flusher.start()
             celery = self.celery_app() if self.settings.engine == "celery" else None
             engine = open_engine(self, run_workers=self.run_workers, consume=consume, celery=celery)

@@ -19,6 +19,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import orjson
@@ -40,6 +41,10 @@ DESCRIBED: dict[str, tuple[str, str]] = {
         "Time from a task being due to its attempt starting, by type.",
     ),
 }
+
+
+BY_MINUTE = "conveyor_finished_by_minute"  # {owner, outcome}, per minute
+MINUTES_KEPT = 120
 
 
 def describe(metric: str, kind: str, help_text: str) -> None:
@@ -69,6 +74,13 @@ class Tally:
         series = (metric, self._text(labels), "")
         self._deltas[series] = self._deltas.get(series, 0.0) + n
 
+    def per_minute(self, metric: str, labels: Mapping[str, str], at: float) -> None:
+        """Count one event in the minute of ``at`` (the series' ``le`` is the minute's start,
+        epoch seconds): what the dashboard's last-hour chart reads; not exposed to /metrics,
+        and forgotten after ``MINUTES_KEPT``."""
+        series = (metric, self._text(labels), str(int(at // 60 * 60)))
+        self._deltas[series] = self._deltas.get(series, 0.0) + 1.0
+
     def observe(self, metric: str, labels: Mapping[str, str], value: float) -> None:
         """One observation of a histogram with the ``SECONDS`` buckets."""
         text = self._text(labels)
@@ -96,18 +108,23 @@ def rows(deltas: Mapping[Series, float]) -> Sequence[tuple[str, str, str, float]
 
 
 class Flusher:
-    """Adds a tally's counts to the store every ``interval_s`` (and a last time at stop); counts
-    the store could not take are kept for the next try."""
+    """Adds a tally's counts to the store every ``interval_s``, and a last time at stop; counts
+    the store could not take are kept for the next try. A write is never cut short (a
+    cancelled write could be committed and counted again)."""
 
     def __init__(
         self,
         tally: Tally,
         add: Callable[[Sequence[tuple[str, str, str, float]]], Awaitable[None]],
         interval_s: float = 1.0,
+        prune: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self._tally = tally
         self._add = add
+        self._prune = prune
+        self._pruned_at = 0.0
         self._interval_s = interval_s
+        self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -119,25 +136,28 @@ class Flusher:
             return
         try:
             await self._add(rows(deltas))
-        except BaseException:
+        except Exception:
             self._tally.give_back(deltas)
             raise
+        now = time.time()
+        if self._prune is not None and now - self._pruned_at > 60:
+            self._pruned_at = now
+            await self._prune(BY_MINUTE, str(int(now // 60 * 60 - MINUTES_KEPT * 60)))
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task])
             self._task = None
-        try:
-            await self.flush()
-        except Exception as exc:
-            logger.warning("the last second of metrics counts is lost: %s", exc)
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._interval_s)
             try:
                 await self.flush()
             except Exception as exc:  # kept for the next try
-                logger.debug("metrics counts not stored yet: %s", exc)
+                if self._stopping.is_set():
+                    logger.warning("the last second of metrics counts is lost: %s", exc)
+                else:
+                    logger.debug("metrics counts not stored yet: %s", exc)

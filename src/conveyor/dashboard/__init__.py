@@ -25,6 +25,7 @@ shown, or None for every tenant's (an operator), or raising to refuse.
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +45,7 @@ from ..record import TaskRecord, iso
 from ..scheduler import upcoming
 from ..status import TERMINAL, TaskStatus
 from ..store.rows import NO_FILTER, TaskFilter
+from ..tally import BY_MINUTE
 from .session import SESSION_COOKIE, SESSION_S, Signer
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ BULK = {
     "retry": {TaskStatus.FAILED, TaskStatus.CANCELLED},
 }
 BulkAction = Literal["cancel", "retry"]
+OUTCOMES = ("completed", "failed", "cancelled")  # the chart's, bottom to top
 EVENTS_S = 1.0  # the overview's counts are re-read this often while a page is open
 Auth = Callable[..., Awaitable[str | None]]  # the tenant shown; None: every tenant
 # a form's "any" sends an empty value: the filter is then off
@@ -148,10 +151,31 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         )
         return response
 
+    async def last_hour(owner: str | None) -> dict[str, Any]:
+        """Tasks ended per minute over the last hour, by outcome (the tally's minutes)."""
+        first = int(time.time() // 60 * 60) - 59 * 60
+        minutes = {m: dict.fromkeys(OUTCOMES, 0.0) for m in range(first, first + 3600, 60)}
+        for labels, start, n in await yard.store.stats().since(BY_MINUTE, str(first)):
+            found = json.loads(labels)
+            if (owner is None or found.get("owner") == owner) and int(start) in minutes:
+                outcome = found.get("outcome")
+                if outcome in OUTCOMES:
+                    minutes[int(start)][outcome] += n
+        bars = list(minutes.items())
+        tallest = max((sum(c.values()) for _, c in bars), default=0) or 1
+        totals = {o: int(sum(c[o] for _, c in bars)) for o in OUTCOMES}
+        return {"bars": bars, "tallest": tallest, "totals": totals}
+
     @app.get("/", response_class=HTMLResponse)
     async def overview(request: Request, owner: str | None = Depends(tenant_of)) -> Response:
         workers = await yard.store.workers().alive(lease_s=settings.lease_s)
-        return render(request, "overview.html", **await counts(owner), workers=workers)
+        return render(
+            request,
+            "overview.html",
+            **await counts(owner),
+            workers=workers,
+            hour=await last_hour(owner),
+        )
 
     @app.get("/events", response_class=EventSourceResponse)
     async def overview_events(

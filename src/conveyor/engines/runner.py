@@ -33,6 +33,7 @@ from ..errors import ConveyorError, TaskCancelled
 from ..record import TaskRecord, WorkerRecord
 from ..schedule_record import scheduled_for
 from ..status import TaskStatus
+from ..tally import BY_MINUTE
 from ..task import TaskType
 from .base import EngineHost
 from .processes import ChildTaskError, ProcessPool, error_message
@@ -441,9 +442,9 @@ class Runner:
             logger.warning("task %s was taken from this worker; its outcome is dropped", record.id)
             return
         self._ran(run)
-        self.host.tally.count(
-            "conveyor_tasks_finished", {"task": record.name, "outcome": status.value}
-        )
+        tally = self.host.tally
+        tally.count("conveyor_tasks_finished", {"task": record.name, "outcome": status.value})
+        tally.per_minute(BY_MINUTE, {"owner": record.owner, "outcome": status.value}, time.time())
         if status is TaskStatus.FAILED:
             logger.error(
                 "task %s (%s) failed: %s: %s",

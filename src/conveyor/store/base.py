@@ -360,6 +360,14 @@ class StatsReader(Protocol):
         """Every series of every process's counts, summed."""
         ...
 
+    async def prune(self, metric: str, before: str) -> None:
+        """Forget ``metric``'s series whose ``le`` (a minute's start) is before ``before``."""
+        ...
+
+    async def since(self, metric: str, start: str) -> list[tuple[str, str, float]]:
+        """``metric``'s series ``(labels, le, value)`` whose ``le`` is ``start`` or later."""
+        ...
+
 
 class LogStore(Protocol):
     async def append(self, task_id: str, lines: Sequence[LogLine]) -> None:

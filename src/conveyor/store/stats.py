@@ -87,6 +87,25 @@ class SQLiteStats:
 
         await self._store._write(op)
 
+    async def since(self, metric: str, start: str) -> list[tuple[str, str, float]]:
+        """``metric``'s series ``(labels, le, value)`` whose ``le`` is ``start`` or later."""
+
+        def op(conn: sqlite3.Connection) -> list[tuple[str, str, float]]:
+            return conn.execute(
+                "SELECT labels, le, value FROM metric_totals WHERE metric = ? AND le >= ?",
+                (metric, start),
+            ).fetchall()
+
+        return await self._store._read(op)
+
+    async def prune(self, metric: str, before: str) -> None:
+        """Forget ``metric``'s series whose ``le`` (a minute) is before ``before``."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM metric_totals WHERE metric = ? AND le < ?", (metric, before))
+
+        await self._store._write(op)
+
     async def totals(self) -> list[Row]:
         def op(conn: sqlite3.Connection) -> list[Row]:
             return conn.execute("SELECT metric, labels, le, value FROM metric_totals").fetchall()
@@ -126,6 +145,24 @@ class PostgresStats:
                 "ON CONFLICT (metric, labels, le) "
                 "DO UPDATE SET value = conveyor_metric_totals.value + excluded.value",
                 *columns,
+            )
+
+    async def since(self, metric: str, start: str) -> list[tuple[str, str, float]]:
+        """``metric``'s series ``(labels, le, value)`` whose ``le`` is ``start`` or later."""
+        async with self._store.connection() as conn:
+            found = await conn.fetch(
+                "SELECT labels, le, value FROM conveyor_metric_totals "
+                "WHERE metric = $1 AND le >= $2",
+                metric,
+                start,
+            )
+        return [(row[0], row[1], row[2]) for row in found]
+
+    async def prune(self, metric: str, before: str) -> None:
+        """Forget ``metric``'s series whose ``le`` (a minute) is before ``before``."""
+        async with self._store.connection() as conn:
+            await conn.execute(
+                "DELETE FROM conveyor_metric_totals WHERE metric = $1 AND le < $2", metric, before
             )
 
     async def totals(self) -> list[Row]:
