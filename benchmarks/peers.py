@@ -249,7 +249,8 @@ class Bench:
 
             redis.Redis.from_url(self.redis_url).flushall()
         for path in [*self.folder.glob("conveyor.db*"), *self.folder.glob("dbos.db*")]:
-            path.unlink()
+            if path.is_file():  # the doorbell's folder of markers stays
+                path.unlink()
 
     def done(self) -> int:
         """How many tasks have completed, read where each system keeps its results."""
