@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -182,6 +183,9 @@ class Worker:
         assert self.ready is not None and self.popen.stdout is not None
         for line in self.popen.stdout:
             if self.ready in line:
+                # read the rest too: a worker that logs each task (Celery at INFO) would block
+                # once the pipe is full
+                threading.Thread(target=self.popen.stdout.read, daemon=True).start()
                 return
         raise RuntimeError(f"{self.args} ended before it was ready")
 
@@ -391,8 +395,7 @@ class Bench:
                         started = time.perf_counter()
                         noop(i).get(blocking=True, timeout=30)
                         took.append(time.perf_counter() - started)
-                else:  # in a fresh interpreter: a Celery client after the other systems'
-                    # clients in this process waited forever for its first result
+                else:  # in an interpreter of its own, as a separate client would be
                     done = subprocess.run(
                         [
                             sys.executable,
@@ -437,8 +440,6 @@ def measure(bench: Bench, args: argparse.Namespace, found: Figures) -> None:
 
     bench.clear()
     keep("enqueue, one producer (tasks/s)", bench.enqueue(args.tasks))
-    # latency before the drains: a Celery worker started after a drain's worker was killed
-    # sometimes never answered (its first result not seen in 120 s)
     samples = args.samples if bench.system != "dbos" else min(args.samples, 50)
     p50, p99 = bench.latency(samples)
     keep("submit → result, worker in another process, p50 (ms)", p50)
@@ -505,8 +506,7 @@ def main() -> None:
             for system in systems:
                 folder = Path(tmp) / f"{system}-{round_number}"
                 folder.mkdir()
-                # a Redis server of its own for each system and round: a Celery client after
-                # Huey's run on the same server sometimes waited forever for its first result
+                # a Redis server of its own for each system and round
                 redis_server = RedisServer(folder / "redis").start()
                 try:
                     url = f"redis://127.0.0.1:{redis_server.port}"
