@@ -63,6 +63,7 @@ BulkAction = Literal["cancel", "retry"]
 OUTCOMES = ("completed", "failed", "cancelled")  # the chart's, bottom to top
 EVENTS_S = 1.0  # the overview's counts are re-read this often while a page is open
 Auth = Callable[..., Awaitable[str | None]]  # the tenant shown; None: every tenant
+Acting = Callable[[Request, str, str | None, str], Awaitable[Response]]  # a form's action
 # a form's "any" sends an empty value: the filter is then off
 StatusFilter = Annotated[
     str | None, Query(pattern="^(|" + "|".join(s.value for s in TaskStatus) + ")$")
@@ -403,20 +404,6 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
             raise HTTPException(exc.status_code, exc.message) from None
         return RedirectResponse(f"{base(request)}/schedules/{record.id}", 303)
 
-    def schedule_action_route(action: str) -> None:
-        async def handler(
-            request: Request,
-            schedule_id: str,
-            owner: str | None = Depends(tenant_of),
-            _: None = Depends(csrf_checked),
-        ) -> Response:
-            return await act_on_schedule(request, schedule_id, owner, action)
-
-        app.post(f"/schedules/{{schedule_id}}/{action}", name=f"schedule_{action}")(handler)
-
-    for action in ("trigger", "pause", "resume"):
-        schedule_action_route(action)
-
     async def visible(task_id: str, owner: str | None) -> TaskRecord:
         try:
             return await yard.get(task_id, owner=owner)
@@ -467,19 +454,23 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
             raise HTTPException(exc.status_code, exc.message) from None
         return RedirectResponse(f"{base(request)}/tasks/{record.id}", 303)
 
-    def action_route(action: str) -> None:
+    def action_route(kind: str, action: str, acting: Acting) -> None:
+        """``POST /{kind}/{id}/{action}``: a form's action, after its CSRF token is checked."""
+
         async def handler(
             request: Request,
-            task_id: str,
+            item_id: str,
             owner: str | None = Depends(tenant_of),
             _: None = Depends(csrf_checked),
         ) -> Response:
-            return await act(request, task_id, owner, action)
+            return await acting(request, item_id, owner, action)
 
-        app.post(f"/tasks/{{task_id}}/{action}", name=f"task_{action}")(handler)
+        app.post(f"/{kind}/{{item_id}}/{action}", name=f"{kind}_{action}")(handler)
 
     for action in ("cancel", "retry", "delete"):
-        action_route(action)
+        action_route("tasks", action, act)
+    for action in ("trigger", "pause", "resume"):
+        action_route("schedules", action, act_on_schedule)
 
     return app
 
