@@ -31,7 +31,7 @@ def test_the_openapi_document_is_exact(tmp_path: Path) -> None:
                 "run",
                 f"{server.url}/openapi.json",
                 "--max-examples",
-                "15",
+                "10",
                 "--seed",
                 "20261206",
                 "--no-color",

@@ -2,13 +2,14 @@
 
 import copy
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 
 from ..blobs import safe_filename
 from ..errors import ConveyorError, InvalidArguments, TaskStateConflict
@@ -181,18 +182,28 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
             ),
         ] = None,
         created_after: Annotated[
-            AwareDatetime | None, Query(description="Submitted at or after (with a time zone)")
+            str | None,
+            Query(
+                max_length=40,
+                json_schema_extra={"format": "date-time"},
+                description="Submitted at or after: ISO 8601 with a time zone",
+            ),
         ] = None,
         created_before: Annotated[
-            AwareDatetime | None, Query(description="Submitted before (with a time zone)")
+            str | None,
+            Query(
+                max_length=40,
+                json_schema_extra={"format": "date-time"},
+                description="Submitted before: ISO 8601 with a time zone",
+            ),
         ] = None,
     ) -> Response:
         before = int(cursor) if cursor is not None else None
         narrowed = TaskFilter(
             batch_id=batch,
             id_prefix=id_prefix,
-            created_after=created_after.timestamp() if created_after else None,
-            created_before=created_before.timestamp() if created_before else None,
+            created_after=moment("created_after", created_after),
+            created_before=moment("created_before", created_before),
         )
         records = await yard.list(
             owner=owner,
@@ -468,3 +479,21 @@ def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["InvalidArguments", "SubmitRequest", "TaskOut", "build_router", "json_response"]
+
+
+def moment(name: str, text: str | None) -> float | None:
+    """An ISO 8601 time with its zone, as epoch seconds (``422`` naming the parameter)."""
+    if text is None:
+        return None
+    try:
+        found = datetime.fromisoformat(text)
+    except ValueError:
+        found = None
+    if found is None or found.tzinfo is None:
+        raise InvalidArguments(
+            f"{name}: an ISO 8601 time with its time zone, such as 2026-12-06T10:00:00Z",
+            details=[
+                {"loc": ["query", name], "msg": "not an ISO 8601 time with a zone", "type": "value"}
+            ],
+        )
+    return found.timestamp()
