@@ -16,6 +16,17 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
+def moment_of(text: str, *, naive_is_utc: bool = False) -> float:
+    """An ISO-8601 time as epoch seconds; ``ValueError`` if it is not one, or has no time zone
+    (unless ``naive_is_utc``)."""
+    found = datetime.fromisoformat(text)
+    if found.tzinfo is None:
+        if not naive_is_utc:
+            raise ValueError(f"{text!r} has no time zone")
+        found = found.replace(tzinfo=UTC)
+    return found.timestamp()
+
+
 @dataclass(slots=True)
 class TaskRecord:
     """One task as the store holds it. Times are epoch seconds (UTC)."""

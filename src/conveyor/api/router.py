@@ -2,7 +2,6 @@
 
 import copy
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
@@ -13,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from ..blobs import safe_filename
 from ..errors import ConveyorError, InvalidArguments, TaskStateConflict
-from ..record import TaskRecord, iso
+from ..record import TaskRecord, iso, moment_of
 from ..status import TaskStatus
 from ..store.rows import TaskFilter
 from ..task import UNSET
@@ -486,14 +485,11 @@ def moment(name: str, text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        found = datetime.fromisoformat(text)
+        return moment_of(text)
     except ValueError:
-        found = None
-    if found is None or found.tzinfo is None:
         raise InvalidArguments(
             f"{name}: an ISO 8601 time with its time zone, such as 2026-12-06T10:00:00Z",
             details=[
                 {"loc": ["query", name], "msg": "not an ISO 8601 time with a zone", "type": "value"}
             ],
-        )
-    return found.timestamp()
+        ) from None

@@ -27,7 +27,6 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlencode
@@ -41,7 +40,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from ..cron import describe
 from ..errors import ConveyorError
-from ..record import TaskRecord, iso
+from ..record import TaskRecord, iso, moment_of
 from ..scheduler import upcoming
 from ..status import TERMINAL, TaskStatus
 from ..store.rows import NO_FILTER, TaskFilter
@@ -344,7 +343,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
                 limit=PAGE + 1,
             )
         except ConveyorError as exc:
-            raise HTTPException(exc.status_code, exc.message) from None
+            raise as_http(exc) from None
         page = items[:PAGE]
         return render(
             request,
@@ -379,7 +378,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
                 record.id, owner=owner, limit=PAGE + 1, before=float(cursor) if cursor else None
             )
         except ConveyorError as exc:
-            raise HTTPException(exc.status_code, exc.message) from None
+            raise as_http(exc) from None
         page = fires[:PAGE]
         return render(
             request,
@@ -401,14 +400,14 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
             changes = {"enabled": action == "resume"}
             await yard.schedules.update(record.id, changes, owner=record.owner)
         except ConveyorError as exc:
-            raise HTTPException(exc.status_code, exc.message) from None
+            raise as_http(exc) from None
         return RedirectResponse(f"{base(request)}/schedules/{record.id}", 303)
 
     async def visible(task_id: str, owner: str | None) -> TaskRecord:
         try:
             return await yard.get(task_id, owner=owner)
         except ConveyorError as exc:
-            raise HTTPException(exc.status_code, exc.message) from None
+            raise as_http(exc) from None
 
     @app.get("/tasks/{task_id}", response_class=HTMLResponse)
     async def task(
@@ -451,7 +450,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
                 await yard.delete(record.id, owner=record.owner)
                 return RedirectResponse(f"{base(request)}/tasks", 303)
         except ConveyorError as exc:
-            raise HTTPException(exc.status_code, exc.message) from None
+            raise as_http(exc) from None
         return RedirectResponse(f"{base(request)}/tasks/{record.id}", 303)
 
     def action_route(kind: str, action: str, acting: Acting) -> None:
@@ -486,6 +485,11 @@ def _row(task: TaskRecord) -> dict[str, Any]:
     }
 
 
+def as_http(exc: ConveyorError) -> HTTPException:
+    """A refusal of the core as the page's HTTP error (its status and message)."""
+    return HTTPException(exc.status_code, exc.message)
+
+
 def narrowed_by(
     batch: str | None = Query(default=None, max_length=64),
     id_prefix: str | None = Query(default=None, pattern=r"^([0-9a-f-]{8,36})?$"),
@@ -500,11 +504,9 @@ def narrowed_by(
         moments[key] = None
         if text:
             try:
-                moment = datetime.fromisoformat(text)
+                moments[key] = moment_of(text, naive_is_utc=True)
             except ValueError:
                 raise HTTPException(422, f"{key}: not an ISO 8601 time: {text!r}") from None
-            aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-            moments[key] = aware.timestamp()
     narrowed = TaskFilter(batch_id=batch or None, id_prefix=id_prefix or None, **moments)
     shown = {
         "batch": batch or "",

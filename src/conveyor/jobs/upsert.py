@@ -230,24 +230,25 @@ class Target:
         """Upsert one page of records and record its cursor, in one transaction. With the
         ``digest`` of the page's body (and no incremental cursor), a page whose body is the one
         last written is not read again: its records are counted unchanged."""
-        if digest is not None and cursor_field is None:
-            known = self._known_page(source_id, page, digest)
-            if known is not None:
-                return known
-        outcome = PageOutcome()
-        keyed: dict[tuple[Any, ...], dict[str, Any]] = {}
-        for index, record in enumerate(records):
-            reason = self._reason(record)
-            if reason is not None:
-                if len(outcome.rejected) < MAX_REJECTS:
-                    outcome.rejected.append({"page": page, "index": index, "reason": reason})
-                else:
-                    outcome.rejected.append({})  # counted, not kept
-                continue
-            keyed[tuple(record[name] for name in self.primary_key)] = record
+        remember = digest is not None and cursor_field is None
         with self.engine.begin() as conn:
             if self.table is None:
                 self._load(conn)
+            if remember and self.table is not None:
+                known = self._known_page(conn, source_id, page, digest or "")
+                if known is not None:
+                    return known
+            outcome = PageOutcome()
+            keyed: dict[tuple[Any, ...], dict[str, Any]] = {}
+            for index, record in enumerate(records):
+                reason = self._reason(record)
+                if reason is not None:
+                    if len(outcome.rejected) < MAX_REJECTS:
+                        outcome.rejected.append({"page": page, "index": index, "reason": reason})
+                    else:
+                        outcome.rejected.append({})  # counted, not kept
+                    continue
+                keyed[tuple(record[name] for name in self.primary_key)] = record
             if keyed:
                 if self.table is None:
                     self._create(conn, next(iter(keyed.values())))
@@ -255,21 +256,19 @@ class Target:
                 self._upsert(conn, keyed, outcome)
             if cursor_field is not None:
                 self._move_pending(conn, source_id, keyed.values(), cursor_field)
-            elif digest is not None and self.table is not None:
-                self._remember_page(conn, source_id, page, digest, len(keyed), outcome)
+            elif remember and self.table is not None:
+                self._remember_page(conn, source_id, page, digest or "", len(keyed), outcome)
         return outcome
 
-    def _known_page(self, source_id: str, page: int, digest: str) -> PageOutcome | None:
-        with self.engine.begin() as conn:
-            if self.table is None:
-                self._load(conn)
-            if self.table is None:
-                return None
-            found = conn.execute(
-                sa.select(self.pages.c.digest, self.pages.c.keyed, self.pages.c.rejected).where(
-                    self.pages.c.source_id == source_id, self.pages.c.page == page
-                )
-            ).first()
+    def _known_page(
+        self, conn: sa.Connection, source_id: str, page: int, digest: str
+    ) -> PageOutcome | None:
+        """The outcome of a page whose body has the digest last recorded for it (else None)."""
+        found = conn.execute(
+            sa.select(self.pages.c.digest, self.pages.c.keyed, self.pages.c.rejected).where(
+                self.pages.c.source_id == source_id, self.pages.c.page == page
+            )
+        ).first()
         if found is None or found[0] != digest:
             return None
         return PageOutcome(unchanged=found[1], rejected=[{}] * found[2], same_page=True)
