@@ -104,9 +104,11 @@ async def test_hot_statements_never_sort_or_read_the_backlog(
             TaskFilter(created_before=time.time() - 60, created_after=time.time() - 120),
             TaskFilter(id_prefix="00001234"),
             TaskFilter(batch_id="b-1"),
+            TaskFilter(schedule_id="s-1"),
         ]
         for narrowed in narrowings:
-            await store.list_tasks(owner=None, narrowed=narrowed, limit=50)
+            if narrowed.schedule_id is None:  # a schedule's tasks are listed with its owner
+                await store.list_tasks(owner=None, narrowed=narrowed, limit=50)
             await store.list_tasks(owner="", narrowed=narrowed, limit=50)
     finally:
         await store.close()
@@ -124,9 +126,13 @@ async def test_hot_statements_never_sort_or_read_the_backlog(
             # claim sorts only the few candidates each type's index walk gave
             continue
         prefixed = "id >= '00001234'" in statement
+        scheduled = "idempotency_key >= 'schedule:s-1@'" in statement
         for step in steps:
             if prefixed:  # the sort covers the ids sharing an 8-character prefix (65 s of ids)
                 assert "sqlite_autoindex_tasks_1 (id>? AND id<?)" in steps[0], (statement, steps)
+                continue
+            if scheduled:  # the sort covers the tasks this one schedule made
+                assert "tasks_idempotency (owner=? AND idempotency_key>?" in steps[0], steps
                 continue
             assert "TEMP B-TREE" not in step, (statement, steps)
             if step.startswith("SCAN tasks"):  # a full walk: only for a newest-first page

@@ -82,6 +82,35 @@ def test_trigger_runs_once_and_is_in_the_history(client: httpx.Client) -> None:
     assert [f["task_id"] for f in page["items"] + rest["items"]] == [again["id"], task["id"]]
 
 
+def listed_ids(client: httpx.Client, **params: Any) -> list[str]:
+    return [t["id"] for t in client.get("/tasks", params=params).json()["items"]]
+
+
+def test_a_schedules_tasks_are_listed_and_link_back(client: httpx.Client) -> None:
+    """``GET /tasks?schedule=`` lists the tasks a schedule made, newest first, with the other
+    filters and the cursor; each of them names its schedule."""
+    schedule = client.post("/schedules", json=hourly()).json()
+    other = client.post("/schedules", json=hourly(name="other")).json()
+    made = [client.post(f"/schedules/{schedule['id']}/trigger").json()["id"] for _ in range(3)]
+    elsewhere = client.post(f"/schedules/{other['id']}/trigger").json()["id"]
+    plain = client.post("/tasks", json={"name": "demo.echo", "args": {"value": 2}}).json()
+    for task_id in [*made, elsewhere, plain["id"]]:
+        follow(client, task_id)
+
+    assert listed_ids(client, schedule=schedule["id"]) == made[::-1]
+    assert listed_ids(client, schedule=other["id"]) == [elsewhere]
+    first = client.get("/tasks", params={"schedule": schedule["id"], "limit": 2}).json()
+    rest = listed_ids(client, schedule=schedule["id"], cursor=first["next_cursor"])
+    assert [t["id"] for t in first["items"]] + rest == made[::-1]
+    assert listed_ids(client, schedule=schedule["id"], status="failed") == []
+    assert listed_ids(client, schedule="0190b1e2-0000-7000-8000-000000000000") == []
+
+    task = client.get(f"/tasks/{made[0]}").json()
+    assert task["schedule_id"] == schedule["id"]
+    assert task["links"]["schedule"] == f"/schedules/{schedule['id']}"
+    assert plain["schedule_id"] is None and "schedule" not in plain["links"]
+
+
 def nightly_in_oslo(client: httpx.Client, name: str, start: str, end: str) -> list[Any]:
     """The next fires of a 02:30 Europe/Oslo schedule between ``start`` and ``end``."""
     body = hourly(name=name, cron="30 2 * * *", timezone="Europe/Oslo", start_at=start, end_at=end)
@@ -180,6 +209,9 @@ def test_a_tenant_sees_only_its_schedules(
             answer = beta.request(method, f"/schedules/{mine['id']}{path}", **kwargs)
             assert answer.status_code == 404, (method, path, answer.text)
         assert alpha.get(f"/schedules/{mine['id']}").json() == mine, "untouched"
+        fired = alpha.post(f"/schedules/{mine['id']}/trigger").json()["id"]
+        assert listed_ids(alpha, schedule=mine["id"]) == [fired]
+        assert listed_ids(beta, schedule=mine["id"]) == [], "nor the tasks it made"
 
 
 def test_schedules_on_postgresql(
@@ -200,6 +232,8 @@ def test_schedules_on_postgresql(
         assert task["status"] == "completed" and task["result"] == "pg"
         fires = client.get(f"/schedules/{schedule['id']}/fires").json()["items"]
         assert [(f["outcome"], f["task_id"]) for f in fires] == [("triggered", task["id"])]
+        assert listed_ids(client, schedule=schedule["id"]) == [task["id"]]
+        assert task["schedule_id"] == schedule["id"]
         assert client.post("/schedules", json=hourly()).status_code == 409
         assert client.delete(f"/schedules/{schedule['id']}").status_code == 204
         assert client.get("/schedules").json()["items"] == []

@@ -16,6 +16,7 @@ import pytest
 from conveyor.errors import QueueFull, TaskNotFound, TaskStateConflict
 from conveyor.ids import uuid7
 from conveyor.record import TaskRecord, WorkerRecord
+from conveyor.schedule_record import idempotency_key
 from conveyor.status import TaskStatus
 from conveyor.store import Store
 from conveyor.store.postgres import PostgresStore
@@ -301,10 +302,12 @@ async def test_listing_is_newest_first_with_a_cursor(store: Store) -> None:
     assert [r.id for r in echoes] == [ids[3], ids[1]]
 
 
-async def test_listing_narrowed_to_a_time_range_an_id_prefix_or_a_batch(store: Store) -> None:
+async def test_listing_narrowed_to_a_time_range_an_id_prefix_a_batch_or_a_schedule(
+    store: Store,
+) -> None:
     """Tasks submitted at known times: a time range (found by submission order) lists exactly
     those inside it, newest first, with the cursor; an id prefix lists the tasks whose id
-    starts with it; a batch lists its own tasks."""
+    starts with it; a batch lists its own tasks, and a schedule the tasks its fires made."""
     made: list[TaskRecord] = []
     for i in range(12):
         record = TaskRecord(
@@ -315,6 +318,7 @@ async def test_listing_narrowed_to_a_time_range_an_id_prefix_or_a_batch(store: S
             created_at=1000.0 + i,
             run_at=1000.0 + i,
             batch_id="b-1" if i % 3 == 0 else None,
+            idempotency_key=idempotency_key("s-1", 60.0 * i) if i % 4 == 1 else None,
         )
         made.append((await store.insert(record, args_json='{"value":1}', max_queued=None))[0])
     stamped = {r.id: 1000.0 + i for i, r in enumerate(made)}
@@ -346,6 +350,10 @@ async def test_listing_narrowed_to_a_time_range_an_id_prefix_or_a_batch(store: S
         made[9].id,
         made[6].id,
     ]
+    scheduled = await store.list_tasks(owner="", narrowed=TaskFilter(schedule_id="s-1"))
+    assert [r.id for r in scheduled] == [made[9].id, made[5].id, made[1].id]
+    assert all(r.schedule_id == "s-1" for r in scheduled)
+    assert await store.list_tasks(owner="", narrowed=TaskFilter(schedule_id="s-")) == []
 
 
 async def test_many_tasks_are_committed_together_or_not_at_all(store: Store) -> None:

@@ -142,10 +142,16 @@ class Batches:
         return await self._store.get(batch_id, owner=owner)
 
     async def list_batches(
-        self, *, owner: str | None = None, limit: int = 50, before: float | None = None
+        self,
+        *,
+        owner: str | None = None,
+        limit: int = 50,
+        before: float | None = None,
+        name: str | None = None,
     ) -> list[BatchRecord]:
-        """Batches, newest first (``before``: created before this epoch time)."""
-        return await self._store.list_batches(owner=owner, limit=limit, before=before)
+        """Batches, newest first (``before``: created before this epoch time; ``name``: of
+        that task type only)."""
+        return await self._store.list_batches(owner=owner, limit=limit, before=before, name=name)
 
     async def items(
         self,

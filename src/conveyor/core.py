@@ -20,6 +20,7 @@ from .errors import (
     ConfigurationError,
     ConveyorError,
     NotStarted,
+    ScheduleNotFound,
     TaskTypeError,
     UnknownTaskType,
     WaitTimeout,
@@ -38,6 +39,8 @@ from .task import UNSET, Executor, TaskOptions, TaskType, new_record, new_record
 if TYPE_CHECKING:
     from celery import Celery
     from fastapi import APIRouter, FastAPI
+
+    from .dashboard.sections import Section
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -104,6 +107,8 @@ class Conveyor:
         self.retention = Retention(self)
         self.tally = Tally()  # what this process did, for /metrics
         self._flusher: Flusher | None = None
+        #: the ready services' dashboard pages (``dashboard/sections.py``)
+        self.dashboard_sections: list[Section] = []
 
     # registry ----------------------------------------------------------------------------------
 
@@ -517,7 +522,13 @@ class Conveyor:
         before_seq: int | None = None,
         narrowed: TaskFilter = NO_FILTER,
     ) -> list[TaskRecord]:
-        """Tasks newest first: ``narrowed`` to a batch, an id prefix or a time range."""
+        """Tasks newest first: ``narrowed`` to a batch, a schedule, an id prefix or a time
+        range. A schedule's tasks are its owner's: one the caller cannot see lists nothing."""
+        if narrowed.schedule_id is not None:
+            try:
+                owner = (await self.schedules.get(narrowed.schedule_id, owner=owner)).owner
+            except ScheduleNotFound:
+                return []
         return await self.store.list_tasks(
             owner=owner,
             status=status,

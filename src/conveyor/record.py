@@ -27,6 +27,22 @@ def moment_of(text: str, *, naive_is_utc: bool = False) -> float:
     return found.timestamp()
 
 
+#: the idempotency keys of the tasks a schedule makes: ``schedule:<schedule id>@<fire time>``
+SCHEDULE_KEY = "schedule:"
+
+
+def schedule_of(key: str | None) -> str | None:
+    """The schedule named by a key made by a schedule's fire (None: not a schedule's task)."""
+    if key is None or not key.startswith(SCHEDULE_KEY) or "@" not in key:
+        return None
+    return key[len(SCHEDULE_KEY) :].rpartition("@")[0] or None
+
+
+def schedule_keys(schedule_id: str) -> tuple[str, str]:
+    """The range ``[low, high)`` holding the keys of one schedule's tasks (``@`` + 1 is ``A``)."""
+    return f"{SCHEDULE_KEY}{schedule_id}@", f"{SCHEDULE_KEY}{schedule_id}A"
+
+
 @dataclass(slots=True)
 class TaskRecord:
     """One task as the store holds it. Times are epoch seconds (UTC)."""
@@ -60,12 +76,20 @@ class TaskRecord:
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def schedule_id(self) -> str | None:
+        """The schedule whose fire made this task (None: submitted otherwise)."""
+        return schedule_of(self.idempotency_key)
+
     def to_json(self, prefix: str = "") -> dict[str, Any]:
         """The task JSON of the HTTP API; ``prefix`` is where the router is mounted."""
         base = f"{prefix}/tasks/{self.id}"
         links = {"self": base, "events": f"{base}/events", "result": f"{base}/result"}
         if self.batch_id is not None:
             links["batch"] = f"{prefix}/batches/{self.batch_id}"
+        schedule_id = self.schedule_id
+        if schedule_id is not None:
+            links["schedule"] = f"{prefix}/schedules/{schedule_id}"
         return {
             "id": self.id,
             "name": self.name,
@@ -85,6 +109,7 @@ class TaskRecord:
             "finished_at": iso(self.finished_at),
             "run_at": iso(self.run_at),
             "batch_id": self.batch_id,
+            "schedule_id": schedule_id,
             "links": links,
         }
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .cron import Spec, invalid, jitter_offset, next_fire
-from .record import iso
+from .record import SCHEDULE_KEY, iso
 
 MISFIRE = ("skip", "run_once")
 OVERLAP = ("allow", "skip_if_running")
@@ -110,12 +110,12 @@ class FireRecord:
 def idempotency_key(schedule_id: str, fire_at: float) -> str:
     """The key of the task a fire creates: one task per schedule and planned fire time, and the
     task's context reads its planned time back from it (``ctx.scheduled_for``)."""
-    return f"schedule:{schedule_id}@{fire_at!r}"
+    return f"{SCHEDULE_KEY}{schedule_id}@{fire_at!r}"
 
 
 def scheduled_for(key: str | None) -> float | None:
     """The planned fire time in a key made by :func:`idempotency_key` (else None)."""
-    if key is None or not key.startswith("schedule:") or "@" not in key:
+    if key is None or not key.startswith(SCHEDULE_KEY) or "@" not in key:
         return None
     try:
         return float(key.rpartition("@")[2])

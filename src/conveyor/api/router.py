@@ -173,6 +173,9 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, Query(max_length=18, pattern=r"^[0-9]+$")] = None,
         batch: Annotated[str | None, Query(max_length=64, description="A batch's id")] = None,
+        schedule: Annotated[
+            str | None, Query(max_length=64, description="A schedule's id: the tasks it made")
+        ] = None,
         id_prefix: Annotated[
             str | None,
             Query(
@@ -200,6 +203,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         before = int(cursor) if cursor is not None else None
         narrowed = TaskFilter(
             batch_id=batch,
+            schedule_id=schedule,
             id_prefix=id_prefix,
             created_after=moment("created_after", created_after),
             created_before=moment("created_before", created_before),

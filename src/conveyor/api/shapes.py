@@ -20,6 +20,7 @@ class TaskLinks(BaseModel):
     events: str
     result: str
     batch: str | None = None
+    schedule: str | None = None
 
 
 class TaskOut(BaseModel):
@@ -43,6 +44,7 @@ class TaskOut(BaseModel):
     finished_at: str | None
     run_at: str
     batch_id: str | None = None
+    schedule_id: str | None = None
     links: TaskLinks
 
 

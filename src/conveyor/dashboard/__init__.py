@@ -6,7 +6,8 @@ from this package, no CDN, no build):
 - ``/`` overview: counts by status and by task type, live workers, the oldest queued task's age;
   the counts refresh by Server-Sent Events (``/events``);
 - ``/tasks``: the history, newest first, with the query parameters of ``GET /tasks``
-  (``status``, ``name``, ``cursor``, ``limit``), so a view's URL is shareable;
+  (``status``, ``name``, ``batch``, ``schedule``, ``id_prefix``, ``created_after``,
+  ``created_before``, ``cursor``, ``limit``), so a view's URL is shareable;
 - ``/workers``: the live worker processes, their slots and heartbeats;
 - ``/schedules`` and ``/schedules/{id}``: schedules with their next fires (local time, DST
   flagged) and their history; trigger, pause and resume;
@@ -14,7 +15,9 @@ from this package, no CDN, no build):
   progress, and a batch's items in submission order, filtered by status;
 - ``/tasks/{id}``: arguments, result, error and traceback (each truncated at ``MAX_SHOWN``
   characters), progress live (``/tasks/{id}/events``), attempts and times, its log lines, its
-  batch; cancel, retry and delete as POST forms with a CSRF token and a confirmation.
+  batch or schedule; cancel, retry and delete as POST forms with a CSRF token and a confirmation.
+
+A ready service adds its own pages (``sections.py``): the emails and the ingestion sources.
 
 Who sees what: with API keys set, a visitor gives a key once and gets a signed session cookie
 (``session.py``), and sees only its tenant's tasks; ``yard.dashboard(auth=dependency)`` uses
@@ -45,6 +48,7 @@ from ..scheduler import upcoming
 from ..status import TERMINAL, TaskStatus
 from ..store.rows import NO_FILTER, TaskFilter
 from ..tally import BY_MINUTE
+from .sections import Kit
 from .session import SESSION_COOKIE, SESSION_S, Signer
 
 if TYPE_CHECKING:
@@ -79,8 +83,10 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
     settings = yard.settings
     keys = settings.tenants_by_key()
     signer = Signer(settings)
+    sections = list(yard.dashboard_sections)
+    folders = [HERE / "templates", *(section.templates for section in sections)]
     pages = Environment(
-        loader=FileSystemLoader(HERE / "templates"),
+        loader=FileSystemLoader(folders),
         autoescape=select_autoescape(["html"]),
         auto_reload=False,
     )
@@ -109,6 +115,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
             base=base(request),
             csrf=signer.csrf(cookie),
             keyed=bool(keys) and auth is None,
+            sections=[section.link() for section in sections],
             **values,
         )
         return HTMLResponse(html, status_code, headers={"Cache-Control": "no-store"})
@@ -201,7 +208,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         narrowing: tuple[TaskFilter, dict[str, str]] = Depends(narrowed_by),
     ) -> Response:
         narrowed, shown_filter = narrowing
-        found = await yard.store.list_tasks(
+        found = await yard.list(
             owner=owner,
             status=_status(status),
             name=name or None,
@@ -294,7 +301,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         statuses, progress): what the tasks page shows without a reload."""
         last: list[tuple[str, str, float]] | None = None
         while True:
-            page = await yard.store.list_tasks(
+            page = await yard.list(
                 owner=owner,
                 status=_status(status),
                 name=name or None,
@@ -471,6 +478,9 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
     for action in ("trigger", "pause", "resume"):
         action_route("schedules", action, act_on_schedule)
 
+    kit = Kit(render=render, tenant=tenant_of, csrf_checked=csrf_checked, base=base, page=PAGE)
+    for section in sections:
+        app.include_router(section.routes(kit), prefix=f"/{section.slug}")
     return app
 
 
@@ -492,6 +502,7 @@ def as_http(exc: ConveyorError) -> HTTPException:
 
 def narrowed_by(
     batch: str | None = Query(default=None, max_length=64),
+    schedule: str | None = Query(default=None, max_length=64),
     id_prefix: str | None = Query(default=None, pattern=r"^([0-9a-f-]{8,36})?$"),
     created_after: str | None = Query(default=None, max_length=40),
     created_before: str | None = Query(default=None, max_length=40),
@@ -507,9 +518,12 @@ def narrowed_by(
                 moments[key] = moment_of(text, naive_is_utc=True)
             except ValueError:
                 raise HTTPException(422, f"{key}: not an ISO 8601 time: {text!r}") from None
-    narrowed = TaskFilter(batch_id=batch or None, id_prefix=id_prefix or None, **moments)
+    narrowed = TaskFilter(
+        batch_id=batch or None, schedule_id=schedule or None, id_prefix=id_prefix or None, **moments
+    )
     shown = {
         "batch": batch or "",
+        "schedule": schedule or "",
         "id_prefix": id_prefix or "",
         "created_after": created_after or "",
         "created_before": created_before or "",

@@ -35,15 +35,17 @@ def build_yard(settings: Settings, *, run_workers: bool = True) -> Conveyor:
         register_csv_tasks(yard)
     if _available("sqlalchemy", "conveyor[ingest]", "the ingestion service"):
         from .ingest import register_ingest_tasks
+        from .ingest_pages import ingest_section
 
-        register_ingest_tasks(yard)
+        yard.dashboard_sections.append(ingest_section(register_ingest_tasks(yard)))
     if all(
         _available(module, "conveyor[email]", "the email service")
         for module in ("aiosmtplib", "email_validator", "jinja2")
     ):
         from .email import register_email_tasks
+        from .email_pages import email_section
 
-        register_email_tasks(yard)
+        yard.dashboard_sections.append(email_section(register_email_tasks(yard)))
     return yard
 
 

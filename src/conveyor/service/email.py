@@ -32,6 +32,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from ..batch_record import BatchRecord
 from ..context import TaskContext
 from ..errors import BatchNotFound, InvalidArguments, PayloadTooLarge
+from ..jobs.csvstats import neutralised
 from ..jobs.email import (
     Bounced,
     Deferred,
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 
 TASK = "email.send"
 KIND = "email"
+CSV_COLUMNS = ["email", "name", "status", "smtp_code", "smtp_reply", "attempts", "message_id"]
 _BY_TASK_STATUS = {
     "queued": TaskStatus.QUEUED,
     "deferred": TaskStatus.QUEUED,
@@ -368,6 +370,23 @@ class Emails:
             page = [task for task in page if recipient_status(task) == status]
         return page, next_seq
 
+    async def list_emails(
+        self, *, owner: str | None, limit: int, before: float | None
+    ) -> list[BatchRecord]:
+        """Emails, newest first (``before``: created before this epoch time)."""
+        return await self.yard.batches.list_batches(
+            owner=owner, limit=limit, before=before, name=TASK
+        )
+
+    async def recipients_csv(self, email_id: str, *, owner: str | None) -> AsyncIterator[bytes]:
+        """Every recipient and its status as CSV lines, formula-like cells neutralised (the
+        email's visibility is checked before the first line)."""
+        await self.get(email_id, owner=owner)
+        yield _csv_line(CSV_COLUMNS)
+        async for task in self.all_recipients(email_id, owner=owner):
+            found = recipient_json(task)
+            yield _csv_line([neutralised(found[column]) for column in CSV_COLUMNS])
+
     async def all_recipients(
         self, email_id: str, *, owner: str | None
     ) -> AsyncIterator[TaskRecord]:
@@ -381,6 +400,12 @@ class Emails:
             if len(page) < 1000:
                 return
             after = page[-1].seq
+
+
+def _csv_line(cells: list[Any]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out).writerow(cells)
+    return out.getvalue().encode()
 
 
 def recipients_from_csv(data: bytes, *, limit: int) -> list[dict[str, Any]]:

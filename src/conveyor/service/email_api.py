@@ -6,10 +6,8 @@
 variables. Every route sees only the caller's emails.
 """
 
-import csv
-import io
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
@@ -26,7 +24,6 @@ from ..api.routing import strict_route_class
 from ..api.shapes import IDEMPOTENCY_HEADER, idempotency_key, json_response, parse_body
 from ..batch_record import BatchRecord
 from ..errors import ConveyorError, InvalidArguments
-from ..jobs.csvstats import neutralised
 from ..settings import Settings
 from ..task import validated
 from .email import EmailIn, Emails, recipient_json, recipients_from_csv
@@ -57,6 +54,11 @@ class EmailOut(BaseModel):
     created_at: str
     finished_at: str | None
     links: dict[str, str]
+
+
+class EmailPage(BaseModel):
+    items: list[EmailOut]
+    next_cursor: str | None
 
 
 class RecipientOut(BaseModel):
@@ -139,6 +141,31 @@ def build_email_router(yard: "Conveyor", service: Emails) -> APIRouter:
         )
 
     @router.get(
+        "",
+        summary="The caller's emails, newest first",
+        response_model=EmailPage,
+        responses=documented(422),
+        response_class=Response,
+    )
+    async def list_emails(
+        owner: Tenant,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        cursor: Annotated[
+            str | None, Query(max_length=32, pattern=r"^[0-9]{1,12}(\.[0-9]{1,9})?$")
+        ] = None,
+    ) -> Response:
+        found = await service.list_emails(
+            owner=owner, limit=limit + 1, before=float(cursor) if cursor else None
+        )
+        page = found[:limit]
+        return json_response(
+            {
+                "items": [await service.to_json(batch) for batch in page],
+                "next_cursor": repr(page[-1].created_at) if len(found) > limit else None,
+            }
+        )
+
+    @router.get(
         "/{email_id}",
         summary="An email: counts by recipient status, progress",
         response_model=EmailOut,
@@ -184,19 +211,7 @@ def build_email_router(yard: "Conveyor", service: Emails) -> APIRouter:
     )
     async def recipients_csv(email_id: EmailId, owner: Tenant) -> StreamingResponse:
         await service.get(str(email_id), owner=owner)
-        columns = ["email", "name", "status", "smtp_code", "smtp_reply", "attempts", "message_id"]
-
-        async def rows() -> AsyncIterator[bytes]:
-            yield _csv_line(columns)
-            async for task in service.all_recipients(str(email_id), owner=owner):
-                found = recipient_json(task)
-                yield _csv_line([neutralised(found[column]) for column in columns])
-
-        return StreamingResponse(
-            rows(),
-            media_type="text/csv; charset=utf-8",
-            headers={"Content-Disposition": f'attachment; filename="email-{email_id}.csv"'},
-        )
+        return csv_response(service, str(email_id), owner)
 
     @router.get(
         "/{email_id}/events",
@@ -248,10 +263,13 @@ def build_email_router(yard: "Conveyor", service: Emails) -> APIRouter:
     return router
 
 
-def _csv_line(cells: list[Any]) -> bytes:
-    out = io.StringIO()
-    csv.writer(out).writerow(cells)
-    return out.getvalue().encode()
+def csv_response(service: Emails, email_id: str, owner: str | None) -> StreamingResponse:
+    """The recipients of a visible email as a CSV download."""
+    return StreamingResponse(
+        service.recipients_csv(email_id, owner=owner),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="email-{email_id}.csv"'},
+    )
 
 
 def _missing(part: str, message: str) -> InvalidArguments:

@@ -27,11 +27,18 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, mod
 
 from ..context import TaskContext
 from ..cron import zone
-from ..errors import ConfigurationError, ConveyorError, InvalidArguments, ScheduleNotFound
+from ..errors import (
+    ConfigurationError,
+    ConveyorError,
+    InvalidArguments,
+    ScheduleNotFound,
+    TaskNotFound,
+)
 from ..ids import uuid7
 from ..jobs.fetch import FetchError, FetchStats, Limits, Pagination, pages
 from ..jobs.netguard import guarded_transport
 from ..jobs.upsert import MAX_REJECTS, RESERVED, Target
+from ..record import TaskRecord
 from ..tally import describe
 from ..task import validated
 
@@ -46,6 +53,7 @@ if TYPE_CHECKING:
     from ..core import Conveyor
 
 TASK = "ingest.run"
+MAX_RUNS_KEPT = 50  # the runs of a source a listing shows
 FIXED = frozenset({"name", "table", "primary_key", "columns"})  # what a change cannot touch
 HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$"
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
@@ -163,6 +171,17 @@ def _sources_table(metadata: sa.MetaData) -> sa.Table:
     )
 
 
+def _runs_table(metadata: sa.MetaData) -> sa.Table:
+    """The latest runs of each source (``MAX_RUNS_KEPT``), newest first by ``started_at``."""
+    return sa.Table(
+        "conveyor_ingest_runs",
+        metadata,
+        sa.Column("source_id", sa.String(64), primary_key=True),
+        sa.Column("task_id", sa.String(64), primary_key=True),
+        sa.Column("started_at", sa.Float, nullable=False, index=True),
+    )
+
+
 class SourceNotFound(ConveyorError):
     """No source with that id (or not this tenant's)."""
 
@@ -215,6 +234,7 @@ class Ingestion:
         self._engine: sa.Engine | None = None
         self.metadata = sa.MetaData()
         self.sources = _sources_table(self.metadata)
+        self.runs_kept = _runs_table(self.metadata)
         self.allow_hosts = [h.strip() for h in settings.ingest_allow_hosts.split(",") if h.strip()]
         self.targets: dict[str, Target] = {}
 
@@ -387,13 +407,13 @@ class Ingestion:
     async def get(self, source_id: str, *, owner: str | None) -> dict[str, Any]:
         return _shown(await anyio.to_thread.run_sync(self._row, source_id, owner))
 
-    async def list_sources(self, *, owner: str) -> list[dict[str, Any]]:
+    async def list_sources(self, *, owner: str | None) -> list[dict[str, Any]]:
+        """The sources (None: every tenant's), oldest first."""
+
         def read() -> list[dict[str, Any]]:
-            query = (
-                sa.select(self.sources)
-                .where(self.sources.c.owner == owner)
-                .order_by(self.sources.c.created_at)
-            )
+            query = sa.select(self.sources).order_by(self.sources.c.created_at)
+            if owner is not None:
+                query = query.where(self.sources.c.owner == owner)
             with self.engine.connect() as conn:
                 return [dict(r) for r in conn.execute(query).mappings()]
 
@@ -415,14 +435,16 @@ class Ingestion:
                 for kept in (target.state, target.pages):
                     kept.create(conn, checkfirst=True)
                     conn.execute(kept.delete().where(kept.c.source_id == source_id))
+                conn.execute(self.runs_kept.delete().where(self.runs_kept.c.source_id == source_id))
                 conn.execute(self.sources.delete().where(self.sources.c.id == source_id))
             self.targets.pop(source_id, None)
 
         await anyio.to_thread.run_sync(drop)
 
-    async def start_run(self, source_id: str, *, owner: str) -> Any:
-        await anyio.to_thread.run_sync(self._row, source_id, owner)
-        record, _ = await self.yard.submit(TASK, {"source_id": source_id}, owner=owner)
+    async def start_run(self, source_id: str, *, owner: str | None) -> TaskRecord:
+        """Submit a run now, as the source's tenant (``owner`` None: any tenant's source)."""
+        row = await anyio.to_thread.run_sync(self._row, source_id, owner)
+        record, _ = await self.yard.submit(TASK, {"source_id": source_id}, owner=row["owner"])
         return record
 
     def target(self, row: dict[str, Any]) -> Target:
@@ -436,7 +458,7 @@ class Ingestion:
         return target
 
     async def rows(
-        self, source_id: str, *, owner: str, after: int, limit: int
+        self, source_id: str, *, owner: str | None, after: int, limit: int
     ) -> tuple[list[dict[str, Any]], str | None]:
         row = await anyio.to_thread.run_sync(self._row, source_id, owner)
         target = self.target(row)
@@ -445,10 +467,55 @@ class Ingestion:
         next_cursor = str(page[-1][0]) if len(found) > limit else None
         return [record for _, record in page], next_cursor
 
+    async def runs(self, source_id: str, *, owner: str | None, limit: int) -> list[TaskRecord]:
+        """The source's latest runs (tasks), newest first; those retention deleted are gone."""
+        row = await anyio.to_thread.run_sync(self._row, source_id, owner)
+        kept = self.runs_kept
+
+        def read() -> list[str]:
+            query = (
+                sa.select(kept.c.task_id)
+                .where(kept.c.source_id == source_id)
+                .order_by(kept.c.started_at.desc())
+                .limit(limit)
+            )
+            with self.engine.connect() as conn:
+                return [task_id for (task_id,) in conn.execute(query)]
+
+        found = []
+        for task_id in await anyio.to_thread.run_sync(read):
+            try:
+                found.append(await self.yard.get(task_id, owner=row["owner"]))
+            except TaskNotFound:
+                continue
+        return found
+
+    def _started(self, source_id: str, task_id: str) -> None:
+        """Keep this run among the source's latest (an attempt again: its time moves)."""
+        kept = self.runs_kept
+        with self.engine.begin() as conn:
+            mine = (kept.c.source_id == source_id) & (kept.c.task_id == task_id)
+            conn.execute(kept.delete().where(mine))
+            conn.execute(
+                kept.insert().values(source_id=source_id, task_id=task_id, started_at=time.time())
+            )
+            older = (
+                sa.select(kept.c.started_at)
+                .where(kept.c.source_id == source_id)
+                .order_by(kept.c.started_at.desc())
+                .offset(MAX_RUNS_KEPT)
+                .limit(1)
+                .scalar_subquery()
+            )
+            conn.execute(
+                kept.delete().where(kept.c.source_id == source_id, kept.c.started_at <= older)
+            )
+
     # one run --------------------------------------------------------------------------------
 
     async def run(self, ctx: TaskContext, source_id: str) -> dict[str, Any]:
         row = await anyio.to_thread.run_sync(self._row, source_id, None)
+        await anyio.to_thread.run_sync(self._started, source_id, ctx.task_id)
         spec = orjson.loads(row["spec"])
         headers: dict[str, str] = orjson.loads(row["headers"])
         target = self.target(row)
@@ -570,6 +637,7 @@ def _shown(row: dict[str, Any]) -> dict[str, Any]:
             "self": f"/ingest/sources/{row['id']}",
             "run": f"/ingest/sources/{row['id']}/run",
             "rows": f"/ingest/sources/{row['id']}/rows",
+            "runs": f"/ingest/sources/{row['id']}/runs",
         },
     }
 

@@ -10,7 +10,7 @@ from ..api.auth import tenant_resolver
 from ..api.errors import documented
 from ..api.routing import strict_route_class
 from ..api.shapes import TaskOut, json_response, parse_body
-from .ingest import Ingestion, SourceIn
+from .ingest import MAX_RUNS_KEPT, Ingestion, SourceIn
 
 if TYPE_CHECKING:
     from ..core import Conveyor
@@ -63,6 +63,10 @@ class SourceChange(BaseModel):
 
 class SourcePage(BaseModel):
     items: list[SourceOut]
+
+
+class RunPage(BaseModel):
+    items: list[TaskOut]
 
 
 class RowPage(BaseModel):
@@ -151,6 +155,21 @@ def build_ingest_router(yard: "Conveyor", service: Ingestion) -> APIRouter:
     async def run(source_id: SourceId, owner: Tenant) -> Response:
         record = await service.start_run(str(source_id), owner=owner)
         return json_response(record.to_json(), 202, {"Location": f"/tasks/{record.id}"})
+
+    @router.get(
+        "/sources/{source_id}/runs",
+        summary=f"The source's latest runs (at most {MAX_RUNS_KEPT}), newest first",
+        response_model=RunPage,
+        responses=documented(404, 422),
+        response_class=Response,
+    )
+    async def runs(
+        source_id: SourceId,
+        owner: Tenant,
+        limit: Annotated[int, Query(ge=1, le=MAX_RUNS_KEPT)] = 20,
+    ) -> Response:
+        found = await service.runs(str(source_id), owner=owner, limit=limit)
+        return json_response({"items": [task.to_json() for task in found]})
 
     @router.get(
         "/sources/{source_id}/rows",

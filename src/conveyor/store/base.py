@@ -280,9 +280,9 @@ class BatchStore(Protocol):
     async def get(self, batch_id: str, *, owner: str | None) -> BatchRecord: ...
 
     async def list_batches(
-        self, *, owner: str | None, limit: int, before: float | None
+        self, *, owner: str | None, limit: int, before: float | None, name: str | None = None
     ) -> list[BatchRecord]:
-        """Newest first, created before ``before``."""
+        """Newest first, created before ``before`` (``name``: of that task type only)."""
         ...
 
     async def items(

@@ -276,9 +276,10 @@ class PostgresStore:
                 raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
             row = await conn.fetchrow(
                 "INSERT INTO conveyor_tasks (id, name, owner, status, priority, args, attempts, "
-                "max_attempts, timeout_s, created_at, run_at, idempotency_key, published_at) "
+                "max_attempts, timeout_s, created_at, run_at, idempotency_key, published_at, "
+                "batch_id) "
                 "SELECT $1, $2, $3, $4, $5, $6, 0, $7, $8, k.now, k.now + $9::float8, $10, "
-                f"CASE WHEN $9::float8 <= 0 THEN k.now END FROM (SELECT {NOW} AS now) k "
+                f"CASE WHEN $9::float8 <= 0 THEN k.now END, $11 FROM (SELECT {NOW} AS now) k "
                 "ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL "
                 "DO NOTHING RETURNING seq, created_at, run_at",
                 record.id,
@@ -291,6 +292,7 @@ class PostgresStore:
                 record.timeout_s,
                 max(record.run_at - record.created_at, 0.0),
                 record.idempotency_key,
+                record.batch_id,
             )
             if row is None:  # a concurrent submission with the same key won
                 winner = await _by_key(conn, record)

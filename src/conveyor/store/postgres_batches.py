@@ -86,15 +86,17 @@ class PostgresBatches:
             return await _batch(conn, batch_id, owner)
 
     async def list_batches(
-        self, *, owner: str | None, limit: int, before: float | None
+        self, *, owner: str | None, limit: int, before: float | None, name: str | None = None
     ) -> list[BatchRecord]:
         async with self._store.connection() as conn:
             ids = await conn.fetch(
                 "SELECT id FROM conveyor_batches WHERE created_at < $1 "
-                "AND ($2::text IS NULL OR owner = $2) ORDER BY created_at DESC LIMIT $3",
+                "AND ($2::text IS NULL OR owner = $2) AND ($4::text IS NULL OR name = $4) "
+                "ORDER BY created_at DESC LIMIT $3",
                 before if before is not None else float("inf"),
                 owner,
                 limit,
+                name,
             )
             return [await _batch(conn, row[0], None) for row in ids]
 

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..record import TaskRecord
+from ..record import TaskRecord, schedule_keys
 from ..schedule_record import ScheduleRecord
 from ..status import TaskStatus
 
@@ -69,10 +69,12 @@ def dump(value: Any) -> str | None:
 @dataclass(frozen=True, slots=True)
 class TaskFilter:
     """What a listing narrows to beyond owner, status and type (None: not narrowed): a batch,
-    an id prefix (at least 8 characters: a UUIDv7's first 8 are its first 65 seconds), and a
-    time range of submission (epoch seconds, from inclusive, to exclusive)."""
+    a schedule (the tasks its fires made: read by their idempotency keys, with the schedule's
+    owner given), an id prefix (at least 8 characters: a UUIDv7's first 8 are its first 65
+    seconds), and a time range of submission (epoch seconds, from inclusive, to exclusive)."""
 
     batch_id: str | None = None
+    schedule_id: str | None = None
     id_prefix: str | None = None
     created_after: float | None = None
     created_before: float | None = None
@@ -149,12 +151,15 @@ def list_query(
     narrowed: TaskFilter = NO_FILTER,
     seq_range: tuple[int | None, int | None] = (None, None),
     by_id: str = "",
+    by_key: str = "",
 ) -> tuple[str, list[Any]]:
     """The newest-first page query of ``list_tasks``; ``placeholder(n)`` is the n-th parameter
     in the driver's style (``?`` or ``$n``). ``seq_range`` bounds a time range by submission
     order (see :func:`seq_from`), so a page reads only the rows inside it. An id prefix is read
     through the id's index (``by_id``: how to ask for it, where the planner needs telling), and
-    the ids sharing it are sorted: with 8 characters of a UUIDv7, those of 65 seconds."""
+    the ids sharing it are sorted: with 8 characters of a UUIDv7, those of 65 seconds. A
+    schedule's tasks are read through the ``(owner, idempotency_key)`` index (``by_key``) and
+    sorted: the cost grows with that schedule's kept tasks, not with the history."""
     where: list[str] = []
     params: list[Any] = []
 
@@ -170,6 +175,10 @@ def list_query(
     ):
         if value is not None:
             add(f"{column} = {{}}", str(value))
+    if narrowed.schedule_id is not None:
+        low, high = schedule_keys(narrowed.schedule_id)
+        add("idempotency_key >= {}", low)
+        add("idempotency_key < {}", high)
     if narrowed.id_prefix is not None:
         prefix = narrowed.id_prefix
         add("id >= {}", prefix)
@@ -189,7 +198,11 @@ def list_query(
     clause = f"WHERE {' AND '.join(where)}" if where else ""
     params.append(limit)
     page = f"ORDER BY seq DESC LIMIT {placeholder(len(params))}"
-    source = f"{table} {by_id}" if narrowed.id_prefix is not None and by_id else table
+    source = table
+    if narrowed.schedule_id is not None and by_key:
+        source = f"{table} {by_key}"
+    elif narrowed.id_prefix is not None and by_id:
+        source = f"{table} {by_id}"
     return f"SELECT {COLUMNS} FROM {source} {clause} {page}", params
 
 

@@ -591,6 +591,7 @@ class SQLiteStore:
             narrowed=narrowed,
             seq_range=bounds,
             by_id="INDEXED BY sqlite_autoindex_tasks_1",  # the id's UNIQUE constraint
+            by_key="INDEXED BY tasks_idempotency",
         )
         rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return [record_from_row(row) for row in rows]

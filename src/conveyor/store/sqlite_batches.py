@@ -128,14 +128,15 @@ class SQLiteBatches:
         return await self._store._read(lambda conn: _batch(conn, batch_id, owner))
 
     async def list_batches(
-        self, *, owner: str | None, limit: int, before: float | None
+        self, *, owner: str | None, limit: int, before: float | None, name: str | None = None
     ) -> list[BatchRecord]:
         def op(conn: sqlite3.Connection) -> list[BatchRecord]:
             where = ["created_at < ?"]
             params: list[Any] = [before if before is not None else float("inf")]
-            if owner is not None:
-                where.append("owner = ?")
-                params.append(owner)
+            for column, value in (("owner", owner), ("name", name)):
+                if value is not None:
+                    where.append(f"{column} = ?")
+                    params.append(value)
             ids = conn.execute(
                 f"SELECT id FROM batches WHERE {' AND '.join(where)} "
                 "ORDER BY created_at DESC LIMIT ?",
