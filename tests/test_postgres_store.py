@@ -15,6 +15,7 @@ from conveyor.ids import uuid7
 from conveyor.record import TaskRecord
 from conveyor.status import TaskStatus
 from conveyor.store.postgres import PostgresStore
+from conveyor.store.postgres_counts import BY_STATUS, BY_TYPE, QUEUED
 from conveyor.store.postgres_ledger import CLAIM_ONE
 from conveyor.store.postgres_schema import SCHEMA_VERSION
 from conveyor.store.postgres_sql import FINISH
@@ -336,3 +337,116 @@ def test_the_database_clock_decides_when_a_task_is_due(postgres: PostgresServer)
         assert [r.id for r in claimed] == [due_now.id]
 
     run(work, postgres.create_database())
+
+
+def new_task(name: str, owner: str = "", *, key: str | None = None) -> TaskRecord:
+    now = time.time()
+    return TaskRecord(
+        id=uuid7(),
+        name=name,
+        status=TaskStatus.QUEUED,
+        args={},
+        owner=owner,
+        created_at=now,
+        run_at=now,
+        idempotency_key=key,
+    )
+
+
+async def grouped(url: str) -> dict[tuple[str, str, str], int]:
+    """The counts as a scan of the whole table gives them."""
+    rows = await sql(
+        url, "SELECT owner, name, status, count(*) FROM conveyor_tasks GROUP BY 1, 2, 3"
+    )
+    return {(r[0], r[1], r[2]): r[3] for r in rows}
+
+
+async def kept(url: str) -> dict[tuple[str, str, str], int]:
+    """The counts the database keeps, summed over its connections' shards."""
+    rows = await sql(
+        url,
+        "SELECT owner, name, status, sum(n) FROM conveyor_task_counts "
+        "GROUP BY 1, 2, 3 HAVING sum(n) <> 0",
+    )
+    return {(r[0], r[1], r[2]): r[3] for r in rows}
+
+
+def test_counts_are_kept_by_the_database_through_every_change(postgres: PostgresServer) -> None:
+    """Every way a task is added, changes status or goes (alone, in a batch, from several
+    connections at once, by retention) moves the kept counts exactly as the table changed; the
+    counts read by ``/health``, ``/metrics`` and ``429`` come from them, and survive the fold
+    of closed connections' rows."""
+    url = postgres.create_database()
+
+    async def workload(store: PostgresStore, url: str) -> dict[str, Any]:
+        await store.insert_many(
+            [new_task("t.a", "acme") for _ in range(50)], args_json=["{}"] * 50, max_queued=None
+        )
+        for i in range(20):
+            record = new_task("t.b", key=f"k{i % 4}" if i % 2 else None)
+            await store.insert(record, args_json="{}", max_queued=None)
+
+        async def one_connection_s_work(worker: str) -> None:
+            claimed = await store.claim(
+                worker_id=worker, names=["t.a", "t.b"], limits={}, n=10, lease_s=30
+            )
+            for task in claimed[:6]:
+                await store.finish(task.id, worker, 1, status=TaskStatus.COMPLETED, result_json="1")
+            await store.requeue(
+                claimed[6].id, worker, 1, delay_s=0, error=None, refund_attempt=True
+            )
+            await store.finish(
+                claimed[7].id, worker, 1, status=TaskStatus.FAILED, error={"type": "E"}
+            )
+            await store.cancel(claimed[8].id, owner=None)
+
+        await asyncio.gather(*(one_connection_s_work(f"w{i}") for i in range(4)))
+        failed = await store.list_tasks(owner=None, status=TaskStatus.FAILED)
+        await store.retry(failed[0].id, owner=None, attempts=1)
+        done = await store.list_tasks(owner=None, status=TaskStatus.COMPLETED, limit=3)
+        await store.delete(done[0].id, owner=None)
+        await store.retention().purge("completed", finished_before=time.time() + 1, limit=5)
+        await sql(url, "UPDATE conveyor_tasks SET lease_expires_at = 0 WHERE status = 'running'")
+        await store.recover_expired()
+        await store.set_progress(done[1].id, "w0", 1, 10.0, None)  # no status: no count moved
+        snapshot = await store.stats().snapshot()
+        return {
+            "grouped": await grouped(url),
+            "kept": await kept(url),
+            "by_status": await store.count_by_status(),
+            "acme": await store.count_by_status(owner="acme"),
+            "snapshot": snapshot.counts,
+        }
+
+    found = run(workload, url)
+    table = found["grouped"]
+    assert found["kept"] == table
+    for status in TaskStatus:
+        assert found["by_status"][status.value] == sum(
+            n for (_, _, s), n in table.items() if s == status.value
+        )
+    assert sum(found["acme"].values()) == sum(n for (o, _, _), n in table.items() if o == "acme")
+    assert found["snapshot"] == {
+        (name, status): sum(n for (_, nm, st), n in table.items() if (nm, st) == (name, status))
+        for (_, name, status) in table
+    }
+    assert sum(table.values()) == 50 + 12 - 1 - 5, "keyed repeats added nothing; 6 deleted"
+
+    async def later(store: PostgresStore, url: str) -> tuple[Any, ...]:
+        before = await kept(url)
+        await store.stats().prune("none", "0")  # the upkeep that folds closed connections
+        shards = await sql(url, "SELECT DISTINCT shard FROM conveyor_task_counts")
+        plans = [
+            await explain_plain(url, statement.replace("$1", "NULL"))
+            for statement in (QUEUED, BY_STATUS, BY_TYPE)
+        ]
+        return before, await kept(url), [r[0] for r in shards], plans
+
+    before, after, shards, plans = run(later, url)
+    assert before == after == table, "folding moves counts, never changes them"
+    assert shards == [0], "the first run's connections have closed: their rows folded"
+    assert all("conveyor_tasks" not in plan.replace("conveyor_task_counts", "") for plan in plans)
+
+
+async def explain_plain(url: str, statement: str) -> str:
+    return "\n".join(row[0] for row in await sql(url, f"EXPLAIN {statement}"))

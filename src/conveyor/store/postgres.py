@@ -29,6 +29,7 @@ from ..status import TaskStatus, cancel_outcome, require_deletable, require_retr
 from .base import PublicationLedger
 from .logs import PostgresLogs
 from .postgres_batches import PostgresBatches
+from .postgres_counts import BY_STATUS, QUEUED
 from .postgres_ledger import HeldOutcome, PostgresLedger
 from .postgres_schedules import PostgresSchedules
 from .postgres_schema import CHANNEL, migrate
@@ -360,9 +361,7 @@ class PostgresStore:
         # Counted at most every _QUEUED_RECOUNT_S: the bound is approximate by that much.
         now = time.monotonic()
         if now - self._queued_counted_at > _QUEUED_RECOUNT_S:
-            self._queued_count = await conn.fetchval(
-                "SELECT count(*) FROM conveyor_tasks WHERE status = 'queued'"
-            )
+            self._queued_count = await conn.fetchval(QUEUED)
             self._queued_counted_at = now
         return self._queued_count
 
@@ -613,11 +612,8 @@ class PostgresStore:
             return int(await conn.fetchval(RATE_USED, name, rate.period_s))
 
     async def count_by_status(self, *, owner: str | None = None) -> dict[str, int]:
-        where, params = ("WHERE owner = $1", [owner]) if owner is not None else ("", [])
         async with self.connection() as conn:
-            rows = await conn.fetch(
-                f"SELECT status, count(*) FROM conveyor_tasks {where} GROUP BY status", *params
-            )
+            rows = await conn.fetch(BY_STATUS, owner)
         return {status.value: 0 for status in TaskStatus} | {row[0]: row[1] for row in rows}
 
 

@@ -7,12 +7,13 @@ import asyncpg
 from ..errors import StoreUnavailable
 from .logs import POSTGRES_LOGS
 from .postgres_batches import BATCHES
+from .postgres_counts import COUNTS
 from .postgres_schedules import SCHEDULES
 from .postgres_sql import UNPUBLISHED
 from .stats import POSTGRES_TOTALS
 from .workers import POSTGRES_WORKERS
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 CHANNEL = "conveyor_tasks"  # a task's state, progress or message changed: id
 _LOCK_MIGRATE = 7_436_021  # advisory lock held while the schema is created or migrated
 _UNPUBLISHED_INDEX = (
@@ -89,6 +90,7 @@ _MIGRATIONS: dict[int, str] = {
     6: POSTGRES_LOGS,
     7: SCHEDULES,
     8: POSTGRES_TOTALS,
+    9: COUNTS,
 }
 
 
@@ -103,6 +105,7 @@ async def migrate(conn: asyncpg.Connection) -> None:
             await conn.execute(POSTGRES_LOGS)
             await conn.execute(SCHEDULES)
             await conn.execute(POSTGRES_TOTALS)
+            await conn.execute(COUNTS)
             await conn.execute("INSERT INTO conveyor_schema (version) VALUES ($1)", SCHEMA_VERSION)
             return
         version = await conn.fetchval("SELECT max(version) FROM conveyor_schema") or 1

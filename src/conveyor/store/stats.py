@@ -1,9 +1,10 @@
 """What a metrics scrape reads of a store: task counts by type and status, the age of the
 oldest queued task, and the totals of what every process counted. The first two are a constant
 number of index reads on SQLite (``task_counts`` is one row per owner, type and status; the
-oldest queued task is the first of ``tasks_status_seq``); on PostgreSQL the counts are grouped
-from the table (cached by the caller between scrapes). The totals (``metric_totals``) are one
-row per series, each process adding what it counted (``conveyor.tally``) about once a second.
+oldest queued task is the first of ``tasks_status_seq``); on PostgreSQL the counts are summed
+from ``conveyor_task_counts``, which the database keeps (``postgres_counts.py``). The totals
+(``metric_totals``) are one row per series, each process adding what it counted
+(``conveyor.tally``) about once a second.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Protocol, TypeVar
 
 import asyncpg
 
+from .postgres_counts import BY_TYPE, FOLD, LOCK_FOLD
 from .postgres_sql import NOW
 
 T = TypeVar("T")
@@ -123,11 +125,7 @@ class PostgresStats:
 
     async def snapshot(self, *, owner: str | None = None) -> Snapshot:
         async with self._store.connection() as conn:
-            rows = await conn.fetch(
-                "SELECT name, status, count(*) FROM conveyor_tasks "
-                "WHERE $1::text IS NULL OR owner = $1 GROUP BY name, status",
-                owner,
-            )
+            rows = await conn.fetch(BY_TYPE, owner)
             age = await conn.fetchval(
                 f"SELECT greatest(0, {NOW} - created_at) FROM conveyor_tasks "
                 "WHERE status = 'queued' ORDER BY seq LIMIT 1"
@@ -159,11 +157,15 @@ class PostgresStats:
         return [(row[0], row[1], row[2]) for row in found]
 
     async def prune(self, metric: str, before: str) -> None:
-        """Forget ``metric``'s series whose ``le`` (a minute) is before ``before``."""
+        """Forget ``metric``'s series whose ``le`` (a minute) is before ``before``; and fold the
+        task counts of closed connections (``postgres_counts.py``), when no one else is."""
         async with self._store.connection() as conn:
             await conn.execute(
                 "DELETE FROM conveyor_metric_totals WHERE metric = $1 AND le < $2", metric, before
             )
+            async with conn.transaction():
+                if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", LOCK_FOLD):
+                    await conn.execute(FOLD)
 
     async def totals(self) -> list[Row]:
         async with self._store.connection() as conn:
