@@ -14,6 +14,7 @@ from .. import __version__
 from ..api.auth import tenant_resolver
 from ..api.errors import http_error_handler
 from ..api.router import anonymous_openapi
+from ..api.routing import adopt_routes
 from ..core import Conveyor
 from ..settings import Settings
 from .demo import register_demo_tasks
@@ -75,28 +76,28 @@ def create_app(
         docs_url=None if keyed else "/docs",
     )
     app.state.yard = yard
-    app.include_router(yard.router())
+    adopt_routes(app, yard.router())
     if "images.transform" in yard.task_types:
         from .images import build_image_router
 
-        app.include_router(build_image_router(yard))
+        adopt_routes(app, build_image_router(yard))
     if "csv.stats" in yard.task_types:
         from .csvstats import build_csv_router
 
-        app.include_router(build_csv_router(yard))
+        adopt_routes(app, build_csv_router(yard))
     if "ingest.run" in yard.task_types:
         from .ingest import ingestion_of
         from .ingest_api import build_ingest_router
 
         service = ingestion_of(yard)
         if service is not None:
-            app.include_router(build_ingest_router(yard, service))
+            adopt_routes(app, build_ingest_router(yard, service))
 
     if "email.send" in yard.task_types:
         from .email import emails_of
         from .email_api import build_email_router
 
-        app.include_router(build_email_router(yard, emails_of(yard)))
+        adopt_routes(app, build_email_router(yard, emails_of(yard)))
 
     app.mount("/dashboard", yard.dashboard())
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
