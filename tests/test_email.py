@@ -155,6 +155,35 @@ def test_a_deferred_recipient_waits_with_its_next_attempt_visible(
     assert cancelled["counts"]["cancelled"] == 1 and cancelled["status"] == "finished"
 
 
+def test_recipients_filtered_by_status_come_in_full_pages(
+    make_client: Callable[..., httpx.Client],
+) -> None:
+    """Bounced and failed recipients are both failed tasks: a page filtered by one status holds
+    only that status and is full (the store filters by error type), with its cursor."""
+    client = make_client()
+    addresses = ["bounce1", "defer1", "ok1", "bounce2", "defer2", "bounce3", "ok2"]
+    recipients = [{"email": f"{name}@example.com"} for name in addresses]
+    sent = client.post("/emails", json=message(text="Hi", recipients=recipients)).json()
+    follow(client, sent["id"], kind="emails")
+    path = f"/emails/{sent['id']}/recipients"
+
+    def pages(status: str) -> list[list[str]]:
+        found: list[list[str]] = []
+        cursor: str | None = None
+        while True:
+            params = {"status": status, "limit": 2} | ({"cursor": cursor} if cursor else {})
+            page = client.get(path, params=params).json()
+            found.append([r["email"].partition("@")[0] for r in page["items"]])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return found
+
+    assert pages("bounced") == [["bounce1", "bounce2"], ["bounce3"]]
+    assert pages("failed") == [["defer1", "defer2"]]
+    assert pages("sent") == [["ok1", "ok2"]]
+    assert pages("deferred") == [[]]
+
+
 def test_duplicates_are_sent_once(
     make_client: Callable[..., httpx.Client], smtp: SmtpServer
 ) -> None:

@@ -161,10 +161,19 @@ class Batches:
         status: TaskStatus | None = None,
         after_seq: int | None = None,
         limit: int = 100,
+        only_error: str | None = None,
+        except_error: str | None = None,
     ) -> list[TaskRecord]:
-        """The batch's tasks in submission order (``after_seq``: the cursor of the page)."""
+        """The batch's tasks in submission order (``after_seq``: the cursor of the page), of one
+        status and error type (``only_error``) or not of it (``except_error``) when given."""
         return await self._store.items(
-            batch_id, owner=owner, status=status, after_seq=after_seq, limit=limit
+            batch_id,
+            owner=owner,
+            status=status,
+            after_seq=after_seq,
+            limit=limit,
+            only_error=only_error,
+            except_error=except_error,
         )
 
     async def error_counts(self, batch_id: str) -> dict[tuple[str, str], int]:

@@ -62,14 +62,15 @@ if TYPE_CHECKING:
 TASK = "email.send"
 KIND = "email"
 CSV_COLUMNS = ["email", "name", "status", "smtp_code", "smtp_reply", "attempts", "message_id"]
-_BY_TASK_STATUS = {
-    "queued": TaskStatus.QUEUED,
-    "deferred": TaskStatus.QUEUED,
-    "sending": TaskStatus.RUNNING,
-    "sent": TaskStatus.COMPLETED,
-    "bounced": TaskStatus.FAILED,
-    "failed": TaskStatus.FAILED,
-    "cancelled": TaskStatus.CANCELLED,
+# a recipient status as its task's: (status, only this error type, not this error type)
+_BY_TASK_STATUS: dict[str, tuple[TaskStatus, str | None, str | None]] = {
+    "queued": (TaskStatus.QUEUED, None, "Deferred"),
+    "deferred": (TaskStatus.QUEUED, "Deferred", None),
+    "sending": (TaskStatus.RUNNING, None, None),
+    "sent": (TaskStatus.COMPLETED, None, None),
+    "bounced": (TaskStatus.FAILED, "Bounced", None),
+    "failed": (TaskStatus.FAILED, None, "Bounced"),
+    "cancelled": (TaskStatus.CANCELLED, None, None),
 }
 
 
@@ -357,18 +358,23 @@ class Emails:
         after_seq: int | None,
         limit: int,
     ) -> tuple[list[TaskRecord], int | None]:
-        """A page of recipients (of one status), and the cursor of the next page."""
+        """A page of recipients (of one status: its task status and error type, read by the
+        store), and the cursor of the next page."""
         await self.get(email_id, owner=owner)
-        task_status = None if status is None else _BY_TASK_STATUS[status]
-        found = await self.yard.batches.items(
-            email_id, owner=owner, status=task_status, after_seq=after_seq, limit=limit + 1
+        task_status, only, unless = (
+            (None, None, None) if status is None else _BY_TASK_STATUS[status]
         )
-        more = len(found) > limit
+        found = await self.yard.batches.items(
+            email_id,
+            owner=owner,
+            status=task_status,
+            after_seq=after_seq,
+            limit=limit + 1,
+            only_error=only,
+            except_error=unless,
+        )
         page = found[:limit]
-        next_seq = page[-1].seq if more else None
-        if status is not None:
-            page = [task for task in page if recipient_status(task) == status]
-        return page, next_seq
+        return page, page[-1].seq if len(found) > limit else None
 
     async def list_emails(
         self, *, owner: str | None, limit: int, before: float | None

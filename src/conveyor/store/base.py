@@ -293,8 +293,11 @@ class BatchStore(Protocol):
         status: TaskStatus | None,
         after_seq: int | None,
         limit: int,
+        only_error: str | None = None,
+        except_error: str | None = None,
     ) -> list[TaskRecord]:
-        """The batch's tasks in submission order, after ``after_seq``."""
+        """The batch's tasks in submission order, after ``after_seq``; only those whose error
+        type is ``only_error``, or is not ``except_error`` (none is not)."""
         ...
 
     async def error_counts(self, batch_id: str) -> dict[tuple[str, str], int]:

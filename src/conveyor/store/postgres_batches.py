@@ -108,16 +108,24 @@ class PostgresBatches:
         status: TaskStatus | None,
         after_seq: int | None,
         limit: int,
+        only_error: str | None = None,
+        except_error: str | None = None,
     ) -> list[TaskRecord]:
+        kind = "(error::json->>'type')"
         async with self._store.connection() as conn:
             await _owned(conn, batch_id, owner)
             rows = await conn.fetch(
                 f"SELECT {COLUMNS} FROM conveyor_tasks WHERE batch_id = $1 AND seq > $2 "
-                "AND ($3::text IS NULL OR status = $3) ORDER BY seq LIMIT $4",
+                "AND ($3::text IS NULL OR status = $3) "
+                f"AND ($5::text IS NULL OR {kind} = $5) "
+                f"AND ($6::text IS NULL OR {kind} IS NULL OR {kind} <> $6) "
+                "ORDER BY seq LIMIT $4",
                 batch_id,
                 after_seq or 0,
                 None if status is None else status.value,
                 limit,
+                only_error,
+                except_error,
             )
         return [record_from_row(row) for row in rows]
 

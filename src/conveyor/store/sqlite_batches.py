@@ -154,6 +154,8 @@ class SQLiteBatches:
         status: TaskStatus | None,
         after_seq: int | None,
         limit: int,
+        only_error: str | None = None,
+        except_error: str | None = None,
     ) -> list[TaskRecord]:
         def op(conn: sqlite3.Connection) -> list[TaskRecord]:
             _batch(conn, batch_id, owner)
@@ -163,6 +165,13 @@ class SQLiteBatches:
                 where += " AND status = ?"
                 params.append(status.value)
                 index = "tasks_batch_status"
+            kind = "json_extract(error, '$.type')"
+            if only_error is not None:
+                where += f" AND {kind} = ?"
+                params.append(only_error)
+            if except_error is not None:
+                where += f" AND ({kind} IS NULL OR {kind} <> ?)"
+                params.append(except_error)
             rows = conn.execute(
                 f"SELECT {COLUMNS} FROM tasks INDEXED BY {index} WHERE {where} "
                 "ORDER BY seq LIMIT ?",
