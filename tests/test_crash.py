@@ -46,6 +46,11 @@ def assert_all_completed_once(client: httpx.Client, ids: list[str], tmp_path: Pa
     attempts = [t["attempts"] for t in finals]
     assert set(attempts) <= {1, 2}
     assert 2 in attempts, "the killed run's tasks should have been recovered and re-run"
+    recovered = next(t for t in finals if t["attempts"] == 2)
+    lines = client.get(f"/tasks/{recovered['id']}/logs").json()["items"]
+    lost = [(x["attempt"], x["level"]) for x in lines if x["message"].startswith("attempt 1 ")]
+    assert lost == [(2, "WARNING")], "the attempts' history is kept with the task's lines"
+    assert any(x["message"] == "attempt 1 was lost with its worker" for x in lines)
 
 
 def test_kill_9_server_mid_run(spawn: Any, tmp_path: Path) -> None:

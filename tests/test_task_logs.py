@@ -70,6 +70,27 @@ async def test_sync_and_process_tasks_keep_their_lines_per_attempt(yard: Conveyo
     assert getattr(records.records[-1], "task_id", None) is None
 
 
+async def test_each_failed_attempt_is_kept_with_its_worker_time_and_error(
+    yard: Conveyor,
+) -> None:
+    """A task that needed several attempts keeps one line per failed attempt among its log
+    lines (its number, worker, time and error); one that succeeded at once has none."""
+    flaky, _ = await yard.submit("t.flaky", {"key": "history", "failures": 2})
+    assert (await yard.wait(flaky.id, timeout_s=30)).status.value == "completed"
+    history = [(a, m) for a, level, m in await lines_of(yard, flaky.id) if level == "WARNING"]
+    assert [a for a, _ in history] == [1, 2]
+    for attempt, message in history:
+        assert message.startswith(f"attempt {attempt} of 3 on worker ")
+        assert f"(ConnectionError: transient failure {attempt}); the next in" in message
+    given_up, _ = await yard.submit("t.flaky", {"key": "never", "failures": 9})
+    assert (await yard.wait(given_up.id, timeout_s=30)).status.value == "failed"
+    last = [m for a, _, m in await lines_of(yard, given_up.id) if a == 3]
+    assert len(last) == 1 and last[0].endswith("; no attempt left")
+    once, _ = await yard.submit("t.echo", {"value": 1})
+    await yard.wait(once.id, timeout_s=30)
+    assert await lines_of(yard, once.id) == []
+
+
 def test_logs_route_and_tenants(serve: Callable[[FastAPI], LiveServer], tmp_path: Path) -> None:
     settings = service_settings(tmp_path, api_keys="alpha:ka,beta:kb")
     server = serve(create_app(settings))

@@ -33,6 +33,7 @@ from ..errors import ConveyorError, TaskCancelled
 from ..record import TaskRecord, WorkerRecord
 from ..schedule_record import scheduled_for
 from ..status import TaskStatus
+from ..store.rows import WORKER_LOST
 from ..tally import BY_MINUTE
 from ..task import TaskType
 from .base import EngineHost
@@ -289,6 +290,8 @@ class Runner:
         # this attempt's own context (its asyncio task's): what it logs is the task's
         run.log = tasklogs.TaskLog(record.id, record.name, record.attempts, self.worker_id)
         tasklogs.CURRENT.set(run.log)
+        if (record.error or {}).get("type") == WORKER_LOST["type"]:  # the attempts' history
+            run.log.add("WARNING", f"attempt {record.attempts - 1} was lost with its worker")
         ctx = TaskContext(
             task_id=record.id,
             name=record.name,
@@ -475,6 +478,7 @@ class Runner:
                 error["type"],
                 delay,
             )
+            await self._attempt_ended(run, error, f"the next in {delay:.2f} s")
             requeued = await self.host.store.requeue(
                 record.id,
                 self.worker_id,
@@ -489,7 +493,25 @@ class Runner:
                 self._ran(run)
                 self.host.tally.count("conveyor_task_retries", {"task": record.name})
             return
+        if record.attempts > 1:
+            await self._attempt_ended(run, error, "no attempt left")
         await self._finish(run, TaskStatus.FAILED, error=error)
+
+    async def _attempt_ended(self, run: _Running, error: dict[str, Any], then: str) -> None:
+        """One line of the attempts' history with the task's log lines, for an attempt that
+        failed when there were or are others (a first and only attempt's facts are the task's
+        own): its number, worker, time and error. Written only on this path: a task that
+        succeeds the first time writes nothing more."""
+        record = run.record
+        if run.log is None:
+            return
+        run.log.add(
+            "WARNING",
+            f"attempt {record.attempts} of {record.max_attempts} on worker {self.worker_id} "
+            f"failed after {time.monotonic() - run.began:.2f} s "
+            f"({error.get('type')}: {error.get('message')}); {then}",
+        )
+        await self._write_log(run)
 
     def _ran(self, run: _Running) -> None:
         """Count an ended attempt's time, and how long its task waited to start (both on the
