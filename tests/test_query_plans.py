@@ -179,14 +179,17 @@ async def test_a_file_from_the_previous_schema_is_counted_when_opened(tmp_path: 
         (version,) = conn.execute("PRAGMA user_version").fetchone()
     assert "tasks_queue" in indexes and "tasks_ready" not in indexes
     assert "schedules" in indexes and version == sqlite_store.SCHEMA_VERSION
-    assert {"batches", "batch_counts", "tasks_batch_status"} <= indexes
+    assert {"batches", "batch_counts", "tasks_batch"} <= indexes
+    assert "tasks_batch_status" not in indexes, "no index carries a batch item's status"
 
 
 async def test_batch_and_rate_statements_stay_in_their_own_rows(
     tmp_path: Path, recorded: list[str]
 ) -> None:
-    """Reading a batch, paging its items (by status too), counting its errors and a rate-limited
-    claim walk the batch's (or the type's) own index entries, never the backlog."""
+    """Reading a batch, paging its items (by status too: that status's entries within the
+    batch's seq range), counting its errors, cancelling, retrying and hastening its items, and
+    a rate-limited claim walk the batch's (or the type's) own index entries, never the
+    backlog."""
     from conveyor.batch_record import BatchRecord
     from conveyor.rates import Rate
     from conveyor.record import TaskRecord
@@ -231,6 +234,9 @@ async def test_batch_and_rate_statements_stay_in_their_own_rows(
         assert len(claimed) == 3, "the rate lets three start"
         await store.rate_used("t.echo", Rate(3, 1.0))
         await batches.get("batch-1", owner="")  # with running items: their progress summed
+        await batches.hasten("batch-1", owner="", error_type=None)
+        await batches.retry("batch-1", owner="", statuses=(TaskStatus.FAILED,), attempts=1)
+        await batches.cancel("batch-1", owner="")
     finally:
         await store.close()
 
@@ -241,7 +247,7 @@ async def test_batch_and_rate_statements_stay_in_their_own_rows(
         if s.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE"))
         and any(w in s for w in wanted)
     }
-    assert len(hot) >= 7, hot
+    assert len(hot) >= 10, hot
     conn = sqlite3.connect(path)
     for statement in hot:
         steps = plan(conn, statement)

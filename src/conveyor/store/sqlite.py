@@ -58,7 +58,7 @@ from .sqlite_wake import Doorbell
 from .stats import SQLITE_TOTALS, SQLiteStats
 from .workers import SQLITE_WORKERS, SQLiteWorkers
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 _COUNTS = """
 CREATE TABLE IF NOT EXISTS task_counts (
     owner TEXT NOT NULL,
@@ -131,6 +131,7 @@ _MIGRATIONS: dict[int, str] = {
     6: SQLITE_WORKERS,
     7: SQLITE_LOGS,
     8: SQLITE_TOTALS,
+    9: "DROP INDEX IF EXISTS tasks_batch_status",  # see sqlite_batches.py
 }
 _WAITING_AND_RUNNING = (
     "SELECT name, status, n FROM task_counts WHERE status IN ('queued', 'running') AND n > 0"

@@ -4,8 +4,11 @@ A batch's tasks are ordinary rows of ``tasks`` carrying its id. Its counts live 
 ``batch_counts`` (one row per batch and status), kept in step by the same per-transaction tally
 as ``task_counts`` (:class:`~conveyor.store.sqlite_tally.WriteTally`): reading a batch costs
 the same with ten items or a million. Its items are read in submission order through ``tasks_batch``
-(``batch_id, seq``) or, filtered by status, ``tasks_batch_status`` (``batch_id, status, seq``):
-a page stops after its rows.
+(``batch_id, seq``); filtered by status, through ``tasks_status_seq`` (``status, seq``) within
+the batch's ``seq`` range (its first and last item, two reads of ``tasks_batch``: a batch is
+committed in one transaction, so its items are contiguous in ``seq``). A page stops after its
+rows. No index carries a batch item's status: each status move would rewrite it (measured: the
+drain of a 100,000-item batch at 0.85x single tasks with one, 0.95x without).
 """
 
 from __future__ import annotations
@@ -42,8 +45,6 @@ CREATE TABLE IF NOT EXISTS batch_counts (
     PRIMARY KEY (batch_id, status)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_batch ON tasks(batch_id, seq) WHERE batch_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS tasks_batch_status ON tasks(batch_id, status, seq)
-    WHERE batch_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_batch_errors ON tasks(batch_id, status)
     WHERE batch_id IS NOT NULL AND error IS NOT NULL;
 """
@@ -58,6 +59,23 @@ BATCH_FINISHED = (
 _BATCH = "SELECT id, owner, name, total, created_at, finished_at, meta FROM batches WHERE id = ?"
 # The batch's items with an error, by status and error type (a retried or deferred item keeps
 # the error of its last attempt while queued): a walk over those items only.
+# the first and the last item of a batch, each read off one end of its index entries
+_SPAN = (
+    "SELECT (SELECT seq FROM tasks INDEXED BY tasks_batch WHERE batch_id = ?1 ORDER BY seq "
+    "LIMIT 1), (SELECT seq FROM tasks INDEXED BY tasks_batch WHERE batch_id = ?1 "
+    "ORDER BY seq DESC LIMIT 1)"
+)
+# a batch's items of one status: that status's entries within the batch's seq range
+BY_STATUS = "tasks INDEXED BY tasks_status_seq"
+IN_SPAN = "status = ? AND seq >= ? AND seq <= ? AND batch_id = ?"
+
+
+def span(conn: sqlite3.Connection, batch_id: str) -> tuple[int, int]:
+    """The batch's first and last ``seq`` (an empty range for a batch without items)."""
+    first, last = conn.execute(_SPAN, (batch_id,)).fetchone()
+    return (first, last) if first is not None else (1, 0)
+
+
 _ERRORS = (
     "SELECT status, json_extract(error, '$.type'), count(*) FROM tasks "
     "INDEXED BY tasks_batch_errors WHERE batch_id = ? AND error IS NOT NULL GROUP BY 1, 2"
@@ -159,22 +177,22 @@ class SQLiteBatches:
     ) -> list[TaskRecord]:
         def op(conn: sqlite3.Connection) -> list[TaskRecord]:
             _batch(conn, batch_id, owner)
-            where, params = "batch_id = ? AND seq > ?", [batch_id, after_seq or 0]
-            index = "tasks_batch"
-            if status is not None:
-                where += " AND status = ?"
-                params.append(status.value)
-                index = "tasks_batch_status"
+            if status is None:
+                source = "tasks INDEXED BY tasks_batch"
+                where, params = ["batch_id = ?", "seq > ?"], [batch_id, after_seq or 0]
+            else:
+                first, last = span(conn, batch_id)
+                source, where = BY_STATUS, [IN_SPAN]
+                params = [status.value, max(first, (after_seq or 0) + 1), last, batch_id]
             kind = "json_extract(error, '$.type')"
             if only_error is not None:
-                where += f" AND {kind} = ?"
+                where.append(f"{kind} = ?")
                 params.append(only_error)
             if except_error is not None:
-                where += f" AND ({kind} IS NULL OR {kind} <> ?)"
+                where.append(f"({kind} IS NULL OR {kind} <> ?)")
                 params.append(except_error)
             rows = conn.execute(
-                f"SELECT {COLUMNS} FROM tasks INDEXED BY {index} WHERE {where} "
-                "ORDER BY seq LIMIT ?",
+                f"SELECT {COLUMNS} FROM {source} WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
                 (*params, limit),
             ).fetchall()
             return [record_from_row(row) for row in rows]
@@ -192,18 +210,17 @@ class SQLiteBatches:
 
         def op(conn: sqlite3.Connection) -> tuple[int, list[str]]:
             _batch(conn, batch_id, owner)
+            first, last = span(conn, batch_id)
             rows = conn.execute(
-                "UPDATE tasks SET status = 'cancelled', finished_at = ? "
-                "WHERE batch_id = ? AND status = 'queued' "
+                f"UPDATE {BY_STATUS} SET status = 'cancelled', finished_at = ? WHERE {IN_SPAN} "
                 f"RETURNING {COLUMNS}",
-                (time.time(), batch_id),
+                (time.time(), "queued", first, last, batch_id),
             ).fetchall()
             for row in rows:
                 store._moved(record_from_row(row), "queued")
             running = conn.execute(
-                "UPDATE tasks SET cancel_requested = 1 WHERE batch_id = ? AND status = 'running' "
-                "RETURNING id",
-                (batch_id,),
+                f"UPDATE {BY_STATUS} SET cancel_requested = 1 WHERE {IN_SPAN} RETURNING id",
+                ("running", first, last, batch_id),
             ).fetchall()
             return len(rows), [task_id for (task_id,) in running]
 
@@ -224,7 +241,7 @@ class SQLiteBatches:
         store = self._store
         wanted = [status.value for status in statuses]
         kind = "json_extract(error, '$.type')"
-        where, params = "batch_id = ? AND status = ?", []
+        where, params = IN_SPAN, []
         if only_error is not None:
             where, params = f"{where} AND {kind} = ?", [only_error]
         if except_error is not None:
@@ -233,11 +250,13 @@ class SQLiteBatches:
 
         def op(conn: sqlite3.Connection) -> list[TaskRecord]:
             _batch(conn, batch_id, owner)
+            first, last = span(conn, batch_id)
             records: list[TaskRecord] = []
             for status in wanted:
                 rows = conn.execute(
-                    f"UPDATE tasks SET {retry_set('?', '?')} WHERE {where} RETURNING {COLUMNS}",
-                    (attempts, time.time(), batch_id, status, *params),
+                    f"UPDATE {BY_STATUS} SET {retry_set('?', '?')} WHERE {where} "
+                    f"RETURNING {COLUMNS}",
+                    (attempts, time.time(), status, first, last, batch_id, *params),
                 ).fetchall()
                 for row in rows:
                     record = record_from_row(row)
@@ -254,7 +273,7 @@ class SQLiteBatches:
             _batch(conn, batch_id, owner)
             now = time.time()
             rows = conn.execute(
-                "UPDATE tasks INDEXED BY tasks_batch_status SET run_at = ? "
+                "UPDATE tasks INDEXED BY tasks_batch_errors SET run_at = ? "
                 "WHERE batch_id = ? AND status = 'queued' AND error IS NOT NULL AND run_at > ? "
                 f"AND (? IS NULL OR json_extract(error, '$.type') = ?) RETURNING {COLUMNS}",
                 (now, batch_id, now, error_type, error_type),
@@ -277,9 +296,8 @@ def _batch(conn: sqlite3.Connection, batch_id: str, owner: str | None) -> BatchR
     running_progress = 0.0
     if counts[TaskStatus.RUNNING.value]:
         (running_progress,) = conn.execute(
-            "SELECT coalesce(sum(progress), 0) FROM tasks INDEXED BY tasks_batch_status "
-            "WHERE batch_id = ? AND status = 'running'",
-            (batch_id,),
+            f"SELECT coalesce(sum(progress), 0) FROM {BY_STATUS} WHERE {IN_SPAN}",
+            ("running", *span(conn, batch_id), batch_id),
         ).fetchone()
     return BatchRecord(
         id=row[0],
