@@ -61,7 +61,8 @@ import asyncio, json, resource, sys, time
 from pathlib import Path
 from conveyor import Settings
 from conveyor.service import build_yard
-from conveyor.service.ingest import SourceIn, ingestion_of
+from conveyor.service.ingest import ingestion_of
+from conveyor.service.ingest_models import SourceIn
 
 async def main(data_dir, url):
     yard = build_yard(Settings(data_dir=Path(data_dir), ingest_allow_hosts="127.0.0.1",

@@ -48,7 +48,7 @@ from ..scheduler import upcoming
 from ..status import TERMINAL, TaskStatus
 from ..store.rows import NO_FILTER, TaskFilter
 from ..tally import BY_MINUTE
-from .sections import Kit
+from .sections import Kit, as_http
 from .session import SESSION_COOKIE, SESSION_S, Signer
 
 if TYPE_CHECKING:
@@ -493,11 +493,6 @@ def _row(task: TaskRecord) -> dict[str, Any]:
         "attempts": f"{task.attempts}/{task.max_attempts}",
         "created_at": iso(task.created_at),
     }
-
-
-def as_http(exc: ConveyorError) -> HTTPException:
-    """A refusal of the core as the page's HTTP error (its status and message)."""
-    return HTTPException(exc.status_code, exc.message)
 
 
 def narrowed_by(

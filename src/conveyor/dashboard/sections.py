@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
+
+from ..errors import ConveyorError
 
 
 @dataclass(frozen=True)
@@ -42,3 +44,8 @@ class Section:
 
     def link(self) -> dict[str, Any]:
         return {"slug": self.slug, "title": self.title}
+
+
+def as_http(exc: ConveyorError) -> HTTPException:
+    """A refusal of the core as the page's HTTP error (its status and message)."""
+    return HTTPException(exc.status_code, exc.message)

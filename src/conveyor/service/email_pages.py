@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Form, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from ..batch_record import BatchRecord
-from ..dashboard.sections import Kit, Section
+from ..dashboard.sections import Kit, Section, as_http
 from ..errors import ConveyorError
 from .email import Emails, recipient_json
 from .email_api import csv_response
@@ -41,7 +41,7 @@ def _routes(service: Emails, kit: Kit) -> APIRouter:
         try:
             return await service.get(email_id, owner=owner)
         except ConveyorError as exc:
-            raise HTTPException(exc.status_code, exc.message) from None
+            raise as_http(exc) from None
 
     @router.get("")
     async def emails(

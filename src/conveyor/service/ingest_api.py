@@ -10,7 +10,8 @@ from ..api.auth import tenant_resolver
 from ..api.errors import documented
 from ..api.routing import strict_route_class
 from ..api.shapes import TaskOut, json_response, parse_body
-from .ingest import MAX_RUNS_KEPT, Ingestion, SourceIn
+from .ingest import MAX_RUNS_KEPT, Ingestion
+from .ingest_models import SourceIn
 
 if TYPE_CHECKING:
     from ..core import Conveyor

@@ -6,10 +6,10 @@ confirmed, CSRF-checked form)."""
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import RedirectResponse
 
-from ..dashboard.sections import Kit, Section
+from ..dashboard.sections import Kit, Section, as_http
 from ..errors import ConveyorError
 from .ingest import Ingestion
 
@@ -35,7 +35,7 @@ def _routes(service: Ingestion, kit: Kit) -> APIRouter:
         try:
             return await service.get(source_id, owner=owner)
         except ConveyorError as exc:
-            raise HTTPException(exc.status_code, exc.message) from None
+            raise as_http(exc) from None
 
     @router.get("")
     async def sources(request: Request, owner: Owner) -> Response:
@@ -65,7 +65,7 @@ def _routes(service: Ingestion, kit: Kit) -> APIRouter:
         try:
             task = await service.start_run(source_id, owner=owner)
         except ConveyorError as exc:
-            raise HTTPException(exc.status_code, exc.message) from None
+            raise as_http(exc) from None
         return RedirectResponse(f"{kit.base(request)}/tasks/{task.id}", 303)
 
     return router
