@@ -81,7 +81,9 @@ def test_emails_pages_show_each_recipients_reply_and_act(
     assert client.get("/dashboard/emails/0190b1e2-0000-7000-8000-000000000000").status_code == 404
 
 
-def test_cancelling_an_email_from_its_page(make_client: Callable[..., httpx.Client]) -> None:
+def test_cancelling_an_email_from_its_page_and_listing_emails(
+    make_client: Callable[..., httpx.Client],
+) -> None:
     client = make_client()
     later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     body = {"subject": "Later", "text": "x", "send_at": later, "recipients": [{"email": "a@b.co"}]}
@@ -93,6 +95,14 @@ def test_cancelling_an_email_from_its_page(make_client: Callable[..., httpx.Clie
     assert cancelled.status_code == 303
     assert client.get(f"/emails/{email['id']}").json()["counts"]["cancelled"] == 1
     assert 'id="retry-cancelled"' in client.get(path).text
+
+    second = client.post("/emails", json=body | {"subject": "Second"}).json()
+    first_page = client.get("/emails", params={"limit": 1}).json()
+    assert [e["id"] for e in first_page["items"]] == [second["id"]], "newest first"
+    rest = client.get("/emails", params={"limit": 1, "cursor": first_page["next_cursor"]}).json()
+    assert [e["id"] for e in rest["items"]] == [email["id"]] and rest["next_cursor"] is None
+    assert rest["items"][0]["counts"]["cancelled"] == 1
+    assert client.get("/emails", params={"cursor": "soon"}).status_code == 422
 
 
 @pytest.fixture
