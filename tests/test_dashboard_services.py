@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from conveyor.service import create_app
 
 from .support.api_server import Upstream, build_api
-from .support.live import LiveServer, follow, service_settings
+from .support.live import LiveServer, follow, read_events, service_settings
 from .support.smtp_server import SmtpServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -64,6 +64,11 @@ def test_emails_pages_show_each_recipients_reply_and_act(
     assert count_shown(page, "sent") == 2 and count_shown(page, "bounced") == 1
     assert "550" in page and "No such user here" in page, "the server's reply"
     assert "Ann &lt;i&gt;" in page
+    assert f'data-events="/dashboard/emails/{email["id"]}/events"' in page
+    live = read_events(client, f"{path}/events", until=lambda data: True)
+    assert live == [
+        ("counts", {"by_status": client.get(f"/emails/{email['id']}").json()["counts"]})
+    ]
     bounced = client.get(path, params={"status": "bounced"}).text
     assert "bounce1@example.com" in bounced and "ann@example.com" not in bounced
     assert client.get(path, params={"status": "lost"}).status_code == 422

@@ -234,6 +234,15 @@ def test_schedules_on_postgresql(
         assert [(f["outcome"], f["task_id"]) for f in fires] == [("triggered", task["id"])]
         assert listed_ids(client, schedule=schedule["id"]) == [task["id"]]
         assert task["schedule_id"] == schedule["id"]
+        for path, params in [  # PostgreSQL's text holds no NUL: the client's mistake, a 422
+            ("/tasks", {"schedule": "\x00"}),
+            ("/tasks", {"batch": "a\x00"}),
+            ("/dashboard/tasks", {"name": "\x00"}),
+            ("/dashboard/schedules/%00", {}),
+        ]:
+            refused = client.get(path, params=params)
+            assert refused.status_code == 422, (path, params, refused.text)
+            assert "NUL" in refused.json()["detail"] or "NUL" in refused.text
         assert client.post("/schedules", json=hourly()).status_code == 409
         assert client.delete(f"/schedules/{schedule['id']}").status_code == 204
         assert client.get("/schedules").json()["items"] == []

@@ -18,9 +18,7 @@ from .context import TaskContext
 from .engines import Engine, open_engine
 from .errors import (
     ConfigurationError,
-    ConveyorError,
     NotStarted,
-    ScheduleNotFound,
     TaskTypeError,
     UnknownTaskType,
     WaitTimeout,
@@ -221,18 +219,15 @@ class Conveyor:
         **options: Any,
     ) -> None:
         """Declare a schedule of the task type named ``task`` (see :meth:`periodic`)."""
-        fields = {
-            "task": task,
-            "args": dict(args or {}),
-            "cron": cron,
-            "every_s": every_s,
-            "timezone": timezone,
+        self.schedules.declare(
+            task,
+            name=name,
+            args=dict(args or {}),
+            cron=cron,
+            every_s=every_s,
+            timezone=timezone,
             **options,
-        }
-        try:
-            self.schedules.declare(name or task, fields)
-        except ConveyorError as exc:
-            raise TaskTypeError(f"schedule {name or task!r}: {exc.message}") from exc
+        )
 
     def task_type(self, name: str, *, public_only: bool = False) -> TaskType[Any, Any]:
         """The task type named ``name``; ``public_only`` hides internal ones (``public=False``)."""
@@ -525,9 +520,8 @@ class Conveyor:
         """Tasks newest first: ``narrowed`` to a batch, a schedule, an id prefix or a time
         range. A schedule's tasks are its owner's: one the caller cannot see lists nothing."""
         if narrowed.schedule_id is not None:
-            try:
-                owner = (await self.schedules.get(narrowed.schedule_id, owner=owner)).owner
-            except ScheduleNotFound:
+            owner = await self.schedules.owner_of(narrowed.schedule_id, owner=owner)
+            if owner is None:
                 return []
         return await self.store.list_tasks(
             owner=owner,

@@ -29,6 +29,7 @@ from .errors import (
     InvalidArguments,
     ScheduleConflict,
     ScheduleNotFound,
+    TaskTypeError,
 )
 from .ids import uuid7
 from .record import TaskRecord
@@ -94,11 +95,17 @@ class Schedules:
 
     # declared in code -----------------------------------------------------------------------
 
-    def declare(self, name: str, fields: dict[str, Any]) -> None:
-        """A schedule from code (``@yard.periodic``), checked now and saved at start."""
-        if name in self.declared:
-            raise ConfigurationError(f"a schedule named {name!r} is declared twice")
-        self._build(name, fields, owner="", now=time.time()).check()
+    def declare(self, task: str, *, name: str | None, **fields: Any) -> None:
+        """A schedule of the task type ``task`` from code (``@yard.periodic``,
+        ``yard.schedule``), checked now (``TaskTypeError`` naming it) and saved at start."""
+        name = name or task
+        fields = {"task": task, **fields}
+        try:
+            if name in self.declared:
+                raise ConfigurationError(f"a schedule named {name!r} is declared twice")
+            self._build(name, fields, owner="", now=time.time()).check()
+        except ConveyorError as exc:
+            raise TaskTypeError(f"schedule {name!r}: {exc.message}") from exc
         self.declared[name] = fields
 
     async def sync_declared(self) -> None:
@@ -179,6 +186,13 @@ class Schedules:
 
     async def get(self, schedule_id: str, *, owner: str | None) -> ScheduleRecord:
         return await self.store.get(schedule_id, owner=owner)
+
+    async def owner_of(self, schedule_id: str, *, owner: str | None) -> str | None:
+        """The tenant of a schedule ``owner`` can see (None: there is none)."""
+        try:
+            return (await self.store.get(schedule_id, owner=owner)).owner
+        except ScheduleNotFound:
+            return None
 
     async def list_schedules(self, *, owner: str | None) -> list[ScheduleRecord]:
         return await self.store.list_schedules(owner=owner)

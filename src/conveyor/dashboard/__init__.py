@@ -36,7 +36,7 @@ from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request, Response
 from fastapi.middleware.gzip import GZipMiddleware
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -48,7 +48,7 @@ from ..scheduler import upcoming
 from ..status import TERMINAL, TaskStatus
 from ..store.rows import NO_FILTER, TaskFilter
 from ..tally import BY_MINUTE
-from .sections import Kit, as_http
+from .sections import Kit
 from .session import SESSION_COOKIE, SESSION_S, Signer
 
 if TYPE_CHECKING:
@@ -95,6 +95,12 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(GZipMiddleware, minimum_size=1024)  # event streams are left alone
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    @app.exception_handler(ConveyorError)
+    async def refused(request: Request, exc: ConveyorError) -> Response:
+        """A refusal of the core that a page did not turn into its own error (a store that is
+        down, a value it cannot hold): its status and message, as the API answers it."""
+        return JSONResponse({"detail": exc.message}, exc.status_code)
 
     async def session_tenant(request: Request) -> str | None:
         if not keys:
@@ -340,17 +346,14 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         status: StatusFilter = None,
         cursor: str | None = Query(default=None, max_length=18, pattern=r"^[0-9]+$"),
     ) -> Response:
-        try:
-            record = await yard.batches.get(batch_id, owner=owner)
-            items = await yard.batches.items(
-                batch_id,
-                owner=owner,
-                status=_status(status),
-                after_seq=int(cursor) if cursor else None,
-                limit=PAGE + 1,
-            )
-        except ConveyorError as exc:
-            raise as_http(exc) from None
+        record = await yard.batches.get(batch_id, owner=owner)
+        items = await yard.batches.items(
+            batch_id,
+            owner=owner,
+            status=_status(status),
+            after_seq=int(cursor) if cursor else None,
+            limit=PAGE + 1,
+        )
         page = items[:PAGE]
         return render(
             request,
@@ -379,13 +382,10 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
         owner: str | None = Depends(tenant_of),
         cursor: str | None = Query(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?$"),
     ) -> Response:
-        try:
-            record = await yard.schedules.get(schedule_id, owner=owner)
-            fires = await yard.schedules.fires(
-                record.id, owner=owner, limit=PAGE + 1, before=float(cursor) if cursor else None
-            )
-        except ConveyorError as exc:
-            raise as_http(exc) from None
+        record = await yard.schedules.get(schedule_id, owner=owner)
+        fires = await yard.schedules.fires(
+            record.id, owner=owner, limit=PAGE + 1, before=float(cursor) if cursor else None
+        )
         page = fires[:PAGE]
         return render(
             request,
@@ -399,28 +399,19 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
     async def act_on_schedule(
         request: Request, schedule_id: str, owner: str | None, action: str
     ) -> Response:
-        try:
-            record = await yard.schedules.get(schedule_id, owner=owner)
-            if action == "trigger":
-                task = await yard.schedules.trigger(record.id, owner=record.owner)
-                return RedirectResponse(f"{base(request)}/tasks/{task.id}", 303)
-            changes = {"enabled": action == "resume"}
-            await yard.schedules.update(record.id, changes, owner=record.owner)
-        except ConveyorError as exc:
-            raise as_http(exc) from None
+        record = await yard.schedules.get(schedule_id, owner=owner)
+        if action == "trigger":
+            task = await yard.schedules.trigger(record.id, owner=record.owner)
+            return RedirectResponse(f"{base(request)}/tasks/{task.id}", 303)
+        changes = {"enabled": action == "resume"}
+        await yard.schedules.update(record.id, changes, owner=record.owner)
         return RedirectResponse(f"{base(request)}/schedules/{record.id}", 303)
-
-    async def visible(task_id: str, owner: str | None) -> TaskRecord:
-        try:
-            return await yard.get(task_id, owner=owner)
-        except ConveyorError as exc:
-            raise as_http(exc) from None
 
     @app.get("/tasks/{task_id}", response_class=HTMLResponse)
     async def task(
         request: Request, task_id: str, owner: str | None = Depends(tenant_of)
     ) -> Response:
-        record = await visible(task_id, owner)
+        record = await yard.get(task_id, owner=owner)
         lines = await yard.store.logs().read(record.id, after=0, limit=1000)
         return render(
             request,
@@ -434,7 +425,7 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
     async def task_events(
         task_id: str, owner: str | None = Depends(tenant_of)
     ) -> AsyncIterator[ServerSentEvent]:
-        record = await visible(task_id, owner)
+        record = await yard.get(task_id, owner=owner)
         async for current in yard.watch(record.id, owner=record.owner):
             yield ServerSentEvent(
                 event="task",
@@ -447,17 +438,14 @@ def build_dashboard(yard: "Conveyor", *, auth: Auth | None = None) -> FastAPI:
             )
 
     async def act(request: Request, task_id: str, owner: str | None, action: str) -> Response:
-        record = await visible(task_id, owner)
-        try:
-            if action == "cancel":
-                await yard.cancel(record.id, owner=record.owner)
-            elif action == "retry":
-                await yard.retry(record.id, owner=record.owner)
-            else:
-                await yard.delete(record.id, owner=record.owner)
-                return RedirectResponse(f"{base(request)}/tasks", 303)
-        except ConveyorError as exc:
-            raise as_http(exc) from None
+        record = await yard.get(task_id, owner=owner)
+        if action == "cancel":
+            await yard.cancel(record.id, owner=record.owner)
+        elif action == "retry":
+            await yard.retry(record.id, owner=record.owner)
+        else:
+            await yard.delete(record.id, owner=record.owner)
+            return RedirectResponse(f"{base(request)}/tasks", 303)
         return RedirectResponse(f"{base(request)}/tasks/{record.id}", 303)
 
     def action_route(kind: str, action: str, acting: Acting) -> None:

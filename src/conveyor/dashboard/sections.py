@@ -5,7 +5,8 @@ dashboard is built; the dashboard then lists it in its navigation, loads its tem
 extend ``base.html``) and mounts its routes under ``/{slug}``. The routes get a :class:`Kit`:
 the dashboard's own rendering, its tenant (the same key session or ``auth`` dependency as every
 page), its CSRF check for forms, and the page size, so a section's pages look, authenticate and
-refuse like the rest.
+refuse like the rest: a ``ConveyorError`` a route lets through is answered with its status and
+message by the dashboard's handler.
 """
 
 from collections.abc import Awaitable, Callable
@@ -13,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, Response
-
-from ..errors import ConveyorError
+from fastapi import APIRouter, Request, Response
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,3 @@ class Section:
 
     def link(self) -> dict[str, Any]:
         return {"slug": self.slug, "title": self.title}
-
-
-def as_http(exc: ConveyorError) -> HTTPException:
-    """A refusal of the core as the page's HTTP error (its status and message)."""
-    return HTTPException(exc.status_code, exc.message)

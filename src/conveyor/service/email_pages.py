@@ -12,9 +12,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from ..batch_record import BatchRecord
-from ..dashboard.sections import Kit, Section, as_http
-from ..errors import ConveyorError
+from ..dashboard.sections import Kit, Section
 from .email import Emails, recipient_json
 from .email_api import csv_response
 
@@ -37,12 +35,6 @@ def _routes(service: Emails, kit: Kit) -> APIRouter:
     Owner = Annotated[str | None, Depends(kit.tenant)]
     yard = service.yard
 
-    async def visible(email_id: str, owner: str | None) -> BatchRecord:
-        try:
-            return await service.get(email_id, owner=owner)
-        except ConveyorError as exc:
-            raise as_http(exc) from None
-
     @router.get("")
     async def emails(
         request: Request,
@@ -64,7 +56,7 @@ def _routes(service: Emails, kit: Kit) -> APIRouter:
     async def email(
         request: Request, email_id: str, owner: Owner, status: Status = None, cursor: Cursor = None
     ) -> Response:
-        record = await visible(email_id, owner)
+        record = await service.get(email_id, owner=owner)
         recipients, next_seq = await service.recipients(
             record.id,
             owner=owner,
@@ -86,7 +78,7 @@ def _routes(service: Emails, kit: Kit) -> APIRouter:
     @router.get("/{email_id}/events", response_class=EventSourceResponse)
     async def events(email_id: str, owner: Owner) -> AsyncIterator[ServerSentEvent]:
         """The counts by recipient status while the page is open (the overview's shape)."""
-        record = await visible(email_id, owner)
+        record = await service.get(email_id, owner=owner)
         last: dict[str, Any] | None = None
         while True:
             current = (await service.to_json(await service.get(record.id, owner=owner)))["counts"]
@@ -97,12 +89,12 @@ def _routes(service: Emails, kit: Kit) -> APIRouter:
 
     @router.get("/{email_id}/recipients.csv")
     async def recipients_csv(email_id: str, owner: Owner) -> StreamingResponse:
-        record = await visible(email_id, owner)
+        record = await service.get(email_id, owner=owner)
         return csv_response(service, record.id, owner)
 
     @router.post("/{email_id}/cancel", dependencies=[Depends(kit.csrf_checked)])
     async def cancel(request: Request, email_id: str, owner: Owner) -> Response:
-        record = await visible(email_id, owner)
+        record = await service.get(email_id, owner=owner)
         await yard.batches.cancel(record.id, owner=record.owner)
         return RedirectResponse(f"{kit.base(request)}/emails/{record.id}", 303)
 
@@ -113,7 +105,7 @@ def _routes(service: Emails, kit: Kit) -> APIRouter:
         owner: Owner,
         status: Annotated[Literal["deferred", "failed", "bounced", "cancelled"], Form()],
     ) -> Response:
-        record = await visible(email_id, owner)
+        record = await service.get(email_id, owner=owner)
         await service.retry(record.id, owner=record.owner, statuses={status})
         query = urlencode({"status": status})
         return RedirectResponse(f"{kit.base(request)}/emails/{record.id}?{query}", 303)

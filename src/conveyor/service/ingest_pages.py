@@ -4,13 +4,12 @@ never; its latest runs with their pages and rows; the first rows of its table; r
 confirmed, CSRF-checked form)."""
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import RedirectResponse
 
-from ..dashboard.sections import Kit, Section, as_http
-from ..errors import ConveyorError
+from ..dashboard.sections import Kit, Section
 from .ingest import Ingestion
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -31,12 +30,6 @@ def _routes(service: Ingestion, kit: Kit) -> APIRouter:
     router = APIRouter()
     Owner = Annotated[str | None, Depends(kit.tenant)]
 
-    async def visible(source_id: str, owner: str | None) -> dict[str, Any]:
-        try:
-            return await service.get(source_id, owner=owner)
-        except ConveyorError as exc:
-            raise as_http(exc) from None
-
     @router.get("")
     async def sources(request: Request, owner: Owner) -> Response:
         found = await service.list_sources(owner=owner)
@@ -52,7 +45,7 @@ def _routes(service: Ingestion, kit: Kit) -> APIRouter:
 
     @router.get("/{source_id}")
     async def source(request: Request, source_id: str, owner: Owner) -> Response:
-        shown = await visible(source_id, owner)
+        shown = await service.get(source_id, owner=owner)
         runs = await service.runs(shown["id"], owner=owner, limit=RUNS_SHOWN)
         rows, more = await service.rows(shown["id"], owner=owner, after=0, limit=ROWS_SHOWN)
         settings = {k: v for k, v in shown.items() if k not in ("id", "name", "links")}
@@ -62,10 +55,7 @@ def _routes(service: Ingestion, kit: Kit) -> APIRouter:
 
     @router.post("/{source_id}/run", dependencies=[Depends(kit.csrf_checked)])
     async def run(request: Request, source_id: str, owner: Owner) -> Response:
-        try:
-            task = await service.start_run(source_id, owner=owner)
-        except ConveyorError as exc:
-            raise as_http(exc) from None
+        task = await service.start_run(source_id, owner=owner)
         return RedirectResponse(f"{kit.base(request)}/tasks/{task.id}", 303)
 
     return router

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import asyncpg
 
-from ..errors import StoreUnavailable
+from ..errors import InvalidArguments, StoreUnavailable
 from ..rates import Rate
 from ..record import TaskRecord
 
@@ -130,9 +130,15 @@ async def record_starts(
 
 @contextmanager
 def unavailable_on_failure() -> Iterator[None]:
-    """PostgreSQL unreachable or failing: ``StoreUnavailable`` (the API answers 503)."""
+    """PostgreSQL unreachable or failing: ``StoreUnavailable`` (the API answers 503). A value
+    PostgreSQL's text cannot hold (a NUL character, in a lookup by a client's id or name) is the
+    client's: ``InvalidArguments`` (422)."""
     try:
         yield
+    except (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError) as exc:
+        raise InvalidArguments(
+            "a value holds a character PostgreSQL's text cannot hold (such as NUL, U+0000)"
+        ) from exc
     except CONNECTION_ERRORS as exc:
         raise StoreUnavailable(f"PostgreSQL is unreachable: {exc}") from exc
     except asyncpg.PostgresError as exc:
