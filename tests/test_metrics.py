@@ -73,16 +73,20 @@ def test_metrics_match_a_known_workload_across_two_processes(spawn: Any) -> None
             return scrape(client)
 
         echo, fail = (("task", "demo.echo"),), (("task", "demo.fail"),)
-        wait_until(
-            lambda: (
-                counted()
-                .get("conveyor_tasks_finished_total", {})
-                .get((("outcome", "failed"), *fail))
-                == 2
-            ),
-            30,
-            "the workers' counts in the store",
-        )
+
+        def all_in() -> bool:
+            """Every process's last second of counts added: each flushes on its own."""
+            found = counted()
+            submitted = found.get("conveyor_tasks_submitted_total", {})
+            ended = found.get("conveyor_tasks_finished_total", {})
+            return (
+                submitted.get(echo, 0) + submitted.get(fail, 0) >= 11
+                and ended.get((("outcome", "failed"), *fail), 0)
+                + ended.get((("outcome", "completed"), *echo), 0)
+                >= 8
+            )
+
+        wait_until(all_in, 30, "the server's and the worker's counts in the store")
         metrics = counted()
         assert metrics["conveyor_tasks_submitted_total"][echo] == 9
         assert metrics["conveyor_tasks_submitted_total"][fail] == 2
