@@ -111,6 +111,17 @@ def test_idempotency_key(client: httpx.Client) -> None:
     assert first.status_code == 202 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"]
     assert again.headers["location"] == first.headers["location"]
+    # a schedule's fire keys its task "schedule:<id>@<time>": a caller cannot take such a key
+    for path, body in [
+        ("/tasks", {"name": "demo.echo", "args": {"value": 1}}),
+        ("/batches", {"name": "demo.echo", "items": [{"value": 1}]}),
+        ("/emails", {"subject": "hi", "text": "hi", "recipients": [{"email": "a@example.com"}]}),
+    ]:
+        refused = client.post(path, json=body, headers={"Idempotency-Key": "schedule:x@1.0"})
+        assert refused.status_code == 422, (path, refused.text)
+        problem = refused.json()["detail"][0]
+        assert problem["loc"] == ["header", "Idempotency-Key"] and "schedule:" in problem["msg"]
+    assert client.get("/tasks?schedule=x").json()["items"] == []
 
 
 def test_cancel_delete_and_conflicts(client: httpx.Client) -> None:
@@ -196,6 +207,57 @@ def test_openapi_documents_every_response(client: httpx.Client) -> None:
     assert set(paths["/tasks/{task_id}/cancel"]["post"]["responses"]) >= {"200", "404", "409"}
     assert set(paths["/tasks/{task_id}"]["delete"]["responses"]) >= {"204", "404", "409"}
     assert "text/event-stream" in json.dumps(paths["/tasks/{task_id}/events"]["get"])
+
+
+def test_an_apps_middleware_and_handlers_see_submissions(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path
+) -> None:
+    """POST /tasks is served on a lighter path than other routes: a user's middleware, its
+    exception handlers and a router included under a prefix still apply to it."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from conveyor import Conveyor
+
+    seen: list[tuple[str, int]] = []
+
+    async def record(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        seen.append((request.url.path, response.status_code))
+        response.headers["x-seen-by"] = "middleware"
+        return response
+
+    async def teapot_for_415(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = 418 if exc.status_code == 415 else exc.status_code
+        return JSONResponse({"detail": exc.detail, "handled": True}, status)
+
+    service = create_app(service_settings(tmp_path / "service"))
+    service.middleware("http")(record)
+    yard = Conveyor(service_settings(tmp_path / "own"))
+
+    @yard.task(name="own.echo")
+    async def echo(ctx: Any, value: int) -> int:
+        return value
+
+    own = FastAPI(lifespan=yard.lifespan)
+    own.include_router(yard.router(prefix="/jobs"))
+    own.middleware("http")(record)
+    own.add_exception_handler(StarletteHTTPException, teapot_for_415)  # type: ignore[arg-type]
+    for app, path, name in [(service, "/tasks", "demo.echo"), (own, "/jobs/tasks", "own.echo")]:
+        with serve(app).client() as client:
+            created = client.post(path, json={"name": name, "args": {"value": 1}})
+            assert created.status_code == 202, created.text
+            assert created.headers["x-seen-by"] == "middleware"
+            assert created.headers["location"] == f"{path}/{created.json()['id']}"
+            refused = client.post(path, json={"name": name, "args": {}})
+            assert refused.status_code == 422 and refused.headers["x-seen-by"] == "middleware"
+            assert refused.json()["detail"][0]["loc"] == ["body", "args", "value"]
+            not_json = client.post(path, content=b"value=1")
+            assert not_json.headers["x-seen-by"] == "middleware"
+            assert seen[-3:] == [(path, 202), (path, 422), (path, not_json.status_code)]
+    assert not_json.status_code == 418 and not_json.json()["handled"] is True  # own handler
+    assert seen[2][1] == 415  # the service's own answer
 
 
 def test_tenants_are_isolated(serve: Callable[[FastAPI], LiveServer], tmp_path: Path) -> None:

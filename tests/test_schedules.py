@@ -95,6 +95,9 @@ async def test_bad_schedules_are_refused_naming_the_field(tmp_path: Path) -> Non
     with pytest.raises(InvalidArguments, match="cron"):
         Spec(cron="0 0 31 2 *").check()
     async with yard:
+        with pytest.raises(InvalidArguments, match="schedule:"):  # a fire's key, not a caller's
+            await yard.submit("sched.tick", {"label": "x"}, idempotency_key="schedule:x@1.0")
+        assert await yard.list() == []
         with pytest.raises(InvalidArguments) as refused:
             await yard.schedules.create(
                 "wrong-args", {"task": "sched.tick", "args": {"label": 5}, "every_s": 60}, owner=""

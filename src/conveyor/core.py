@@ -18,13 +18,14 @@ from .context import TaskContext
 from .engines import Engine, open_engine
 from .errors import (
     ConfigurationError,
+    InvalidArguments,
     NotStarted,
     TaskTypeError,
     UnknownTaskType,
     WaitTimeout,
 )
 from .rates import parse_rate
-from .record import TaskRecord
+from .record import TaskRecord, reserved_key_problem
 from .retention import Retention
 from .scheduler import Scheduler, Schedules
 from .settings import Settings
@@ -419,6 +420,8 @@ class Conveyor:
         idempotency_key: str | None,
         task_id: str | None = None,
     ) -> tuple[TaskRecord, bool]:
+        if problem := reserved_key_problem(idempotency_key):
+            raise InvalidArguments(problem)
         record, args_json = new_record(
             task_type,
             args,

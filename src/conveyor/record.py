@@ -38,6 +38,14 @@ def schedule_of(key: str | None) -> str | None:
     return key[len(SCHEDULE_KEY) :].rpartition("@")[0] or None
 
 
+def reserved_key_problem(key: str | None) -> str | None:
+    """Why a caller's idempotency key cannot be used (None if it can): a schedule's fire keys
+    its task, and the task reads its planned time back from that key."""
+    if key is not None and key.startswith(SCHEDULE_KEY):
+        return f"idempotency keys starting with {SCHEDULE_KEY!r} are the schedules' own"
+    return None
+
+
 def schedule_keys(schedule_id: str) -> tuple[str, str]:
     """The range ``[low, high)`` holding the keys of one schedule's tasks (``@`` + 1 is ``A``)."""
     return f"{SCHEDULE_KEY}{schedule_id}@", f"{SCHEDULE_KEY}{schedule_id}A"
@@ -88,6 +96,7 @@ class TaskRecord:
         if self.batch_id is not None:
             links["batch"] = f"{prefix}/batches/{self.batch_id}"
         schedule_id = self.schedule_id
+        created = iso(self.created_at)
         if schedule_id is not None:
             links["schedule"] = f"{prefix}/schedules/{schedule_id}"
         return {
@@ -104,10 +113,10 @@ class TaskRecord:
             "priority": self.priority,
             "timeout_s": self.timeout_s,
             "cancel_requested": self.cancel_requested,
-            "created_at": iso(self.created_at),
+            "created_at": created,
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
-            "run_at": iso(self.run_at),
+            "run_at": created if self.run_at == self.created_at else iso(self.run_at),
             "batch_id": self.batch_id,
             "schedule_id": schedule_id,
             "links": links,

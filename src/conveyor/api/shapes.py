@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import serialization
 from ..errors import InvalidArguments
+from ..record import SCHEDULE_KEY, reserved_key_problem
 from ..serialization import NumberOnly
 from ..status import TaskStatus
 from ..task import MAX_DELAY_S, validated
@@ -97,7 +98,10 @@ IDEMPOTENCY_HEADER = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
-    "description": "The same key (per tenant) answers what it first created, with 200.",
+    "description": (
+        "The same key (per tenant) answers what it first created, with 200. Keys starting "
+        f"with `{SCHEDULE_KEY}` are the schedules' own (422)."
+    ),
     "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": KEY_PATTERN},
 }
 
@@ -105,13 +109,20 @@ IDEMPOTENCY_HEADER = {
 def idempotency_key(request: Request) -> str | None:
     """The request's ``Idempotency-Key`` header, checked (``422`` naming the header)."""
     key = request.headers.get("idempotency-key")
-    if key is not None and not _KEY.fullmatch(key):
+    if key is None:
+        return None
+    problem = (
+        f"Idempotency-Key must match {KEY_PATTERN} (1 to 200 characters)"
+        if not _KEY.fullmatch(key)
+        else reserved_key_problem(key)
+    )
+    if problem:
         raise InvalidArguments(
             "invalid Idempotency-Key",
             details=[
                 {
                     "loc": ["header", "Idempotency-Key"],
-                    "msg": f"Idempotency-Key must match {KEY_PATTERN} (1 to 200 characters)",
+                    "msg": problem,
                     "type": "string_pattern_mismatch",
                 }
             ],
