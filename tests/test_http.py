@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from conveyor.service import create_app
 
-from .support.live import LiveServer, follow, service_settings
+from .support.live import LiveServer, follow, read_events, service_settings
 
 JSON = {"content-type": "application/json"}
 
@@ -241,7 +241,7 @@ def test_an_apps_middleware_and_handlers_see_submissions(
         return value
 
     own = FastAPI(lifespan=yard.lifespan)
-    own.include_router(yard.router(prefix="/jobs"))
+    own.include_router(yard.router(), prefix="/jobs")  # links follow (see the test below)
     own.middleware("http")(record)
     own.add_exception_handler(StarletteHTTPException, teapot_for_415)  # type: ignore[arg-type]
     for app, path, name in [(service, "/tasks", "demo.echo"), (own, "/jobs/tasks", "own.echo")]:
@@ -258,6 +258,77 @@ def test_an_apps_middleware_and_handlers_see_submissions(
             assert seen[-3:] == [(path, 202), (path, 422), (path, not_json.status_code)]
     assert not_json.status_code == 418 and not_json.json()["handled"] is True  # own handler
     assert seen[2][1] == 415  # the service's own answer
+
+
+def test_links_and_locations_follow_where_the_api_is_served(
+    serve: Callable[[FastAPI], LiveServer], tmp_path: Path
+) -> None:
+    """Mounted under a path, included under a prefix or both: every `Location` and link of an
+    answer is where the API answers."""
+    from conveyor import Conveyor
+
+    service = create_app(service_settings(tmp_path / "service"))
+    outer = FastAPI(lifespan=service.router.lifespan_context)
+    outer.mount("/api", service)
+    yard = Conveyor(service_settings(tmp_path / "own"))
+
+    @yard.task(name="own.echo")
+    async def echo(ctx: Any, value: int) -> int:
+        return value
+
+    own = FastAPI(lifespan=yard.lifespan)
+    own.include_router(yard.router(prefix="/v1"), prefix="/jobs")
+    for app, base, name in [(outer, "/api", "demo.echo"), (own, "/jobs/v1", "own.echo")]:
+        with serve(app).client() as client:
+            task = client.post(f"{base}/tasks", json={"name": name, "args": {"value": 1}})
+            assert task.status_code == 202, task.text
+            links = task.json()["links"]
+            assert task.headers["location"] == links["self"] == f"{base}/tasks/{task.json()['id']}"
+            assert client.get(links["self"]).status_code == 200
+            read_events(client, links["events"])
+            done = client.get(links["self"]).json()
+            assert done["links"]["result"].startswith(f"{base}/tasks/")
+            assert client.get(done["links"]["result"]).json() == 1
+            listed = client.get(f"{base}/tasks").json()["items"][0]
+            assert listed["links"]["self"] == links["self"]
+            batch = client.post(f"{base}/batches", json={"name": name, "items": [{"value": 2}]})
+            assert batch.headers["location"] == f"{base}/batches/{batch.json()['id']}"
+            assert client.get(batch.headers["location"]).status_code == 200
+            item = client.get(f"{batch.headers['location']}/items").json()["items"][0]
+            assert item["links"]["batch"] == batch.headers["location"]
+            schedule = client.post(
+                f"{base}/schedules",
+                json={"name": "s", "task": name, "args": {"value": 3}, "every_s": 3600},
+            )
+            assert schedule.headers["location"] == schedule.json()["links"]["self"]
+            assert schedule.headers["location"].startswith(f"{base}/schedules/")
+            fired = client.post(f"{schedule.headers['location']}/trigger")
+            assert fired.headers["location"].startswith(f"{base}/tasks/")
+            assert client.get(fired.json()["links"]["schedule"]).status_code == 200
+            if app is not outer:
+                continue
+            # the ready service's own routes
+            email = client.post(
+                "/api/emails",
+                json={
+                    "from": "app@example.com",
+                    "subject": "hi",
+                    "text": "hi",
+                    "recipients": [{"email": "a@example.com"}],
+                },
+            )
+            assert email.status_code == 202, email.text
+            assert email.headers["location"] == f"/api/emails/{email.json()['id']}"
+            assert all(link.startswith("/api/emails/") for link in email.json()["links"].values())
+            source = client.post(
+                "/api/ingest/sources",
+                json={"name": "s", "url": "https://example.com/items", "primary_key": ["id"]},
+            )
+            assert source.status_code == 201, source.text
+            assert source.headers["location"] == source.json()["links"]["self"]
+            assert source.json()["links"]["self"].startswith("/api/ingest/sources/")
+            run = client.post(source.json()["links"]["run"])
+            assert run.headers["location"].startswith("/api/tasks/")
 
 
 def test_tenants_are_isolated(serve: Callable[[FastAPI], LiveServer], tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from ..status import TaskStatus
 from ..task import UNSET
 from .auth import tenant_resolver
 from .errors import documented
-from .routing import strict_route_class
+from .routing import Base, strict_route_class
 from .shapes import (
     IDEMPOTENCY_HEADER,
     SubmitOptions,
@@ -76,10 +76,8 @@ BatchId = Annotated[UUID, Path(description="The batch's id (a UUID).")]
 Cursor = Annotated[str | None, Query(max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?$")]
 
 
-def build_batch_router(
-    yard: "Conveyor", *, prefix: str = "", body_schema: dict[str, Any] | None = None
-) -> APIRouter:
-    """The ``/batches`` routes over ``yard`` (included, under ``prefix``, by ``yard.router()``)."""
+def build_batch_router(yard: "Conveyor", *, body_schema: dict[str, Any] | None = None) -> APIRouter:
+    """The ``/batches`` routes over ``yard`` (included by ``yard.router()``)."""
     batches = yard.batches
     settings = yard.settings
     tenant = tenant_resolver(settings)
@@ -89,8 +87,8 @@ def build_batch_router(
     async def visible_batch(batch_id: BatchId, owner: Tenant) -> BatchRecord:
         return await batches.get(str(batch_id), owner=owner)
 
-    def out(batch: BatchRecord, status_code: int = 200) -> Response:
-        return json_response(batch.to_json(prefix), status_code)
+    def out(batch: BatchRecord, base: str, status_code: int = 200) -> Response:
+        return json_response(batch.to_json(base), status_code)
 
     @router.post(
         "/batches",
@@ -112,7 +110,7 @@ def build_batch_router(
         },
         response_class=Response,
     )
-    async def create(request: Request, owner: Tenant) -> Response:
+    async def create(request: Request, owner: Tenant, base: Base) -> Response:
         key = idempotency_key(request)
         body = parse_body(await request.body(), BatchCreate)
         if len(body.items) > settings.max_batch_items:
@@ -137,8 +135,8 @@ def build_batch_router(
             batch, created = await batches.submit(body.name, body.items, **options), True
         else:
             batch, created = await batches.submit_once(key, body.name, body.items, **options)
-        response = out(batch, 202 if created else 200)
-        response.headers["Location"] = f"{prefix}/batches/{batch.id}"
+        response = out(batch, base, 202 if created else 200)
+        response.headers["Location"] = f"{base}/batches/{batch.id}"
         return response
 
     @router.get(
@@ -150,6 +148,7 @@ def build_batch_router(
     )
     async def list_batches(
         owner: Tenant,
+        base: Base,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Cursor = None,
     ) -> Response:
@@ -157,9 +156,7 @@ def build_batch_router(
         found = await batches.list_batches(owner=owner, limit=limit + 1, before=before)
         page = found[:limit]
         next_cursor = repr(page[-1].created_at) if len(found) > limit else None
-        return json_response(
-            {"items": [b.to_json(prefix) for b in page], "next_cursor": next_cursor}
-        )
+        return json_response({"items": [b.to_json(base) for b in page], "next_cursor": next_cursor})
 
     @router.get(
         "/batches/{batch_id}",
@@ -168,8 +165,8 @@ def build_batch_router(
         responses=documented(404, 422),
         response_class=Response,
     )
-    async def get(batch_id: BatchId, owner: Tenant) -> Response:
-        return out(await batches.get(str(batch_id), owner=owner))
+    async def get(batch_id: BatchId, owner: Tenant, base: Base) -> Response:
+        return out(await batches.get(str(batch_id), owner=owner), base)
 
     @router.get(
         "/batches/{batch_id}/items",
@@ -181,6 +178,7 @@ def build_batch_router(
     async def items(
         batch_id: BatchId,
         owner: Tenant,
+        base: Base,
         status: TaskStatus | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: Annotated[str | None, Query(max_length=18, pattern=r"^[0-9]{1,18}$")] = None,
@@ -194,9 +192,7 @@ def build_batch_router(
         )
         page = found[:limit]
         next_cursor = str(page[-1].seq) if len(found) > limit else None
-        return json_response(
-            {"items": [r.to_json(prefix) for r in page], "next_cursor": next_cursor}
-        )
+        return json_response({"items": [r.to_json(base) for r in page], "next_cursor": next_cursor})
 
     @router.get(
         "/batches/{batch_id}/events",
@@ -205,11 +201,11 @@ def build_batch_router(
         responses=documented(404, 422),
     )
     async def events(
-        batch: Annotated[BatchRecord, Depends(visible_batch)], owner: Tenant
+        batch: Annotated[BatchRecord, Depends(visible_batch)], owner: Tenant, base: Base
     ) -> AsyncIterator[ServerSentEvent]:
         try:
             async for current in batches.watch(batch.id, owner=owner):
-                yield ServerSentEvent(event="counts", data=current.to_json(prefix))
+                yield ServerSentEvent(event="counts", data=current.to_json(base))
         except ConveyorError as exc:
             yield ServerSentEvent(event="error", data={"detail": exc.message})
 
@@ -220,8 +216,8 @@ def build_batch_router(
         responses=documented(404, 422),
         response_class=Response,
     )
-    async def cancel(batch_id: BatchId, owner: Tenant) -> Response:
-        return out(await batches.cancel(str(batch_id), owner=owner))
+    async def cancel(batch_id: BatchId, owner: Tenant, base: Base) -> Response:
+        return out(await batches.cancel(str(batch_id), owner=owner), base)
 
     @router.post(
         "/batches/{batch_id}/retry",
@@ -233,6 +229,7 @@ def build_batch_router(
     async def retry(
         batch_id: BatchId,
         owner: Tenant,
+        base: Base,
         status: Annotated[
             str,
             Query(
@@ -243,6 +240,7 @@ def build_batch_router(
         ] = "failed",
     ) -> Response:
         statuses = {TaskStatus(part) for part in status.split(",")}
-        return out(await batches.retry(str(batch_id), owner=owner, statuses=statuses), 202)
+        batch = await batches.retry(str(batch_id), owner=owner, statuses=statuses)
+        return out(batch, base, 202)
 
     return router

@@ -20,7 +20,7 @@ from .auth import tenant_resolver
 from .batches import BatchCreate, build_batch_router
 from .errors import documented, error_response
 from .metrics import build_metrics_router
-from .routing import raw_endpoint, strict_route_class
+from .routing import Base, links_base, raw_endpoint, strict_route_class
 from .schedules import build_schedule_router
 from .shapes import (
     IDEMPOTENCY_HEADER,
@@ -100,15 +100,12 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
     tenants = settings.tenants_by_key()
     router = APIRouter(
         prefix=prefix,
-        route_class=strict_route_class(settings.max_body_bytes),
+        route_class=strict_route_class(settings.max_body_bytes, prefix=prefix),
         responses=documented(401, 503, 507) if tenants else documented(503, 507),
     )
 
     tenant = tenant_resolver(settings)
     Tenant = Annotated[str, Depends(tenant)]
-
-    def task_json(record: TaskRecord) -> dict[str, Any]:
-        return record.to_json(prefix)
 
     async def require_json_body(request: Request) -> None:
         content_type = request.headers.get("content-type", "")
@@ -156,8 +153,9 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
             )
         except ConveyorError as exc:
             raise located_in_body(exc) from None
-        location = f"{prefix}/tasks/{record.id}"
-        return json_response(task_json(record), 202 if created else 200, {"Location": location})
+        base = links_base(request)
+        location = f"{base}/tasks/{record.id}"
+        return json_response(record.to_json(base), 202 if created else 200, {"Location": location})
 
     @router.get(
         "/tasks",
@@ -168,6 +166,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
     )
     async def list_tasks(
         owner: Tenant,
+        base: Base,
         status: TaskStatus | None = None,
         name: Annotated[str | None, Query(max_length=200)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -218,7 +217,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         )
         page = records[:limit]
         next_cursor = str(page[-1].seq) if len(records) > limit else None
-        return json_response({"items": [task_json(r) for r in page], "next_cursor": next_cursor})
+        return json_response({"items": [r.to_json(base) for r in page], "next_cursor": next_cursor})
 
     @router.get(
         "/tasks/{task_id}",
@@ -227,8 +226,8 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         responses=documented(404, 422),
         response_class=Response,
     )
-    async def get_task(task_id: TaskId, owner: Tenant) -> Response:
-        return json_response(task_json(await yard.get(str(task_id), owner=owner)))
+    async def get_task(task_id: TaskId, owner: Tenant, base: Base) -> Response:
+        return json_response((await yard.get(str(task_id), owner=owner)).to_json(base))
 
     @router.post(
         "/tasks/{task_id}/cancel",
@@ -237,8 +236,8 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         responses=documented(404, 409, 422),
         response_class=Response,
     )
-    async def cancel_task(task_id: TaskId, owner: Tenant) -> Response:
-        return json_response(task_json(await yard.cancel(str(task_id), owner=owner)))
+    async def cancel_task(task_id: TaskId, owner: Tenant, base: Base) -> Response:
+        return json_response((await yard.cancel(str(task_id), owner=owner)).to_json(base))
 
     @router.post(
         "/tasks/{task_id}/retry",
@@ -247,8 +246,8 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         responses={202: {"model": TaskOut}, **documented(404, 409, 422)},
         response_class=Response,
     )
-    async def retry_task(task_id: TaskId, owner: Tenant) -> Response:
-        return json_response(task_json(await yard.retry(str(task_id), owner=owner)), 202)
+    async def retry_task(task_id: TaskId, owner: Tenant, base: Base) -> Response:
+        return json_response((await yard.retry(str(task_id), owner=owner)).to_json(base), 202)
 
     @router.get(
         "/tasks/{task_id}/result",
@@ -320,7 +319,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         responses=documented(404, 422),
     )
     async def task_events(
-        record: Annotated[TaskRecord, Depends(visible_task)], owner: Tenant
+        record: Annotated[TaskRecord, Depends(visible_task)], owner: Tenant, base: Base
     ) -> AsyncIterator[ServerSentEvent]:
         last_status: TaskStatus | None = None
         last_progress: tuple[float, str | None] | None = None
@@ -328,7 +327,7 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
             async for current in yard.watch(record.id, owner=owner):
                 if current.status is not last_status:
                     last_status = current.status
-                    yield ServerSentEvent(event="status", data=task_json(current))
+                    yield ServerSentEvent(event="status", data=current.to_json(base))
                 progress = (current.progress, current.message)
                 if progress != last_progress and not current.terminal:
                     last_progress = progress
@@ -391,8 +390,8 @@ def build_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         return json_response({"items": [worker.to_json() for worker in alive]})
 
     router.include_router(build_metrics_router(yard))
-    router.include_router(build_schedule_router(yard, prefix=prefix))
-    router.include_router(build_batch_router(yard, prefix=prefix, body_schema=batch_schema(yard)))
+    router.include_router(build_schedule_router(yard))
+    router.include_router(build_batch_router(yard, body_schema=batch_schema(yard)))
     return router
 
 

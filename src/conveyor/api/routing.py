@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -14,6 +14,7 @@ from ..errors import ConveyorError
 from .errors import error_response
 
 MAX_BODY_SCOPE_KEY = "conveyor.max_body_bytes"
+BASE_SCOPE_KEY = "conveyor.links_base"
 
 
 class StrictRequest(Request):
@@ -52,14 +53,22 @@ def raw_endpoint(endpoint: RawEndpoint) -> RawEndpoint:
     return endpoint
 
 
-def strict_route_class(max_body_bytes: int) -> type[APIRoute]:
-    """An ``APIRoute`` class applying the body limit and mapping ``ConveyorError`` to HTTP."""
+def strict_route_class(max_body_bytes: int, *, prefix: str = "") -> type[APIRoute]:
+    """An ``APIRoute`` class applying the body limit, mapping ``ConveyorError`` to HTTP and
+    telling its endpoint where the API is served (:func:`links_base`); ``prefix`` is the one
+    given to ``yard.router()``, the start of the routes' paths that is not their own."""
 
     class ConveyorRoute(APIRoute):
         def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+            # How many segments of a request's path are this route's own: counted once, where
+            # it is declared (a FastAPI that copies routes on inclusion copies the endpoint)
+            own = endpoint.__dict__.setdefault(
+                "__conveyor_depth__", path.removeprefix(prefix).count("/")
+            )
+            self.own_segments: int = own
             super().__init__(path, endpoint, **kwargs)
             if getattr(endpoint, "__conveyor_raw__", False):
-                self.app = _lean_app(endpoint, max_body_bytes)
+                self.app = _lean_app(endpoint, max_body_bytes, own)
 
         def get_route_handler(self) -> RawEndpoint:
             handler: RawEndpoint = (
@@ -67,10 +76,13 @@ def strict_route_class(max_body_bytes: int) -> type[APIRoute]:
                 if getattr(self.endpoint, "__conveyor_raw__", False)
                 else super().get_route_handler()
             )
+            own = self.own_segments
 
             async def handle(request: Request) -> Response:
-                request.scope[MAX_BODY_SCOPE_KEY] = max_body_bytes
-                strict = StrictRequest(request.scope, request.receive)
+                scope = request.scope
+                scope[MAX_BODY_SCOPE_KEY] = max_body_bytes
+                scope[BASE_SCOPE_KEY] = scope["path"].rsplit("/", own)[0]
+                strict = StrictRequest(scope, request.receive)
                 try:
                     return await handler(strict)
                 except ConveyorError as exc:
@@ -81,7 +93,7 @@ def strict_route_class(max_body_bytes: int) -> type[APIRoute]:
     return ConveyorRoute
 
 
-def _lean_app(endpoint: RawEndpoint, max_body_bytes: int) -> ASGIApp:
+def _lean_app(endpoint: RawEndpoint, max_body_bytes: int, own_segments: int) -> ASGIApp:
     """A raw endpoint as an ASGI app, without what FastAPI's ``request_response`` adds for
     other endpoints: its two exit stacks serve dependencies (a raw endpoint has none) and its
     exception wrapper repeats the app's ``ExceptionMiddleware``, which answers whatever the
@@ -92,6 +104,7 @@ def _lean_app(endpoint: RawEndpoint, max_body_bytes: int) -> ASGIApp:
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         scope[MAX_BODY_SCOPE_KEY] = max_body_bytes
+        scope[BASE_SCOPE_KEY] = scope["path"].rsplit("/", own_segments)[0]
         try:
             response = await endpoint(StrictRequest(scope, receive, send))
         except ConveyorError as exc:
@@ -99,6 +112,18 @@ def _lean_app(endpoint: RawEndpoint, max_body_bytes: int) -> ASGIApp:
         await response(scope, receive, send)
 
     return app
+
+
+def links_base(request: Request) -> str:
+    """Where the API is served, for the links and ``Location`` headers it answers: the request's
+    path less the route's own segments, so a mount, a proxy's ``root_path``, a prefix given to
+    ``yard.router()`` or to ``include_router`` are all in it ("" at the root)."""
+    base: str = request.scope.get(BASE_SCOPE_KEY, "")
+    return base
+
+
+Base = Annotated[str, Depends(links_base)]
+"""An endpoint's parameter: :func:`links_base` of its request."""
 
 
 def adopt_routes(parent: APIRouter | FastAPI, child: APIRouter) -> None:

@@ -18,7 +18,7 @@ from ..scheduler import upcoming
 from ..serialization import NumberOnly
 from .auth import tenant_resolver
 from .errors import documented
-from .routing import strict_route_class
+from .routing import Base, strict_route_class
 from .shapes import TaskOut, json_response, parse_body
 
 if TYPE_CHECKING:
@@ -139,16 +139,15 @@ class NextFires(BaseModel):
 ScheduleId = Annotated[UUID, Path(description="The schedule's id (a UUID).")]
 
 
-def build_schedule_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
-    """The ``/schedules`` routes over ``yard`` (``prefix`` is for the links; the routes are
-    included, under that prefix, by ``yard.router()``)."""
+def build_schedule_router(yard: "Conveyor") -> APIRouter:
+    """The ``/schedules`` routes over ``yard`` (included by ``yard.router()``)."""
     schedules = yard.schedules
     tenant = tenant_resolver(yard.settings)
     Tenant = Annotated[str, Depends(tenant)]
     router = APIRouter(route_class=strict_route_class(yard.settings.max_body_bytes))
 
-    def out(record: Any) -> Response:
-        return json_response(record.to_json(prefix))
+    def out(record: Any, base: str) -> Response:
+        return json_response(record.to_json(base))
 
     @router.post(
         "/schedules",
@@ -163,12 +162,12 @@ def build_schedule_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         responses={201: {"model": ScheduleOut}, **documented(409, 422)},
         response_class=Response,
     )
-    async def create(request: Request, owner: Tenant) -> Response:
+    async def create(request: Request, owner: Tenant, base: Base) -> Response:
         body = parse_body(await request.body(), ScheduleCreate)
         record = await schedules.create(body.name, body.changes(), owner=owner, public_only=True)
-        response = out(record)
+        response = out(record, base)
         response.status_code = 201
-        response.headers["Location"] = f"{prefix}/schedules/{record.id}"
+        response.headers["Location"] = f"{base}/schedules/{record.id}"
         return response
 
     @router.get(
@@ -177,9 +176,9 @@ def build_schedule_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         response_model=SchedulePage,
         response_class=Response,
     )
-    async def list_schedules(owner: Tenant) -> Response:
+    async def list_schedules(owner: Tenant, base: Base) -> Response:
         records = await schedules.list_schedules(owner=owner)
-        return json_response({"items": [r.to_json(prefix) for r in records]})
+        return json_response({"items": [r.to_json(base) for r in records]})
 
     @router.get(
         "/schedules/{schedule_id}",
@@ -188,8 +187,8 @@ def build_schedule_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         responses=documented(404, 422),
         response_class=Response,
     )
-    async def get(schedule_id: ScheduleId, owner: Tenant) -> Response:
-        return out(await schedules.get(str(schedule_id), owner=owner))
+    async def get(schedule_id: ScheduleId, owner: Tenant, base: Base) -> Response:
+        return out(await schedules.get(str(schedule_id), owner=owner), base)
 
     @router.patch(
         "/schedules/{schedule_id}",
@@ -203,10 +202,14 @@ def build_schedule_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         responses={200: {"model": ScheduleOut}, **documented(404, 422)},
         response_class=Response,
     )
-    async def update(schedule_id: ScheduleId, request: Request, owner: Tenant) -> Response:
+    async def update(
+        schedule_id: ScheduleId, request: Request, owner: Tenant, base: Base
+    ) -> Response:
         body = parse_body(await request.body(), ScheduleFields)
         changes = body.changes()
-        return out(await schedules.update(str(schedule_id), changes, owner=owner, public_only=True))
+        return out(
+            await schedules.update(str(schedule_id), changes, owner=owner, public_only=True), base
+        )
 
     @router.delete(
         "/schedules/{schedule_id}",
@@ -226,8 +229,8 @@ def build_schedule_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         responses=documented(404, 422),
         response_class=Response,
     )
-    async def pause(schedule_id: ScheduleId, owner: Tenant) -> Response:
-        return out(await schedules.update(str(schedule_id), {"enabled": False}, owner=owner))
+    async def pause(schedule_id: ScheduleId, owner: Tenant, base: Base) -> Response:
+        return out(await schedules.update(str(schedule_id), {"enabled": False}, owner=owner), base)
 
     @router.post(
         "/schedules/{schedule_id}/resume",
@@ -236,8 +239,8 @@ def build_schedule_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         responses=documented(404, 422),
         response_class=Response,
     )
-    async def resume(schedule_id: ScheduleId, owner: Tenant) -> Response:
-        return out(await schedules.update(str(schedule_id), {"enabled": True}, owner=owner))
+    async def resume(schedule_id: ScheduleId, owner: Tenant, base: Base) -> Response:
+        return out(await schedules.update(str(schedule_id), {"enabled": True}, owner=owner), base)
 
     @router.post(
         "/schedules/{schedule_id}/trigger",
@@ -246,9 +249,9 @@ def build_schedule_router(yard: "Conveyor", *, prefix: str = "") -> APIRouter:
         responses={202: {"model": TaskOut}, **documented(404, 422, 429)},
         response_class=Response,
     )
-    async def trigger(schedule_id: ScheduleId, owner: Tenant) -> Response:
+    async def trigger(schedule_id: ScheduleId, owner: Tenant, base: Base) -> Response:
         task = await schedules.trigger(str(schedule_id), owner=owner)
-        return json_response(task.to_json(prefix), 202, {"Location": f"{prefix}/tasks/{task.id}"})
+        return json_response(task.to_json(base), 202, {"Location": f"{base}/tasks/{task.id}"})
 
     @router.get(
         "/schedules/{schedule_id}/next",

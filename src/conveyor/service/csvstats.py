@@ -9,7 +9,7 @@ from pydantic import Field
 from ..api.auth import tenant_resolver
 from ..api.errors import documented
 from ..api.router import TaskId, TaskOut, json_response, located_in_body, require_result
-from ..api.routing import raw_endpoint, strict_route_class
+from ..api.routing import links_base, raw_endpoint, strict_route_class
 from ..api.uploads import read_body_to_file, read_multipart
 from ..context import TaskContext
 from ..errors import (
@@ -148,7 +148,8 @@ def build_csv_router(yard: "Conveyor") -> APIRouter:
             raise
         finally:
             form.discard()
-        return json_response(record.to_json(), 202, {"Location": f"/tasks/{record.id}"})
+        base = links_base(request)
+        return json_response(record.to_json(base), 202, {"Location": f"{base}/tasks/{record.id}"})
 
     @router.get(
         "/csv-stats/{task_id}/statistics.csv",

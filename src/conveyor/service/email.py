@@ -316,12 +316,13 @@ class Emails:
             await batches.retry_now(email_id, owner=owner, error_type="Deferred")
         return await self.get(email_id, owner=owner)
 
-    async def to_json(self, batch: BatchRecord) -> dict[str, Any]:
+    async def to_json(self, batch: BatchRecord, base: str = "") -> dict[str, Any]:
+        """The email's JSON; ``base`` is where the API is served, for its links."""
         errors = await self.yard.batches.error_counts(batch.id)
         deferred = errors.get(("queued", "Deferred"), 0)
         bounced = errors.get(("failed", "Bounced"), 0)
         counts = batch.counts
-        base = f"/emails/{batch.id}"
+        base = f"{base}/emails/{batch.id}"
         return {
             "id": batch.id,
             "status": "active" if batch.active else "finished",

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import serialization
 from ..api.auth import tenant_resolver
 from ..api.errors import documented
-from ..api.routing import strict_route_class
+from ..api.routing import Base, strict_route_class
 from ..api.shapes import IDEMPOTENCY_HEADER, idempotency_key, json_response, parse_body
 from ..batch_record import BatchRecord
 from ..errors import ConveyorError, InvalidArguments
@@ -130,14 +130,14 @@ def build_email_router(yard: "Conveyor", service: Emails) -> APIRouter:
         },
         response_class=Response,
     )
-    async def submit(request: Request, owner: Tenant) -> Response:
+    async def submit(request: Request, owner: Tenant, base: Base) -> Response:
         key = idempotency_key(request)
         body = await read_submission(request, settings)
         batch, created = await service.submit(body, owner=owner, idempotency_key=key)
         return json_response(
-            await service.to_json(batch),
+            await service.to_json(batch, base),
             202 if created else 200,
-            {"Location": f"/emails/{batch.id}"},
+            {"Location": f"{base}/emails/{batch.id}"},
         )
 
     @router.get(
@@ -149,6 +149,7 @@ def build_email_router(yard: "Conveyor", service: Emails) -> APIRouter:
     )
     async def list_emails(
         owner: Tenant,
+        base: Base,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
         cursor: Annotated[
             str | None, Query(max_length=32, pattern=r"^[0-9]{1,12}(\.[0-9]{1,9})?$")
@@ -160,7 +161,7 @@ def build_email_router(yard: "Conveyor", service: Emails) -> APIRouter:
         page = found[:limit]
         return json_response(
             {
-                "items": [await service.to_json(batch) for batch in page],
+                "items": [await service.to_json(batch, base) for batch in page],
                 "next_cursor": repr(page[-1].created_at) if len(found) > limit else None,
             }
         )
@@ -172,8 +173,10 @@ def build_email_router(yard: "Conveyor", service: Emails) -> APIRouter:
         responses=documented(404, 422),
         response_class=Response,
     )
-    async def get(email_id: EmailId, owner: Tenant) -> Response:
-        return json_response(await service.to_json(await service.get(str(email_id), owner=owner)))
+    async def get(email_id: EmailId, owner: Tenant, base: Base) -> Response:
+        return json_response(
+            await service.to_json(await service.get(str(email_id), owner=owner), base)
+        )
 
     @router.get(
         "/{email_id}/recipients",
@@ -220,11 +223,11 @@ def build_email_router(yard: "Conveyor", service: Emails) -> APIRouter:
         responses=documented(404, 422),
     )
     async def events(
-        email: Annotated[BatchRecord, Depends(visible_email)], owner: Tenant
+        email: Annotated[BatchRecord, Depends(visible_email)], owner: Tenant, base: Base
     ) -> AsyncIterator[ServerSentEvent]:
         try:
             async for current in yard.batches.watch(email.id, owner=owner):
-                yield ServerSentEvent(event="counts", data=await service.to_json(current))
+                yield ServerSentEvent(event="counts", data=await service.to_json(current, base))
         except ConveyorError as exc:
             yield ServerSentEvent(event="error", data={"detail": exc.message})
 
@@ -235,10 +238,10 @@ def build_email_router(yard: "Conveyor", service: Emails) -> APIRouter:
         responses=documented(404, 422),
         response_class=Response,
     )
-    async def cancel(email_id: EmailId, owner: Tenant) -> Response:
+    async def cancel(email_id: EmailId, owner: Tenant, base: Base) -> Response:
         await service.get(str(email_id), owner=owner)
         return json_response(
-            await service.to_json(await yard.batches.cancel(str(email_id), owner=owner))
+            await service.to_json(await yard.batches.cancel(str(email_id), owner=owner), base)
         )
 
     @router.post(
@@ -253,12 +256,13 @@ def build_email_router(yard: "Conveyor", service: Emails) -> APIRouter:
     async def retry(
         email_id: EmailId,
         owner: Tenant,
+        base: Base,
         status: Annotated[
             str, Query(max_length=40, pattern=rf"^{_AGAIN}(,{_AGAIN}){{0,3}}$")
         ] = "failed",
     ) -> Response:
         batch = await service.retry(str(email_id), owner=owner, statuses=set(status.split(",")))
-        return json_response(await service.to_json(batch), 202)
+        return json_response(await service.to_json(batch, base), 202)
 
     return router
 

@@ -19,7 +19,7 @@ from .. import serialization
 from ..api.auth import tenant_resolver
 from ..api.errors import documented
 from ..api.router import TaskOut, inline_refs, json_response, located_in_body
-from ..api.routing import raw_endpoint, strict_route_class
+from ..api.routing import links_base, raw_endpoint, strict_route_class
 from ..api.uploads import UploadedFile, read_multipart
 from ..blobs import BlobResult, safe_filename
 from ..context import TaskContext
@@ -214,10 +214,13 @@ def build_image_router(yard: Conveyor) -> APIRouter:
             records = await _submit(yard, owner, uploads, pipeline, ids, sources, zipped=zipped)
         finally:
             form.discard()
+        base = links_base(request)
         if len(records) == 1:
             record = records[0]
-            return json_response(record.to_json(), 202, {"Location": f"/tasks/{record.id}"})
-        return json_response({"items": [record.to_json() for record in records]}, 202)
+            return json_response(
+                record.to_json(base), 202, {"Location": f"{base}/tasks/{record.id}"}
+            )
+        return json_response({"items": [record.to_json(base) for record in records]}, 202)
 
     return router
 

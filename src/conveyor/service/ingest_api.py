@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..api.auth import tenant_resolver
 from ..api.errors import documented
-from ..api.routing import strict_route_class
+from ..api.routing import Base, strict_route_class
 from ..api.shapes import TaskOut, json_response, parse_body
 from .ingest import MAX_RUNS_KEPT, Ingestion
 from .ingest_models import SourceIn
@@ -78,6 +78,11 @@ class RowPage(BaseModel):
 SourceId = Annotated[UUID, Path(description="The source's id (a UUID).")]
 
 
+def based(source: dict[str, Any], base: str) -> dict[str, Any]:
+    """A source's JSON with its links under ``base``, where the API is served."""
+    return {**source, "links": {name: base + link for name, link in source["links"].items()}}
+
+
 def build_ingest_router(yard: "Conveyor", service: Ingestion) -> APIRouter:
     tenant = tenant_resolver(yard.settings)
     Tenant = Annotated[str, Depends(tenant)]
@@ -100,14 +105,15 @@ def build_ingest_router(yard: "Conveyor", service: Ingestion) -> APIRouter:
         responses={201: {"model": SourceOut}, **documented(409, 422)},
         response_class=Response,
     )
-    async def create(request: Request, owner: Tenant) -> Response:
+    async def create(request: Request, owner: Tenant, base: Base) -> Response:
         spec = parse_body(await request.body(), SourceIn)
-        source = await service.create(spec, owner=owner)
+        source = based(await service.create(spec, owner=owner), base)
         return json_response(source, 201, {"Location": source["links"]["self"]})
 
     @router.get("/sources", response_model=SourcePage, response_class=Response)
-    async def list_sources(owner: Tenant) -> Response:
-        return json_response({"items": await service.list_sources(owner=owner)})
+    async def list_sources(owner: Tenant, base: Base) -> Response:
+        found = await service.list_sources(owner=owner)
+        return json_response({"items": [based(source, base) for source in found]})
 
     @router.get(
         "/sources/{source_id}",
@@ -115,8 +121,8 @@ def build_ingest_router(yard: "Conveyor", service: Ingestion) -> APIRouter:
         responses=documented(404, 422),
         response_class=Response,
     )
-    async def get(source_id: SourceId, owner: Tenant) -> Response:
-        return json_response(await service.get(str(source_id), owner=owner))
+    async def get(source_id: SourceId, owner: Tenant, base: Base) -> Response:
+        return json_response(based(await service.get(str(source_id), owner=owner), base))
 
     @router.patch(
         "/sources/{source_id}",
@@ -131,9 +137,11 @@ def build_ingest_router(yard: "Conveyor", service: Ingestion) -> APIRouter:
         responses=documented(404, 409, 422),
         response_class=Response,
     )
-    async def change(source_id: SourceId, request: Request, owner: Tenant) -> Response:
+    async def change(source_id: SourceId, request: Request, owner: Tenant, base: Base) -> Response:
         changes = parse_body(await request.body(), SourceChange).model_dump(exclude_unset=True)
-        return json_response(await service.update(str(source_id), changes, owner=owner))
+        return json_response(
+            based(await service.update(str(source_id), changes, owner=owner), base)
+        )
 
     @router.delete(
         "/sources/{source_id}",
@@ -153,9 +161,9 @@ def build_ingest_router(yard: "Conveyor", service: Ingestion) -> APIRouter:
         responses={202: {"model": TaskOut}, **documented(404, 422, 429)},
         response_class=Response,
     )
-    async def run(source_id: SourceId, owner: Tenant) -> Response:
+    async def run(source_id: SourceId, owner: Tenant, base: Base) -> Response:
         record = await service.start_run(str(source_id), owner=owner)
-        return json_response(record.to_json(), 202, {"Location": f"/tasks/{record.id}"})
+        return json_response(record.to_json(base), 202, {"Location": f"{base}/tasks/{record.id}"})
 
     @router.get(
         "/sources/{source_id}/runs",
@@ -167,10 +175,11 @@ def build_ingest_router(yard: "Conveyor", service: Ingestion) -> APIRouter:
     async def runs(
         source_id: SourceId,
         owner: Tenant,
+        base: Base,
         limit: Annotated[int, Query(ge=1, le=MAX_RUNS_KEPT)] = 20,
     ) -> Response:
         found = await service.runs(str(source_id), owner=owner, limit=limit)
-        return json_response({"items": [task.to_json() for task in found]})
+        return json_response({"items": [task.to_json(base) for task in found]})
 
     @router.get(
         "/sources/{source_id}/rows",
