@@ -289,8 +289,8 @@ def new_records(
     built = []
     for index, item in enumerate(items):
         args_json = None
-        if checked:
-            args = dict(item)
+        if checked:  # the service's own dicts, taken as they are (not copied)
+            args = item if isinstance(item, dict) else dict(item)
             args_json = _fast_json(args)
         else:
             try:

@@ -171,6 +171,7 @@ class Emails:
         if body.send_at is not None:
             delay = max(0.0, body.send_at.timestamp() - datetime.now(UTC).timestamp())
             meta["send_at"] = iso(body.send_at.timestamp())
+        del body  # the request's models (most of a big email's memory) go before its tasks come
         batches = self.yard.batches
         options: dict[str, Any] = {"delay_s": delay, "meta": meta, "checked": True}
         if idempotency_key is None:

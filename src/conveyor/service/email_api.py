@@ -132,8 +132,11 @@ def build_email_router(yard: "Conveyor", service: Emails) -> APIRouter:
     )
     async def submit(request: Request, owner: Tenant, base: Base) -> Response:
         key = idempotency_key(request)
-        body = await read_submission(request, settings)
-        batch, created = await service.submit(body, owner=owner, idempotency_key=key)
+        batch, created = await service.submit(  # the request's models are not held here:
+            await read_submission(request, settings),  # submit lets them go before the tasks
+            owner=owner,
+            idempotency_key=key,
+        )
         return json_response(
             await service.to_json(batch, base),
             202 if created else 200,
