@@ -35,8 +35,19 @@ def test_cli_submit_wait_status_list_cancel(server: LiveServer) -> None:
     task_id = json.loads(result.stdout[result.stdout.index("{") :])["id"]
     status = runner.invoke(cli, ["status", task_id], env={"CONVEYOR_URL": server.url})
     assert status.exit_code == 0 and task_id in status.output
+    logs = runner.invoke(cli, ["logs", task_id, *url])
+    assert logs.exit_code == 0, logs.output
+    assert [line.split(" ", 1)[1] for line in logs.output.splitlines()] == [
+        "INFO     [attempt 1] step 1 of 2",
+        "INFO     [attempt 1] step 2 of 2",
+    ]
     failed = runner.invoke(cli, ["submit", "demo.fail", "message=oops", "--wait", *url])
     assert failed.exit_code == 1 and "oops" in failed.output
+    failed_id = json.loads(failed.stdout[failed.stdout.index("{") :])["id"]
+    again = runner.invoke(cli, ["retry", failed_id, *url])
+    assert again.exit_code == 0 and '"status": "queued"' in again.output, again.output
+    refused = runner.invoke(cli, ["retry", task_id, *url])  # completed: nothing to retry
+    assert refused.exit_code == 1 and "409" in refused.output
     queued = runner.invoke(cli, ["submit", "demo.echo", "value=[1,2]", "--delay-s", "3600", *url])
     queued_id = json.loads(queued.stdout)["id"]
     cancelled = runner.invoke(cli, ["cancel", queued_id, *url])

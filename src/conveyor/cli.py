@@ -412,6 +412,39 @@ def cancel(
     console.print_json(data=_request("POST", url, api_key, f"/tasks/{task_id}/cancel"))
 
 
+@app.command()
+def retry(
+    task_id: Annotated[str, typer.Argument(help="The task's id")],
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+) -> None:
+    """Run a failed or cancelled task again (its attempts start over)."""
+    console.print_json(data=_request("POST", url, api_key, f"/tasks/{task_id}/retry"))
+
+
+@app.command()
+def logs(
+    task_id: Annotated[str, typer.Argument(help="The task's id")],
+    url: Url = "http://127.0.0.1:8000",
+    api_key: ApiKey = None,
+) -> None:
+    """Print a task's own log lines, every attempt's, oldest first."""
+    cursor: str | None = None
+    while True:
+        params = {"cursor": cursor} if cursor else {}
+        page = _request("GET", url, api_key, f"/tasks/{task_id}/logs", params=params)
+        for line in page["items"]:
+            console.print(
+                f"{line['at']} {line['level']:<8} [attempt {line['attempt']}] {line['message']}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return
+
+
 schedules_app = typer.Typer(
     help="Periodic schedules: list them, see their next fires, pause, resume, trigger.",
     no_args_is_help=True,
