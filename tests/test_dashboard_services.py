@@ -153,6 +153,12 @@ def test_ingestion_pages_show_sources_runs_and_rows_never_secrets(
         assert task["status"] == "completed" and task["result"]["rows_unchanged"] == 30
         runs = client.get(f"/ingest/sources/{source['id']}/runs").json()["items"]
         assert [r["id"] for r in runs] == [second, first["id"]]
+        idle = client.post("/ingest/sources", json={**body, "name": "idle"}).json()
+        rows = client.get("/dashboard/ingestion").text.split("<tr>")
+        (busy_row,) = [row for row in rows if f"/ingestion/{source['id']}" in row]
+        (idle_row,) = [row for row in rows if f"/ingestion/{idle['id']}" in row]
+        assert f"/tasks/{second}" in busy_row and f"/tasks/{first['id']}" not in busy_row
+        assert "/tasks/" not in idle_row, "a source never run has no latest run"
         assert client.get("/dashboard/ingestion/nope").status_code == 404
 
 

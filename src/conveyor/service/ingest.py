@@ -391,6 +391,33 @@ class Ingestion:
                 continue
         return found
 
+    async def latest_runs(
+        self, source_ids: list[str], *, owner: str | None
+    ) -> dict[str, TaskRecord]:
+        """Each source's latest run, read for all of them at once (a source without one, or
+        whose latest run retention deleted, is left out)."""
+        kept = self.runs_kept
+
+        def read() -> list[tuple[str, str]]:
+            latest = (
+                sa.select(kept.c.source_id, sa.func.max(kept.c.started_at).label("at"))
+                .where(kept.c.source_id.in_(source_ids))
+                .group_by(kept.c.source_id)
+                .subquery()
+            )
+            query = sa.select(kept.c.source_id, kept.c.task_id).join(
+                latest,
+                (kept.c.source_id == latest.c.source_id) & (kept.c.started_at == latest.c.at),
+            )
+            with self.engine.connect() as conn:
+                return [(source_id, task_id) for source_id, task_id in conn.execute(query)]
+
+        found: dict[str, TaskRecord] = {}
+        for source_id, task_id in await anyio.to_thread.run_sync(read):
+            with contextlib.suppress(TaskNotFound):
+                found[source_id] = await self.yard.get(task_id, owner=owner)
+        return found
+
     def _started(self, source_id: str, task_id: str) -> None:
         """Keep this run among the source's latest (an attempt again: its time moves)."""
         kept = self.runs_kept

@@ -33,14 +33,9 @@ def _routes(service: Ingestion, kit: Kit) -> APIRouter:
     @router.get("")
     async def sources(request: Request, owner: Owner) -> Response:
         found = await service.list_sources(owner=owner)
-        latest = [await service.runs(s["id"], owner=owner, limit=1) for s in found]
+        latest = await service.latest_runs([source["id"] for source in found], owner=owner)
         return kit.render(
-            request,
-            "sources.html",
-            sources=[
-                (source, runs[0] if runs else None)
-                for source, runs in zip(found, latest, strict=True)
-            ],
+            request, "sources.html", sources=[(s, latest.get(s["id"])) for s in found]
         )
 
     @router.get("/{source_id}")
