@@ -323,7 +323,7 @@ class Emails:
         deferred = errors.get(("queued", "Deferred"), 0)
         bounced = errors.get(("failed", "Bounced"), 0)
         counts = batch.counts
-        base = f"{base}/emails/{batch.id}"
+        home = f"{base}/emails/{batch.id}"
         return {
             "id": batch.id,
             "status": "active" if batch.active else "finished",
@@ -344,10 +344,10 @@ class Emails:
             "created_at": iso(batch.created_at),
             "finished_at": None if batch.active else iso(batch.finished_at),
             "links": {
-                "self": base,
-                "recipients": f"{base}/recipients",
-                "events": f"{base}/events",
-                "csv": f"{base}/recipients.csv",
+                "self": home,
+                "recipients": f"{home}/recipients",
+                "events": f"{home}/events",
+                "csv": f"{home}/recipients.csv",
             },
         }
 
