@@ -89,7 +89,9 @@ async def test_failed_items_are_listed_and_retried(yard: Conveyor) -> None:
     assert all(item.error and item.error["type"] == "ConnectionError" for item in failed)
 
     retried = await yard.batches.retry(batch.id)
-    assert retried.counts["failed"] == 0 and retried.active == 4
+    # the four are queued again; the workers may have run them before the answer is read
+    assert retried.counts["failed"] == 0
+    assert retried.active + retried.counts["completed"] == 8
     again = await finished(yard, batch.id)
     assert again.counts["completed"] == 8
     assert [i.attempts for i in await yard.batches.items(batch.id, status=TaskStatus.COMPLETED)][
