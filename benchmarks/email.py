@@ -8,8 +8,9 @@ A local SMTP sink (aiosmtpd's ``Sink`` handler, in its own process) receives eve
    and sends the same number of messages on each (each message built per recipient, as the
    service does). Rounds are interleaved; the table shows medians and the ratio.
 2. **A 100,000-recipient email**: the time ``POST /emails`` takes to answer ``202``; while it
-   sends, ``GET /emails/{id}`` and a page of recipients filtered by status, p50/p95; the server
-   process's peak RSS (``VmHWM``, the workers run in it) once every recipient is sent.
+   sends, ``GET /emails/{id}`` and a page of recipients filtered by status, p50/p95; the peak
+   RSS (``VmHWM``) once every recipient is sent: of the server with its workers in it, and of
+   the server and of a ``conveyor worker`` process when the workers run apart.
 
 Run with `.venv/bin/python -m benchmarks.email [--recipients N] [--big N] [--rounds N]`.
 """
@@ -100,8 +101,12 @@ async def bare_loop(port: int, n: int, builder: Builder) -> float:
 
 
 @contextlib.contextmanager
-def service(sink_port: int) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client]]:
-    """``conveyor serve`` (workers in it) on a fresh data folder, sending to the sink."""
+def service(
+    sink_port: int, *, apart: bool = False
+) -> Iterator[tuple[list[subprocess.Popen[bytes]], httpx.Client]]:
+    """``conveyor serve`` (workers in it; with ``apart``, without them and one ``conveyor
+    worker`` beside it) on a fresh data folder, sending to the sink. The processes: the server
+    first."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         env = {
@@ -114,13 +119,17 @@ def service(sink_port: int) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Cli
             "CONVEYOR_LOG_LEVEL": "warning",
         }
         args = [sys.executable, "-m", "conveyor", "serve", "--port", str(port)]
-        process = serve(args, port, env)
+        started = [serve([*args, "--no-workers"] if apart else args, port, env)]
+        if apart:
+            worker = [sys.executable, "-m", "conveyor", "worker"]
+            started.append(subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL))
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-                yield process, client
+                yield started, client
         finally:
-            process.terminate()
-            process.wait(30)
+            for process in started:
+                process.terminate()
+                process.wait(30)
 
 
 def body(n: int) -> dict[str, Any]:
@@ -151,8 +160,13 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 2 else max(values)
 
 
-def big_email(sink_port: int, n: int) -> dict[str, float]:
-    with service(sink_port) as (process, client):
+def peak_rss_mb(process: subprocess.Popen[bytes]) -> float:
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) / 1024
+
+
+def big_email(sink_port: int, n: int, *, apart: bool = False) -> dict[str, float]:
+    with service(sink_port, apart=apart) as (processes, client):
         payload = body(n)
         started = time.perf_counter()
         created = client.post("/emails", json=payload)
@@ -175,15 +189,14 @@ def big_email(sink_port: int, n: int) -> dict[str, float]:
                 break
             time.sleep(0.2)
         assert email["counts"]["sent"] == n, email["counts"]
-        status = Path(f"/proc/{process.pid}/status").read_text()
-        peak_kb = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1])
         return {
             "submit_s": submit_s,
             "get_p50": statistics.median(gets),
             "get_p95": percentile(gets, 95),
             "page_p50": statistics.median(pages),
             "page_p95": percentile(pages, 95),
-            "rss_mb": peak_kb / 1024,
+            "rss_mb": peak_rss_mb(processes[0]),
+            "worker_rss_mb": peak_rss_mb(processes[-1]),
             "send_per_s": n / (time.perf_counter() - started),
         }
 
@@ -215,19 +228,26 @@ def main(n: int, big: int, rounds: int) -> None:
                 each = ", ".join(f"{x:,.0f}" for x in found)
                 print(f"| {way} | {medians[way]:,.0f} | {each} | {service / medians[way]:.2f}x |")
         if big:
-            figures = big_email(sink_port, big)
+            together, apart = big_email(sink_port, big), big_email(sink_port, big, apart=True)
             print(f"\nOne email to {big:,} recipients\n")
-            print("| figure | value |")
-            print("| --- | --- |")
-            print(f"| POST /emails → 202 | {figures['submit_s']:.2f} s |")
-            gets = f"{figures['get_p50']:.1f} / {figures['get_p95']:.1f}"
-            print(f"| GET /emails/{{id}} p50 / p95 | {gets} ms |")
-            print(
-                f"| recipients page (status=sent) p50 / p95 | {figures['page_p50']:.1f} / "
-                f"{figures['page_p95']:.1f} ms |"
+            print("| figure | workers in the server | a worker process apart |")
+            print("| --- | --- | --- |")
+
+            def row(label: str, show: Callable[[dict[str, float]], str]) -> None:
+                print(f"| {label} | {show(together)} | {show(apart)} |")
+
+            row("POST /emails → 202", lambda f: f"{f['submit_s']:.2f} s")
+            row(
+                "GET /emails/{id} p50 / p95",
+                lambda f: f"{f['get_p50']:.1f} / {f['get_p95']:.1f} ms",
             )
-            print(f"| server peak RSS (workers in it) | {figures['rss_mb']:.0f} MB |")
-            print(f"| sent, end to end | {figures['send_per_s']:,.0f} messages/s |")
+            row(
+                "recipients page (status=sent) p50 / p95",
+                lambda f: f"{f['page_p50']:.1f} / {f['page_p95']:.1f} ms",
+            )
+            row("server peak RSS", lambda f: f"{f['rss_mb']:.0f} MB")
+            row("worker peak RSS", lambda f: f"{f['worker_rss_mb']:.0f} MB" if f is apart else "-")
+            row("sent, end to end", lambda f: f"{f['send_per_s']:,.0f} messages/s")
     finally:
         sink.terminate()
         sink.wait(30)
