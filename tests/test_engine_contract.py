@@ -460,7 +460,8 @@ async def test_waiting_leaves_nothing_behind(yard: Conveyor) -> None:
     queued, _ = await yard.submit("t.echo", {"value": "later"}, delay_s=3600)
     with pytest.raises(WaitTimeout):
         await yard.wait(queued.id, timeout_s=0.05)
-    assert yard._changed == {} and yard._waiting == {}, "one entry per task ever waited on"
+    watchers = yard._watchers
+    assert watchers.events == {} and watchers.waiting == {}, "one entry per task ever waited on"
 
 
 async def test_an_outcome_that_cannot_be_written_is_recovered_while_the_worker_lives(

@@ -34,6 +34,7 @@ from .store import Store, open_store
 from .store.rows import NO_FILTER, TaskFilter
 from .tally import Flusher, Tally
 from .task import UNSET, Executor, TaskOptions, TaskType, new_record, new_records
+from .watching import Watchers
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -45,8 +46,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 logger = logging.getLogger("conveyor")
-
-_WATCH_POLL_S = 0.25
 
 
 class _TaskDecorator(Protocol):
@@ -93,12 +92,12 @@ class Conveyor:
         self.task_types: dict[str, TaskType[Any, Any]] = {}
         self._store: Store | None = None
         self._engine: Engine | None = None
-        self._changed: dict[str, asyncio.Event] = {}
-        self._waiting: dict[str, int] = {}  # waiters per task: an event lives while one waits
+        self._watchers = Watchers(
+            self.settings.poll_s, lambda changed: self.store.subscribe(changed)
+        )
         self.blobs = BlobStore(Path(self.settings.data_dir) / "blobs")
         self._started = False
         self._celery: Celery | None = None
-        self._subscribed = False
         self.schedules = Schedules(self)
         self.batches = Batches(self)
         self._scheduler: Scheduler | None = None
@@ -272,7 +271,7 @@ class Conveyor:
             store = open_store(self.settings)
             await store.open()
             self._store = store
-            self._subscribed = False
+            self._watchers.reset()
             stats = store.stats()
             self._flusher = Flusher(self.tally, stats.add_totals, prune=stats.prune)
             self._flusher.start()
@@ -566,51 +565,16 @@ class Conveyor:
 
     # change notification -----------------------------------------------------------------------
 
-    @property
-    def _watch_poll_s(self) -> float:
-        """How often a waiter re-reads its task when no change notification came: the safety
-        net under notifications (in this process, from the store, from other processes)."""
-        return max(_WATCH_POLL_S, self.settings.poll_s)
-
     def notify(self, task_id: str) -> None:
         """Wake whoever waits on this task (in this process; others poll the store)."""
-        event = self._changed.pop(task_id, None)
-        if event is not None:
-            event.set()
-
-    def _store_changed(self, task_id: str) -> None:
-        """Another process changed a task (``""``: changes may have been missed)."""
-        if task_id:
-            self.notify(task_id)
-            return
-        changed, self._changed = self._changed, {}
-        for event in changed.values():
-            event.set()
-
-    def _change_event(self, task_id: str) -> asyncio.Event:
-        if not self._subscribed:  # listen to other processes' changes once someone waits
-            self._subscribed = True
-            self.store.subscribe(self._store_changed)
-        event = self._changed.get(task_id)
-        if event is None:
-            event = self._changed[task_id] = asyncio.Event()
-        return event
-
-    def _leave(self, task_id: str) -> None:
-        left = self._waiting[task_id] - 1
-        if left:
-            self._waiting[task_id] = left
-        else:
-            del self._waiting[task_id]
-            self._changed.pop(task_id, None)
+        self._watchers.notify(task_id)
 
     async def watch(self, task_id: str, *, owner: str | None = None) -> AsyncIterator[TaskRecord]:
         """Yield the task's record each time it changes, ending after a terminal state."""
         last: tuple[Any, ...] | None = None
-        self._waiting[task_id] = self._waiting.get(task_id, 0) + 1
-        try:
+        with self._watchers.watching(task_id) as watch:
             while True:
-                event = self._change_event(task_id)
+                watch.arm()
                 record = await self._explained(await self.store.get(task_id, owner=owner))
                 key = (record.status, record.progress, record.message, record.attempts)
                 if key != last:
@@ -618,12 +582,7 @@ class Conveyor:
                     yield record
                 if record.terminal:
                     return
-                try:
-                    await asyncio.wait_for(event.wait(), self._watch_poll_s)
-                except TimeoutError:
-                    pass
-        finally:
-            self._leave(task_id)
+                await watch.next_change()
 
     async def wait(
         self, task_id: str, *, owner: str | None = None, timeout_s: float | None = None
@@ -631,22 +590,13 @@ class Conveyor:
         """Wait until the task is terminal; its record. Raises ``WaitTimeout``."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        self._waiting[task_id] = self._waiting.get(task_id, 0) + 1
-        try:
+        with self._watchers.watching(task_id) as watch:
             while True:
-                event = self._change_event(task_id)
+                watch.arm()
                 record = await self.store.get(task_id, owner=owner)
                 if record.terminal:
                     return record
-                pause = self._watch_poll_s
-                if deadline is not None:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        raise WaitTimeout(f"task {task_id} is still {record.status.value}")
-                    pause = min(pause, remaining)
-                try:
-                    await asyncio.wait_for(event.wait(), pause)
-                except TimeoutError:
-                    pass
-        finally:
-            self._leave(task_id)
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise WaitTimeout(f"task {task_id} is still {record.status.value}")
+                await watch.next_change(remaining)
