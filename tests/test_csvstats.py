@@ -233,7 +233,9 @@ from conveyor.jobs.csvstats import csv_statistics
 path = Path(sys.argv[1])
 result = csv_statistics(path, memory_limit="256MB")
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"size": path.stat().st_size, "rows": result["rows"], "peak_kb": peak}))
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+memory = {key: status[key].strip() for key in ("VmHWM", "RssAnon", "RssFile") if key in status}
+print(json.dumps({"size": path.stat().st_size, "rows": result["rows"], "peak_kb": peak, **memory}))
 """
 
 

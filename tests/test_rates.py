@@ -80,8 +80,8 @@ async def test_a_task_held_by_its_rate_says_so(yard: Conveyor) -> None:
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[list[Process]]:
-    """Three `conveyor worker` processes on one SQLite file (the Celery engine's prefork
-    processes are tested in test_celery)."""
+    """Three `conveyor worker` processes on one SQLite file, each running two tasks at most (the
+    Celery engine's prefork processes are tested in test_celery)."""
     env = {
         **os.environ,
         "CONVEYOR_DATA_DIR": str(tmp_path),
@@ -89,7 +89,7 @@ def workers(tmp_path: Path) -> Iterator[list[Process]]:
         "CONVEYOR_LOG_LEVEL": "info",
         "PYTHONPATH": os.pathsep.join(sys.path),
     }
-    app = ["worker", "--app", "tests.support.worker_yard:yard", "--concurrency", "8"]
+    app = ["worker", "--app", "tests.support.worker_yard:yard", "--concurrency", "2"]
     started = [Process(app, env, "worker running") for _ in range(3)]
     yield started
     for process in started:
@@ -102,13 +102,14 @@ async def test_three_worker_processes_share_one_rate(
     client = Conveyor(Settings(data_dir=tmp_path), run_workers=False)
     worker_yard.register(client)
     async with client:
-        # 60 tasks at 10/s: six windows, each taken by whichever process claims first; with
-        # fewer (36: four windows) one process took every window in a loaded CI run
-        batch = await client.batch("rated.pid", [{}] * 60)
+        # each task holds one of its process's two slots for 0.25 s, so one process starts 8 a
+        # second at most and the rate's other starts are left to the other processes (with
+        # instant tasks, one process could take every window of the rate)
+        batch = await client.batch("rated.pid_after", [{"seconds": 0.25}] * 40)
         with anyio.fail_after(60):
             async for seen in client.batches.watch(batch.id, interval_s=0.05):
                 last = seen
-        assert last.counts["completed"] == 60
+        assert last.counts["completed"] == 40
         items = await client.batches.items(batch.id)
     starts = [t.started_at for t in items if t.started_at]
     assert most_in_any_window(starts, 1.0) <= 10

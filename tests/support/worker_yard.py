@@ -30,12 +30,19 @@ async def pid() -> int:
     return os.getpid()
 
 
+async def pid_after(seconds: float) -> int:
+    """Holds its worker slot ``seconds``, then names the process it ran in."""
+    await asyncio.sleep(seconds)
+    return os.getpid()
+
+
 def register(yard: Conveyor) -> None:
     yard.task(name="limited.sleep", concurrency=2)(limited_sleep)
     yard.task(name="crash.worker", retries=1)(crash_worker)
     yard.task(name="exit.worker")(exit_worker)
     yard.task(name="pid")(pid)
     yard.task(name="rated.pid", rate="10/s")(pid)
+    yard.task(name="rated.pid_after", rate="10/s")(pid_after)
 
 
 yard = Conveyor(Settings())
