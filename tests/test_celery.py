@@ -247,7 +247,8 @@ def test_a_rate_holds_across_three_pool_processes(deploy: Any) -> None:
 
     async def submit_and_wait() -> list[TaskRecord]:
         async with deployment.client_yard() as client:
-            batch = await client.batch("rated.pid", [{}] * 36)
+            # each task holds its pool process 0.25 s: one process starts 4 a second at most
+            batch = await client.batch("rated.pid_after", [{"seconds": 0.25}] * 36)
             async for seen in client.batches.watch(batch.id, interval_s=0.05):
                 last = seen
             assert last.counts["completed"] == 36, last.counts

@@ -41,7 +41,6 @@ def register(yard: Conveyor) -> None:
     yard.task(name="crash.worker", retries=1)(crash_worker)
     yard.task(name="exit.worker")(exit_worker)
     yard.task(name="pid")(pid)
-    yard.task(name="rated.pid", rate="10/s")(pid)
     yard.task(name="rated.pid_after", rate="10/s")(pid_after)
 
 
