@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=50 * 1_048_576, ge=1024, description="Cap of one multipart upload request."
     )
+    otel: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "FastAPI's OpenTelemetry in the service app; auto: on when OpenTelemetry is set up "
+            "in the process when the app is made."
+        ),
+    )
     csv_memory_limit: str = Field(
         default="256MB", pattern=r"^[0-9]+(KB|MB|GB)$", description="DuckDB's limit per CSV task."
     )
