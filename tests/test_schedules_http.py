@@ -249,11 +249,11 @@ def test_schedules_on_postgresql(
 
 
 @pytest.mark.slow
-def test_three_processes_fire_a_one_second_schedule_for_a_minute(
+def test_three_processes_fire_a_one_second_schedule_for_half_a_minute(
     spawn: Any, tmp_path: Path
 ) -> None:
     """`conveyor serve` and two `conveyor worker` processes on one SQLite file, each firing
-    schedules (no leader): a one-second schedule for 60 s makes exactly one task per second,
+    schedules (no leader): a one-second schedule for 30 s makes exactly one task per second,
     no gap, none twice, none missed, every one completed."""
     port = free_port()
     info = {"CONVEYOR_LOG_LEVEL": "info"}
@@ -269,12 +269,12 @@ def test_three_processes_fire_a_one_second_schedule_for_a_minute(
         def fires() -> list[dict[str, Any]]:
             return list(client.get(f"{path}/fires", params={"limit": 200}).json()["items"])
 
-        wait_until(lambda: len(fires()) >= 60, 120, "60 fires")
+        wait_until(lambda: len(fires()) >= 30, 90, "30 fires")
         assert client.post(f"{path}/pause").status_code == 200
         recorded = fires()
         tasks = [client.get(f"/tasks/{f['task_id']}").json() for f in recorded]
         listed = client.get("/tasks", params={"limit": 500}).json()["items"]
-    assert len(recorded) >= 60 and {f["outcome"] for f in recorded} == {"fired"}, recorded
+    assert len(recorded) >= 30 and {f["outcome"] for f in recorded} == {"fired"}, recorded
     planned = sorted(datetime.fromisoformat(f["fire_at"]).timestamp() for f in recorded)
     assert {round(b - a, 6) for a, b in itertools.pairwise(planned)} == {1.0}, "no gap"
     ids = {f["task_id"] for f in recorded}
