@@ -96,9 +96,9 @@ class TaskRecord:
         if self.batch_id is not None:
             links["batch"] = f"{prefix}/batches/{self.batch_id}"
         schedule_id = self.schedule_id
-        created = iso(self.created_at)
         if schedule_id is not None:
             links["schedule"] = f"{prefix}/schedules/{schedule_id}"
+        created = iso(self.created_at)
         return {
             "id": self.id,
             "name": self.name,

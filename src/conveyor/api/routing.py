@@ -79,9 +79,7 @@ def strict_route_class(max_body_bytes: int, *, prefix: str = "") -> type[APIRout
             own = self.own_segments
 
             async def handle(request: Request) -> Response:
-                scope = request.scope
-                scope[MAX_BODY_SCOPE_KEY] = max_body_bytes
-                scope[BASE_SCOPE_KEY] = scope["path"].rsplit("/", own)[0]
+                scope = _stamped(request.scope, max_body_bytes, own)
                 strict = StrictRequest(scope, request.receive)
                 try:
                     return await handler(strict)
@@ -91,6 +89,14 @@ def strict_route_class(max_body_bytes: int, *, prefix: str = "") -> type[APIRout
             return handle
 
     return ConveyorRoute
+
+
+def _stamped(scope: Scope, max_body_bytes: int, own_segments: int) -> Scope:
+    """``scope`` with what a Conveyor endpoint reads from it: its body cap and its links' base
+    (the request's path less the route's own segments)."""
+    scope[MAX_BODY_SCOPE_KEY] = max_body_bytes
+    scope[BASE_SCOPE_KEY] = scope["path"].rsplit("/", own_segments)[0]
+    return scope
 
 
 def _lean_app(endpoint: RawEndpoint, max_body_bytes: int, own_segments: int) -> ASGIApp:
@@ -103,8 +109,7 @@ def _lean_app(endpoint: RawEndpoint, max_body_bytes: int, own_segments: int) -> 
     FastAPI's own path, which gives the same answers."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        scope[MAX_BODY_SCOPE_KEY] = max_body_bytes
-        scope[BASE_SCOPE_KEY] = scope["path"].rsplit("/", own_segments)[0]
+        _stamped(scope, max_body_bytes, own_segments)
         try:
             response = await endpoint(StrictRequest(scope, receive, send))
         except ConveyorError as exc:
