@@ -66,6 +66,57 @@ async def test_a_bad_item_commits_nothing(yard: Conveyor) -> None:
     assert (await yard.store.count_by_status())["queued"] == 0
 
 
+ODD_VALUES: list[object] = [
+    "ünïcødé 🚀 日本",
+    'quote " backslash \\ newline \n tab \t nul \u0000 bell \u0007',
+    2**70,
+    -(2**63),
+    1.5e300,
+    0.1,
+    [1, [2, {"k": None}], True],
+    {"": "", "a b": {"c": []}},
+    None,
+]
+
+
+async def test_a_batch_bigger_than_a_chunk_keeps_every_item_as_given(
+    make_yard: Callable[..., Conveyor],
+) -> None:
+    """A batch is written a chunk of 4,096 items at a time: the items of every chunk are stored
+    as they were given, in order, each with its own id."""
+    n = 2 * 4096 + 7
+    values = [ODD_VALUES[i % len(ODD_VALUES)] if i % 500 == 0 else i for i in range(n)]
+    async with make_yard(run_workers=False) as yard:
+        batch = await yard.batch("t.echo", [{"value": v} for v in values])
+        assert batch.total == n and batch.counts["queued"] == n
+        got = await yard.batches.get(batch.id)
+        assert got.total == n and got.counts["queued"] == n
+        items, after = [], None
+        while page := await yard.batches.items(batch.id, after_seq=after, limit=1000):
+            items += page
+            after = page[-1].seq
+        assert [item.args["value"] for item in items] == values
+        assert len({item.id for item in items}) == n
+        assert [item.seq for item in items] == list(range(items[0].seq, items[0].seq + n))
+        assert {(item.status, item.batch_id) for item in items} == {(TaskStatus.QUEUED, batch.id)}
+        assert (await yard.store.count_by_status())["queued"] == n
+
+
+async def test_a_bad_item_past_the_first_chunks_commits_nothing(
+    make_yard: Callable[..., Conveyor],
+) -> None:
+    items: list[dict[str, object]] = [{"a": i, "b": 2} for i in range(9000)]
+    items[8500] = {"a": 1}
+    async with make_yard(run_workers=False) as yard:
+        with pytest.raises(InvalidArguments) as caught:
+            await yard.batch("t.sync_add", items)
+        assert ["items", 8500, "args", "b"] in [d["loc"] for d in caught.value.details]
+        assert await yard.batches.list_batches() == []
+        assert (await yard.store.count_by_status())["queued"] == 0
+        fine = await yard.batch("t.sync_add", items[:8500])
+        assert (await yard.batches.get(fine.id)).counts["queued"] == 8500
+
+
 async def test_a_batch_that_does_not_fit_commits_nothing(
     make_yard: Callable[..., Conveyor],
 ) -> None:

@@ -205,8 +205,17 @@ def test_duplicates_are_sent_once(
     ("change", "loc"),
     [
         (
-            {"recipients": [{"email": "ok@example.com"}, {"email": "not an address"}]},
+            {"recipients": [{"email": "ok@example.com", "vars": {"code": 1}}, {"email": "x y"}]},
             ["body", "recipients", 1, "email"],
+        ),
+        (  # refused after the first chunks of the batch were written: none of it is committed
+            {
+                "recipients": [
+                    *({"email": f"r{i}@example.com", "vars": {"code": i}} for i in range(9000)),
+                    {"email": "r9000@example.com", "name": "A\r\nBcc: v@example.com"},
+                ]
+            },
+            ["body", "recipients", 9000, "name"],
         ),
         ({"subject": "Hi\r\nBcc: victim@example.com"}, ["body", "subject"]),
         (

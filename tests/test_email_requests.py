@@ -64,7 +64,12 @@ def test_recipients_from_a_csv_upload(
     [
         (TEMPLATE, "name,code\r\nAnn,A1\r\n", 422, ["body", "recipients"]),
         (TEMPLATE, "email,code\r\nann@example.com,A1\r\nbob@example.com\r\n", 422, None),
-        (TEMPLATE, "email,code\r\nann@example.com,A1\r\nnot-an-address,B\r\n", 422, None),
+        (
+            TEMPLATE,
+            "email,code,city\r\nann@example.com,A1,Oslo\r\nnot-an-address,B,X\r\n",
+            422,
+            None,
+        ),
         (TEMPLATE, b"email\r\n\xff\xfe@example.com\r\n", 422, ["body", "recipients"]),
         (TEMPLATE, "email,Email\r\na@example.com,b@example.com\r\n", 422, ["body", "recipients"]),
         (TEMPLATE, "", 422, ["body", "recipients"]),

@@ -190,9 +190,8 @@ async def test_batch_and_rate_statements_stay_in_their_own_rows(
     batch's seq range), counting its errors, cancelling, retrying and hastening its items, and
     a rate-limited claim walk the batch's (or the type's) own index entries, never the
     backlog."""
-    from conveyor.batch_record import BatchRecord
+    from conveyor.batch_record import BatchRecord, NewTasks
     from conveyor.rates import Rate
-    from conveyor.record import TaskRecord
 
     path = tmp_path / "tasks.db"
     store = SQLiteStore(path)
@@ -203,20 +202,20 @@ async def test_batch_and_rate_statements_stay_in_their_own_rows(
     await store.open()
     try:
         now = time.time()
-        items = [
-            TaskRecord(
-                id=f"b{i:07d}-0000-0000-0000-000000000000",
-                name="t.echo",
-                status=TaskStatus.QUEUED,
-                args={},
-                created_at=now,
-                run_at=now,
-                batch_id="batch-1",
-            )
-            for i in range(500)
-        ]
-        batch = BatchRecord(id="batch-1", name="t.echo", total=500, created_at=now)
-        await store.batches().create(batch, items, args_json=["{}"] * 500, max_queued=None)
+        ids = [f"b{i:07d}-0000-0000-0000-000000000000" for i in range(500)]
+        tasks = NewTasks(
+            name="t.echo",
+            owner="",
+            priority=0,
+            max_attempts=1,
+            timeout_s=None,
+            created_at=now,
+            run_at=now,
+            batch_id="batch-1",
+            chunks=[(ids, ["{}"] * 500)],
+        )
+        batch = BatchRecord(id="batch-1", name="t.echo", total=0, created_at=now)
+        await store.batches().create(batch, tasks, max_queued=None)
         recorded.clear()
         batches = store.batches()
         await batches.get("batch-1", owner="")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +10,25 @@ from .record import iso
 from .status import TaskStatus
 
 ACTIVE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
+# A batch's new tasks are made and written this many at a time.
+CHUNK = 4096
+
+
+@dataclass(slots=True)
+class NewTasks:
+    """A new batch's tasks, all queued: what they share, and ``chunks`` of their ids with their
+    arguments as JSON (at most :data:`CHUNK` each). The chunks may be made while the first ones
+    are written; making one may raise (a bad item), and then nothing is committed."""
+
+    name: str
+    owner: str
+    priority: int
+    max_attempts: int
+    timeout_s: float | None
+    created_at: float
+    run_at: float
+    batch_id: str
+    chunks: Iterable[tuple[list[str], list[str]]]
 
 
 @dataclass(slots=True)

@@ -1,6 +1,7 @@
 """Batches: many tasks of one type submitted as one, with counts by status.
 
-A batch is committed in one transaction with all its tasks (``BatchStore.create``); each item is
+A batch is committed in one transaction with all its tasks (``BatchStore.create``), its items
+checked and made a chunk at a time while the store writes the ones before; each item is
 an ordinary task carrying the batch's id, run, retried and cancelled like any other. The batch's
 counts are read from the store (kept per batch, not counted item by item, on SQLite), so a
 client can follow a batch of 100,000 as cheaply as one of ten.
@@ -9,9 +10,8 @@ client can follow a batch of 100,000 as cheaply as one of ten.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from .batch_record import BatchRecord
@@ -23,7 +23,7 @@ from .settings import Settings
 from .status import TaskStatus
 from .store.base import BatchStore, Store
 from .tally import Tally
-from .task import UNSET, TaskType, new_records
+from .task import UNSET, TaskType, new_tasks
 
 # Counts are streamed at most this often: a batch's events are coalesced, not one per item.
 EVENTS_INTERVAL_S = 0.25
@@ -65,62 +65,63 @@ class Batches:
     async def submit(
         self,
         name: str,
-        items: Sequence[Mapping[str, Any]],
+        items: Iterable[Mapping[str, Any]],
         *,
         owner: str = "",
         priority: int | None = None,
         delay_s: float | None = None,
         timeout_s: float | None = UNSET,
         public_only: bool = False,
-        task_ids: Sequence[str] | None = None,
         meta: Mapping[str, Any] | None = None,
         batch_id: str | None = None,
         checked: bool = False,
     ) -> BatchRecord:
         """Validate every item, then commit the batch and its tasks in one transaction: all of
-        them or none (``InvalidArguments`` locating the item, ``QueueFull``). ``checked``: the
-        items are complete arguments a service built from checked input (not validated again)."""
+        them or none (``InvalidArguments`` locating the item, ``QueueFull``). The items are
+        checked and written a chunk at a time, so ``items`` may be a generator (which may raise
+        to refuse the batch). ``checked``: the items are complete arguments a service built
+        from checked input (not validated again)."""
         host = self._host
         task_type = host.task_type(name, public_only=public_only)
         batch_id = batch_id or uuid7()
-        built = new_records(
+        tasks = new_tasks(
             task_type,
             items,
             owner=owner,
             priority=priority,
             delay_s=delay_s,
             timeout_s=timeout_s,
-            task_ids=task_ids,
             batch_id=batch_id,
             checked=checked,
         )
-        records = [record for record, _ in built]
+        ids: list[str] = []
+        made = tasks.chunks
+
+        def noted() -> Iterator[tuple[list[str], list[str]]]:
+            for chunk in made:
+                ids.extend(chunk[0])
+                yield chunk
+
+        tasks.chunks = noted()
         batch = BatchRecord(
             id=batch_id,
             name=task_type.name,
-            total=len(records),
+            total=0,
             owner=owner,
-            created_at=time.time(),
+            created_at=tasks.created_at,
             meta=dict(meta or {}),
         )
-        stored = await self._store.create(
-            batch,
-            records,
-            args_json=[args_json for _, args_json in built],
-            max_queued=host.settings.max_queued,
-        )
-        host.tally.count("conveyor_tasks_submitted", {"task": task_type.name}, len(records))
-        engine = host.engine
-        if engine is not None:
-            for record in records:
-                engine.submitted(record)
+        stored = await self._store.create(batch, tasks, max_queued=host.settings.max_queued)
+        host.tally.count("conveyor_tasks_submitted", {"task": task_type.name}, len(ids))
+        if host.engine is not None:
+            host.engine.submitted_batch(tasks, ids)
         return stored
 
     async def submit_once(
         self,
         key: str,
         name: str,
-        items: Sequence[Mapping[str, Any]],
+        items: Iterable[Mapping[str, Any]],
         *,
         owner: str = "",
         **options: Any,

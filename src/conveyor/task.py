@@ -5,8 +5,9 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import (
     Annotated,
     Any,
@@ -24,11 +25,11 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from . import serialization
-from .batch_record import BatchRecord
+from .batch_record import CHUNK, BatchRecord, NewTasks
 from .context import TaskContext
 from .errors import InvalidArguments, TaskTypeError
 from .handle import TaskAccess, TaskHandle
-from .ids import uuid7
+from .ids import uuid7, uuid7_many
 from .rates import Rate
 from .record import TaskRecord
 from .serialization import NumberOnly
@@ -276,28 +277,14 @@ def new_records(
     delay_s: float | None,
     timeout_s: float | None,
     task_ids: Sequence[str] | None = None,
-    batch_id: str | None = None,
-    checked: bool = False,
 ) -> list[tuple[TaskRecord, str]]:
     """New tasks' records and their arguments as JSON, one per item of arguments (an
-    invalid item raises ``InvalidArguments`` locating it under ``items``). ``checked``: the
-    items are complete arguments Conveyor built itself from checked input (a service's own
-    batch), taken as they are and written with orjson (measured: validating 100,000 of them
-    again cost a second)."""
+    invalid item raises ``InvalidArguments`` locating it under ``items``)."""
     if task_ids is not None and len(task_ids) != len(items):
         raise InvalidArguments("task_ids must name one id per item")
     built = []
     for index, item in enumerate(items):
-        args_json = None
-        if checked:  # the service's own dicts, taken as they are (not copied)
-            args = item if isinstance(item, dict) else dict(item)
-            args_json = _fast_json(args)
-        else:
-            try:
-                args = task_type.validate(item)
-            except InvalidArguments as exc:
-                exc.details = [{**d, "loc": ["items", index, *d["loc"]]} for d in exc.details]
-                raise
+        args, args_json = _item(task_type, item, index, checked=False)
         built.append(
             new_record(
                 task_type,
@@ -308,7 +295,6 @@ def new_records(
                 timeout_s=timeout_s,
                 idempotency_key=None,
                 task_id=None if task_ids is None else task_ids[index],
-                batch_id=batch_id,
                 args_json=args_json,
             )
         )
@@ -330,6 +316,73 @@ def new_record(
 ) -> tuple[TaskRecord, str]:
     """A new task's record and its arguments as JSON (``args_json`` if given), its options
     checked."""
+    priority, timeout_s, now, run_at = _options(task_type, priority, delay_s, timeout_s)
+    record = TaskRecord(
+        id=task_id or uuid7(),
+        name=task_type.name,
+        status=TaskStatus.QUEUED,
+        args=args,
+        owner=owner,
+        priority=priority,
+        max_attempts=task_type.options.max_attempts,
+        timeout_s=timeout_s,
+        created_at=now,
+        run_at=run_at,
+        idempotency_key=idempotency_key,
+        batch_id=batch_id,
+    )
+    return record, _args_json(task_type, args) if args_json is None else args_json
+
+
+def new_tasks(
+    task_type: TaskType[Any, Any],
+    items: Iterable[Mapping[str, Any]],
+    *,
+    owner: str,
+    priority: int | None,
+    delay_s: float | None,
+    timeout_s: float | None,
+    batch_id: str,
+    checked: bool = False,
+) -> NewTasks:
+    """A new batch's tasks, one per item of arguments, their options checked now and their items
+    as the chunks are made (an invalid item raises ``InvalidArguments`` locating it under
+    ``items``). ``checked``: the items are complete arguments Conveyor built itself from checked
+    input (a service's own batch), taken as they are and written with orjson (measured:
+    validating 100,000 of them again cost a second)."""
+    priority, timeout_s, now, run_at = _options(task_type, priority, delay_s, timeout_s)
+
+    def chunks() -> Iterator[tuple[list[str], list[str]]]:
+        given = iter(items)
+        done = 0
+        while part := list(islice(given, CHUNK)):
+            args_json = [
+                _item(task_type, item, index, checked=checked)[1]
+                for index, item in enumerate(part, done)
+            ]
+            done += len(part)
+            yield uuid7_many(len(part)), args_json
+
+    return NewTasks(
+        name=task_type.name,
+        owner=owner,
+        priority=priority,
+        max_attempts=task_type.options.max_attempts,
+        timeout_s=timeout_s,
+        created_at=now,
+        run_at=run_at,
+        batch_id=batch_id,
+        chunks=chunks(),
+    )
+
+
+def _options(
+    task_type: TaskType[Any, Any],
+    priority: int | None,
+    delay_s: float | None,
+    timeout_s: float | None,
+) -> tuple[int, float | None, float, float]:
+    """A new task's priority, timeout, creation time and due time, checked."""
     if delay_s is not None and not (0 <= delay_s <= MAX_DELAY_S and math.isfinite(delay_s)):
         raise InvalidArguments(f"delay_s must be between 0 and {MAX_DELAY_S:.0f}")
     if timeout_s is UNSET:
@@ -337,27 +390,31 @@ def new_record(
     elif timeout_s is not None and not (0 < timeout_s < math.inf):
         raise InvalidArguments("timeout_s must be a positive number")
     now = time.time()
-    record = TaskRecord(
-        id=task_id or uuid7(),
-        name=task_type.name,
-        status=TaskStatus.QUEUED,
-        args=args,
-        owner=owner,
-        priority=task_type.options.priority if priority is None else priority,
-        max_attempts=task_type.options.max_attempts,
-        timeout_s=timeout_s,
-        created_at=now,
-        run_at=now + (delay_s or 0.0),
-        idempotency_key=idempotency_key,
-        batch_id=batch_id,
-    )
-    if args_json is not None:
-        return record, args_json
+    priority = task_type.options.priority if priority is None else priority
+    return priority, timeout_s, now, now + (delay_s or 0.0)
+
+
+def _item(
+    task_type: TaskType[Any, Any], item: Mapping[str, Any], index: int, *, checked: bool
+) -> tuple[dict[str, Any], str]:
+    """One item's arguments and their JSON; ``checked``: taken as they are (not copied)."""
+    if checked:
+        args = item if isinstance(item, dict) else dict(item)
+        text = _fast_json(args)
+    else:
+        try:
+            args, text = task_type.validate(item), None
+        except InvalidArguments as exc:
+            exc.details = [{**d, "loc": ["items", index, *d["loc"]]} for d in exc.details]
+            raise
+    return args, _args_json(task_type, args) if text is None else text
+
+
+def _args_json(task_type: TaskType[Any, Any], args: dict[str, Any]) -> str:
     try:
-        args_json = serialization.dumps(args)
+        return serialization.dumps(args)
     except serialization.JSONError as exc:
         raise InvalidArguments(f"arguments of task {task_type.name!r} are {exc}") from exc
-    return record, args_json
 
 
 def _fast_json(args: dict[str, Any]) -> str | None:

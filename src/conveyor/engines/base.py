@@ -6,9 +6,10 @@ their outcomes there, so several engines in several processes may share one stor
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from ..batch_record import NewTasks
 from ..blobs import BlobStore
 from ..record import TaskRecord
 from ..settings import Settings
@@ -61,6 +62,10 @@ class Engine(Protocol):
 
     def submitted(self, record: TaskRecord, *, retried: bool = False) -> None:
         """A task was committed in this process (or re-queued by an explicit retry)."""
+        ...
+
+    def submitted_batch(self, tasks: NewTasks, ids: Sequence[str]) -> None:
+        """A batch's tasks (``ids``) were committed in this process."""
         ...
 
     def cancel_local(self, task_id: str) -> bool: ...

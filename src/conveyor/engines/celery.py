@@ -35,10 +35,12 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
 
+from ..batch_record import NewTasks
 from ..errors import ConfigurationError, ConveyorError
 from ..record import TaskRecord
 from ..store.base import PublicationLedger
@@ -217,6 +219,12 @@ class CeleryEngine:
         if retried or record.run_at <= record.created_at:
             if self._publisher is not None:
                 self._publisher.send(record.id, record.name, record.priority)
+
+    def submitted_batch(self, tasks: NewTasks, ids: Sequence[str]) -> None:
+        """A batch's tasks were committed: their messages, now if they are due."""
+        if tasks.run_at <= tasks.created_at and self._publisher is not None:
+            for task_id in ids:
+                self._publisher.send(task_id, tasks.name, tasks.priority)
 
     def cancel_local(self, task_id: str) -> bool:
         return self.runner.cancel_local(task_id) if self.runner is not None else False

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
+from ..batch_record import NewTasks
 from ..errors import ConveyorError
 from ..record import TaskRecord
 from .base import EngineHost
@@ -67,6 +69,10 @@ class LocalEngine:
 
     def submitted(self, record: TaskRecord, *, retried: bool = False) -> None:
         self._wake.set()
+
+    def submitted_batch(self, tasks: NewTasks, ids: Sequence[str]) -> None:
+        if ids:
+            self._wake.set()
 
     def cancel_local(self, task_id: str) -> bool:
         return self.runner.cancel_local(task_id)

@@ -22,7 +22,8 @@ outcome is written leaves the task to lease recovery, which sends it again with 
 
 import csv
 import io
-from collections.abc import AsyncIterator
+import itertools
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, NotRequired
 from weakref import WeakKeyDictionary
@@ -166,15 +167,20 @@ class Emails:
         try:
             meta = self._message_meta(body)
             templates = Templates(body.subject, body.text, body.html)
-            items = self._items(body, meta["from"])
-            templates.render(context(items[0]))
+            items = self._items(body.recipients, meta["from"])
+            first = next(items, None)
+            if first is None:
+                raise EmailInputError("recipients", "at least one recipient is required")
+            templates.render(context(first))
         except EmailInputError as exc:
             raise _refused(exc.where, exc.reason) from exc
         delay = None
         if body.send_at is not None:
             delay = max(0.0, body.send_at.timestamp() - datetime.now(UTC).timestamp())
             meta["send_at"] = iso(body.send_at.timestamp())
-        del body  # the request's models (most of a big email's memory) go before its tasks come
+        del body
+        # the other recipients are checked while the batch writes the ones before them
+        items = itertools.chain([first], items)
         batches = self.yard.batches
         options: dict[str, Any] = {"delay_s": delay, "meta": meta, "checked": True}
         if idempotency_key is None:
@@ -213,27 +219,28 @@ class Emails:
         )
         return meta
 
-    def _items(self, body: EmailIn, sender: str) -> list[dict[str, Any]]:
+    def _items(self, recipients: list[RecipientIn], sender: str) -> Iterator[dict[str, Any]]:
+        """``email.send``'s arguments per distinct recipient, each checked as it is made (a bad
+        one raises ``InvalidArguments`` naming its place)."""
         domain = sender.rpartition("@")[2]
         seen: set[str] = set()
-        items = []
-        for index, recipient in enumerate(body.recipients):
-            address = valid_address(recipient["email"], f"recipients.{index}.email")
-            name = recipient.get("name")
-            if name is not None:
-                check_header(name, f"recipients.{index}.name")
-            if address.lower() in seen:
-                continue  # one message per address, whatever the request repeats
-            seen.add(address.lower())
-            items.append(
-                {
+        try:
+            for index, recipient in enumerate(recipients):
+                address = valid_address(recipient["email"], f"recipients.{index}.email")
+                name = recipient.get("name")
+                if name is not None:
+                    check_header(name, f"recipients.{index}.name")
+                if address.lower() in seen:
+                    continue  # one message per address, whatever the request repeats
+                seen.add(address.lower())
+                yield {
                     "to": address,
                     "name": name,
                     "vars": recipient.get("vars") or {},
                     "message_id": new_message_id(domain),
                 }
-            )
-        return items
+        except EmailInputError as exc:
+            raise _refused(exc.where, exc.reason) from exc
 
     # sending -----------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
-from ..batch_record import BatchRecord
+from ..batch_record import BatchRecord, NewTasks
 from ..rates import Rate
 from ..record import TaskRecord, WorkerRecord
 from ..schedule_record import FireRecord, ScheduleRecord
@@ -266,15 +266,11 @@ class BatchStore(Protocol):
     batch's id. Reading a batch's counts does not walk the table's other tasks."""
 
     async def create(
-        self,
-        batch: BatchRecord,
-        records: Sequence[TaskRecord],
-        *,
-        args_json: Sequence[str],
-        max_queued: int | None,
+        self, batch: BatchRecord, tasks: NewTasks, *, max_queued: int | None
     ) -> BatchRecord:
         """Commit the batch and all its tasks in one transaction, or nothing (``QueueFull``;
-        ``BatchExists`` when a batch of that id is committed already)."""
+        ``BatchExists`` when a batch of that id is committed already; whatever making a chunk
+        of ``tasks`` raised). The batch's ``total`` is the number of tasks written."""
         ...
 
     async def get(self, batch_id: str, *, owner: str | None) -> BatchRecord: ...

@@ -9,11 +9,11 @@ order and a page stops after its rows.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 
 import asyncpg
 
-from ..batch_record import BatchRecord
+from ..batch_record import BatchRecord, NewTasks
 from ..errors import BatchExists, BatchNotFound, QueueFull
 from ..record import TaskRecord
 from ..status import TaskStatus
@@ -42,6 +42,16 @@ CREATE INDEX IF NOT EXISTS conveyor_rate_starts_name_at ON conveyor_rate_starts 
 """
 
 
+# A chunk of a new batch's items: their ids and arguments as two arrays, the rest shared.
+_NEW_ITEMS = (
+    "INSERT INTO conveyor_tasks (id, name, owner, status, priority, args, max_attempts, "
+    "timeout_s, created_at, run_at, published_at, batch_id) "
+    "SELECT i, $3, $4, 'queued', $5, a, $6, $7, k.now, k.now + $8, "
+    "CASE WHEN $8 <= 0 THEN k.now END, $9 FROM unnest($1::text[], $2::text[]) AS u(i, a) "
+    f"CROSS JOIN (SELECT {NOW} AS now) k"
+)
+
+
 class PostgresBatches:
     """The :class:`~conveyor.store.base.BatchStore` of a PostgreSQL store."""
 
@@ -49,16 +59,13 @@ class PostgresBatches:
         self._store = store
 
     async def create(
-        self,
-        batch: BatchRecord,
-        records: Sequence[TaskRecord],
-        *,
-        args_json: Sequence[str],
-        max_queued: int | None,
+        self, batch: BatchRecord, tasks: NewTasks, *, max_queued: int | None
     ) -> BatchRecord:
+        chunks = list(tasks.chunks)  # every item checked before the transaction begins
+        total = sum(len(ids) for ids, _ in chunks)
         store = self._store
         async with store.connection() as conn, conn.transaction():
-            if max_queued is not None and await store._queued(conn) + len(records) > max_queued:
+            if max_queued is not None and await store._queued(conn) + total > max_queued:
                 raise QueueFull(f"{max_queued} tasks are already queued", retry_after_s=1)
             created_at = await conn.fetchval(
                 f"INSERT INTO conveyor_batches (id, owner, name, total, created_at, meta) "
@@ -67,17 +74,31 @@ class PostgresBatches:
                 batch.id,
                 batch.owner,
                 batch.name,
-                batch.total,
+                total,
                 json.dumps(batch.meta),
             )
             if created_at is None:
                 raise BatchExists(f"batch {batch.id} exists already")
             batch.created_at = created_at
-            await store.insert_rows(conn, records, args_json)
-        store.counted(len(records))
+            delay = max(tasks.run_at - tasks.created_at, 0.0)  # on the database's clock
+            for ids, args_json in chunks:
+                await conn.execute(
+                    _NEW_ITEMS,
+                    ids,
+                    args_json,
+                    tasks.name,
+                    tasks.owner,
+                    tasks.priority,
+                    tasks.max_attempts,
+                    tasks.timeout_s,
+                    delay,
+                    tasks.batch_id,
+                )
+        store.counted(total)
+        batch.total = total
         batch.counts = {status.value: 0 for status in TaskStatus}
-        batch.counts[TaskStatus.QUEUED.value] = len(records)
-        if not records:
+        batch.counts[TaskStatus.QUEUED.value] = total
+        if not total:
             batch.finished_at = batch.created_at
         return batch
 

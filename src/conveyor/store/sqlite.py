@@ -186,6 +186,7 @@ class SQLiteStore:
             hook=self._counts,
         )
         self._write = self._db.write
+        self._write_alone = self._db.write_alone
         self._read = self._db.read
         self._schedules = SQLiteSchedules(self)
         self._batches = SQLiteBatches(self)

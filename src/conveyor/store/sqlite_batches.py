@@ -13,13 +13,16 @@ drain of a 100,000-item batch at 0.85x single tasks with one, 0.95x without).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import queue
 import sqlite3
+import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol, TypeVar
 
-from ..batch_record import BatchRecord
+from ..batch_record import BatchRecord, NewTasks
 from ..errors import BatchExists, BatchNotFound
 from ..record import TaskRecord
 from ..status import TaskStatus
@@ -48,6 +51,17 @@ CREATE INDEX IF NOT EXISTS tasks_batch ON tasks(batch_id, seq) WHERE batch_id IS
 CREATE INDEX IF NOT EXISTS tasks_batch_errors ON tasks(batch_id, status)
     WHERE batch_id IS NOT NULL AND error IS NOT NULL;
 """
+_NEW_BATCH = (
+    "INSERT INTO batches (id, owner, name, total, created_at, meta) "
+    "VALUES (?, ?, ?, 0, ?, ?) ON CONFLICT (id) DO NOTHING"
+)
+# A chunk of a new batch's items, given as one JSON array of [id, arguments] pairs: SQLite
+# takes them apart itself, so the statement runs once per chunk, not once per row.
+_NEW_ITEMS = (
+    "INSERT INTO tasks (id, name, owner, status, priority, args, attempts, max_attempts, "
+    "timeout_s, created_at, run_at, batch_id) SELECT value ->> 0, ?2, ?3, 'queued', ?4, "
+    "value -> 1, 0, ?5, ?6, ?7, ?8, ?9 FROM json_each(?1)"
+)
 # Written by the tally before each commit, for each batch whose counts moved.
 BATCH_ADD = "UPDATE batch_counts SET n = n + ? WHERE batch_id = ? AND status = ?"
 BATCH_NEW = "INSERT INTO batch_counts (batch_id, status, n) VALUES (?, ?, ?)"
@@ -82,9 +96,26 @@ _ERRORS = (
 )
 
 
+def _batch_row(batch: BatchRecord) -> tuple[Any, ...]:
+    return (batch.id, batch.owner, batch.name, batch.created_at, dump(batch.meta))
+
+
+def _items_json(ids: list[str], args_json: list[str]) -> str:
+    """``[[id, arguments], …]``: the ids are Conveyor's own (no character to escape)."""
+    return "[" + ",".join([f'["{i}",{a}]' for i, a in zip(ids, args_json, strict=True)]) + "]"
+
+
+class _Tally(Protocol):
+    """What a batch's insert tells the store's tally (``WriteTally``)."""
+
+    def added(
+        self, owner: str, name: str, status: str, batch_id: str | None, ids: list[str]
+    ) -> None: ...
+
+
 class _File(Protocol):
-    """What batches need of the SQLite store: its writes and reads, its counted task insert,
-    and the tally that counts a task's moves."""
+    """What batches need of the SQLite store: its writes and reads, and the tally that counts
+    the tasks' moves."""
 
     def _write(self, op: Callable[[sqlite3.Connection], T]) -> Awaitable[T]: ...
 
@@ -92,7 +123,10 @@ class _File(Protocol):
 
     def _check_room(self, conn: sqlite3.Connection, n: int, max_queued: int | None) -> None: ...
 
-    def _insert_row(self, conn: sqlite3.Connection, record: TaskRecord, args_json: str) -> None: ...
+    def _write_alone(self, op: Callable[[sqlite3.Connection], T]) -> Awaitable[T]: ...
+
+    @property
+    def _counts(self) -> _Tally: ...
 
     def _moved(self, record: TaskRecord, old: str) -> None: ...
 
@@ -104,43 +138,74 @@ class SQLiteBatches:
         self._store = store
 
     async def create(
-        self,
-        batch: BatchRecord,
-        records: Sequence[TaskRecord],
-        *,
-        args_json: Sequence[str],
-        max_queued: int | None,
+        self, batch: BatchRecord, tasks: NewTasks, *, max_queued: int | None
     ) -> BatchRecord:
+        """The rows go in one transaction of their own on the writer thread, a chunk per
+        statement (``INSERT ... SELECT`` over the chunk as one JSON array, during which SQLite
+        holds no interpreter lock), while the next chunks are made on another thread."""
         store = self._store
+        feed: queue.SimpleQueue[tuple[list[str], str] | BaseException | None]
+        feed = queue.SimpleQueue()
+        given_up = threading.Event()
 
         def op(conn: sqlite3.Connection) -> BatchRecord:
-            store._check_room(conn, len(records), max_queued)
-            inserted = conn.execute(
-                "INSERT INTO batches (id, owner, name, total, created_at, meta) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                (
-                    batch.id,
-                    batch.owner,
-                    batch.name,
-                    batch.total,
-                    batch.created_at,
-                    dump(batch.meta),
-                ),
-            )
-            if inserted.rowcount == 0:
+            try:
+                return write(conn)
+            except BaseException:
+                given_up.set()  # the chunks still to come are not made
+                raise
+
+        def write(conn: sqlite3.Connection) -> BatchRecord:
+            if conn.execute(_NEW_BATCH, _batch_row(batch)).rowcount == 0:
                 raise BatchExists(f"batch {batch.id} exists already")
-            for record, args in zip(records, args_json, strict=True):
-                store._insert_row(conn, record, args)
-            if not records:
-                conn.execute(
-                    "UPDATE batches SET finished_at = created_at WHERE id = ?", (batch.id,)
+            total = 0
+            while (rows := feed.get()) is not None:
+                if isinstance(rows, BaseException):
+                    raise rows
+                ids, items = rows
+                store._counts.added(tasks.owner, tasks.name, "queued", tasks.batch_id, ids)
+                cursor = conn.execute(
+                    _NEW_ITEMS,
+                    (
+                        items,
+                        tasks.name,
+                        tasks.owner,
+                        tasks.priority,
+                        tasks.max_attempts,
+                        tasks.timeout_s,
+                        tasks.created_at,
+                        tasks.run_at,
+                        tasks.batch_id,
+                    ),
                 )
-                batch.finished_at = batch.created_at
-            batch.counts = {status.value: 0 for status in TaskStatus}
-            batch.counts[TaskStatus.QUEUED.value] = len(records)
+                total += cursor.rowcount
+            store._check_room(conn, 0, max_queued)  # the tally counts the new rows already
+            conn.execute(
+                "UPDATE batches SET total = ?2, finished_at = CASE WHEN ?2 = 0 THEN created_at "
+                "END WHERE id = ?1",
+                (batch.id, total),
+            )
+            batch.total = total
+            batch.finished_at = None if total else batch.created_at
             return batch
 
-        return await store._write(op)
+        def make() -> None:
+            try:
+                for ids, args_json in tasks.chunks:
+                    if given_up.is_set():
+                        return
+                    feed.put((ids, _items_json(ids, args_json)))
+            except BaseException as exc:
+                feed.put(exc)
+                return
+            feed.put(None)
+
+        written = store._write_alone(op)
+        await asyncio.to_thread(make)
+        stored = await written
+        stored.counts = {status.value: 0 for status in TaskStatus}
+        stored.counts[TaskStatus.QUEUED.value] = stored.total
+        return stored
 
     async def get(self, batch_id: str, *, owner: str | None) -> BatchRecord:
         return await self._store._read(lambda conn: _batch(conn, batch_id, owner))

@@ -65,6 +65,12 @@ class TransactionHook(Protocol):
 _Request = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 
 
+class _Alone(tuple):  # type: ignore[type-arg]
+    """A request that runs in a transaction of its own (see :meth:`GroupCommit.write_alone`)."""
+
+    __slots__ = ()
+
+
 class GroupCommit:
     """The connections to one SQLite file: the loop's, a writer thread's, and a read pool.
 
@@ -159,6 +165,16 @@ class GroupCommit:
             self._requests.put((op, future))
         return future
 
+    def write_alone(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run ``op`` on the writer thread in a transaction of its own: for a long write (a big
+        batch's rows) that must not hold the event loop, nor be undone and run again because
+        another request of its group failed."""
+        if self._writer is None or self._loop is None:
+            raise StoreUnavailable("the store is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._requests.put(_Alone((op, future)))
+        return future
+
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
         assert self.loop_conn is not None
@@ -186,28 +202,38 @@ class GroupCommit:
                     continue
                 if first is None:
                     return
-                batch = [first]
-                stop = False
-                while len(batch) < _MAX_BATCH:
+                batches, stop = self._group(first)
+                for batch in batches:
+                    outcomes = self._run_batch(conn, batch)
+                    assert self._loop is not None
                     try:
-                        item = self._requests.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    batch.append(item)
-                outcomes = self._run_batch(conn, batch)
-                assert self._loop is not None
-                try:
-                    self._loop.call_soon_threadsafe(_deliver, outcomes)
-                except RuntimeError:  # the loop is closed: nobody is waiting any more
-                    return
+                        self._loop.call_soon_threadsafe(_deliver, outcomes)
+                    except RuntimeError:  # the loop is closed: nobody is waiting any more
+                        return
                 if stop:
                     return
         finally:
             _checkpoint(conn)
             conn.close()
+
+    def _group(self, first: _Request) -> tuple[list[list[_Request]], bool]:
+        """The requests waiting after ``first``, grouped: each group one transaction (a request
+        to run alone is a group of its own); and whether the writer is asked to stop."""
+        groups = [[first]]
+        stop = False
+        while len(groups[-1]) < _MAX_BATCH:
+            try:
+                item = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                break
+            if isinstance(item, _Alone) or isinstance(groups[-1][0], _Alone):
+                groups.append([item])
+            else:
+                groups[-1].append(item)
+        return groups, stop
 
     def _run_batch(
         self, conn: sqlite3.Connection, batch: list[_Request], *, busy_raises: bool = False

@@ -63,6 +63,19 @@ class WriteTally:
             if new is not None:
                 batches[batch_id, new] = batches.get((batch_id, new), 0) + 1
 
+    def added(
+        self, owner: str, name: str, status: str, batch_id: str | None, ids: list[str]
+    ) -> None:
+        """New tasks ``ids``, all of one owner, type, status and batch."""
+        self._local.touched.extend(ids)
+        deltas: dict[tuple[str, str, str], int] = self._local.deltas
+        deltas[owner, name, status] = deltas.get((owner, name, status), 0) + len(ids)
+        if status == "queued":
+            self._local.queued = True
+        if batch_id is not None:
+            batches: dict[tuple[str, str], int] = self._local.batches
+            batches[batch_id, status] = batches.get((batch_id, status), 0) + len(ids)
+
     def queued(self, conn: sqlite3.Connection) -> int:
         """How many tasks are queued, as this transaction sees them: read from the table once
         per transaction, plus what the transaction moved since."""
