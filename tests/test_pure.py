@@ -132,3 +132,40 @@ def test_every_task_name_makes_a_celery_handler_name(task_name: str, handler: st
     from conveyor.engines.celery_worker import handler_name
 
     assert handler_name(task_name) == handler and handler.isidentifier()
+
+
+UPSERT_VALUES: list[object] = [
+    None,
+    True,
+    False,
+    0,
+    -5,
+    2**63 - 1,
+    2**63,
+    -(2**63),
+    2**64 - 1,  # orjson reads integers up to 64 bits, unsigned; wider ones become floats
+    1.5,
+    0.0,
+    "x",
+    "",
+    [1, 2],
+    {"a": 1},
+]
+
+
+@pytest.mark.parametrize("kind", ["bool", "int", "float", "text", "json"])
+def test_a_rows_values_taken_fast_are_the_ones_each_value_check_gives(kind: str) -> None:
+    """Columns.values takes a record whose fields are of their columns' own types as they are,
+    and checks any other value by value: both give what _fits gives for each value."""
+    from conveyor.jobs.upsert import Columns, _fits
+
+    kinds = [("a", kind), ("b", "int"), ("c", "text")]
+    columns = Columns(kinds)
+    for value in UPSERT_VALUES:
+        for record in ({"a": value, "b": 1, "c": "t"}, {"a": value}, {"b": value, "c": value}):
+            expected = tuple(_fits(k, record.get(name)) for name, k in kinds)
+            assert columns.values(record) == expected, record
+            for got, want in zip(columns.values(record), expected, strict=True):
+                assert type(got) is type(want), (record, got, want)
+    assert Columns([]).values({"a": 1}) == ()
+    assert Columns([("a", "int")]).values({"a": 3}) == (3,)

@@ -18,9 +18,10 @@ not finished (the upsert makes that harmless) and the cursor is never ahead of t
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -109,6 +110,53 @@ def _fits(kind: str, value: Any) -> Any:
     if kind in ("text", "json"):
         return orjson.dumps(value).decode() if found == "json" or kind == "json" else str(value)
     return None
+
+
+_NATIVE_TYPE: dict[str, type] = {"bool": bool, "int": int, "float": float, "text": str}
+_INT_LOW, _INT_HIGH = -(2**63), 2**63
+
+
+class _NoType:
+    """Stands for a column kind no value is taken for as it is (``json``: always written)."""
+
+
+class Columns:
+    """How the values of a record's fields become a row for columns of these ``kinds``, fast
+    for the common record: each field present and of its column's own type, taken as it is
+    (what :func:`_fits` does first), checked with one comparison of the values' types; any
+    other record goes through :func:`_fits` value by value."""
+
+    def __init__(self, kinds: Sequence[tuple[str, str]]) -> None:
+        self.names = [name for name, _ in kinds]
+        self.kinds = [kind for _, kind in kinds]
+        self.expected = tuple(_NATIVE_TYPE.get(kind, _NoType) for kind in self.kinds)
+        self.ints = [i for i, kind in enumerate(self.kinds) if kind == "int"]
+        if len(self.names) == 1:
+            only = self.names[0]
+            self.pick: Callable[[dict[str, Any]], tuple[Any, ...]] = lambda r: (r[only],)
+        elif self.names:
+            self.pick = operator.itemgetter(*self.names)
+        else:
+            self.pick = lambda r: ()
+        """The record's values for the columns as they are (``KeyError``: a field is missing)."""
+
+    def values(self, record: dict[str, Any]) -> tuple[Any, ...]:
+        """The record's values for the columns, each one its column keeps (else None)."""
+        try:
+            values = self.pick(record)
+        except KeyError:  # a field is missing: None for it, as _fits gives
+            values = tuple(map(record.get, self.names))
+        if tuple(map(type, values)) == self.expected and all(
+            _INT_LOW <= values[i] < _INT_HIGH for i in self.ints
+        ):
+            return values  # type: ignore[no-any-return]
+        return tuple(map(_fits, self.kinds, values))
+
+    def known(self, values: tuple[Any, ...]) -> bool:
+        """Whether each value is of its column's own type (the key of a record taken fast)."""
+        return tuple(map(type, values)) == self.expected and all(
+            _INT_LOW <= values[i] < _INT_HIGH for i in self.ints
+        )
 
 
 def content_hash(record: dict[str, Any]) -> str:
@@ -240,7 +288,16 @@ class Target:
                     return known
             outcome = PageOutcome()
             keyed: dict[tuple[Any, ...], dict[str, Any]] = {}
+            key_columns = self._key_columns()
             for index, record in enumerate(records):
+                if key_columns is not None and type(record) is dict:
+                    try:
+                        key = key_columns.pick(record)
+                    except KeyError:
+                        key = None
+                    if key is not None and key_columns.known(key):
+                        keyed[key] = record  # the common record: its key as its columns keep it
+                        continue
                 reason = self._reason(record)
                 if reason is not None:
                     if len(outcome.rejected) < MAX_REJECTS:
@@ -291,6 +348,11 @@ class Target:
             )
         )
 
+    def _key_columns(self) -> Columns | None:
+        """The key's columns once their kinds are known (the table made)."""
+        kinds = [(name, self.kinds.get(name, "")) for name in self.primary_key]
+        return Columns(kinds) if all(kind in _NATIVE_TYPE for _, kind in kinds) else None
+
     def _reason(self, record: Any) -> str | None:
         if not isinstance(record, dict):
             return f"not an object but {type(record).__name__}"
@@ -315,6 +377,17 @@ class Target:
         hashes = {key: content_hash(record) for key, record in keyed.items()}
         existing: dict[tuple[Any, ...], str] = {}
         keys = list(keyed)
+        if len(key_columns) == 1 and conn.dialect.name == "sqlite":
+            # one statement, the keys as one JSON array taken apart by SQLite itself
+            preparer = conn.dialect.identifier_preparer
+            found_hashes = conn.exec_driver_sql(
+                f"SELECT {preparer.quote(key_columns[0].name)}, _hash FROM "
+                f"{preparer.quote(self.name)} WHERE {preparer.quote(key_columns[0].name)} IN "
+                "(SELECT value FROM json_each(?))",
+                (orjson.dumps([k[0] for k in keys]).decode(),),
+            )
+            existing = {(found[0],): found[1] for found in found_hashes}
+            keys = []
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             if len(key_columns) == 1:
@@ -324,7 +397,7 @@ class Target:
             for found in conn.execute(sa.select(*key_columns, table.c._hash).where(where)):
                 existing[tuple(found[:-1])] = found[-1]
         now = time.time()
-        kinds = list(self.kinds.items())
+        columns = Columns(list(self.kinds.items()))
         rows: list[tuple[Any, ...]] = []
         for key, record in keyed.items():
             known = existing.get(key)
@@ -335,25 +408,18 @@ class Target:
                 outcome.inserted += 1
             else:
                 outcome.updated += 1
-            get = record.get
-            rows.append(
-                (
-                    *[_fits(kind, get(name)) for name, kind in kinds],
-                    orjson.dumps(record).decode(),
-                    hashes[key],
-                    now,
-                )
-            )
+            rows.append((*columns.values(record), orjson.dumps(record).decode(), hashes[key], now))
         if rows:
-            names = [name for name, _ in kinds]
+            names = columns.names
             sql, order = self._statement(conn, names)
             if order is None:
                 conn.exec_driver_sql(sql, rows)
             elif order == "named":
-                columns = (*names, "_raw", "_hash", "_ingested_at")
-                conn.exec_driver_sql(sql, [dict(zip(columns, r, strict=True)) for r in rows])
+                named = (*names, "_raw", "_hash", "_ingested_at")
+                conn.exec_driver_sql(sql, [dict(zip(named, r, strict=True)) for r in rows])
             else:
-                conn.exec_driver_sql(sql, [tuple(r[i] for i in order) for r in rows])
+                pick = operator.itemgetter(*order)
+                conn.exec_driver_sql(sql, [pick(r) for r in rows])
 
     def _statement(self, conn: sa.Connection, names: list[str]) -> tuple[str, Order]:
         """The upsert for these columns, as the driver's SQL (compiled once per column set), and
