@@ -149,7 +149,7 @@ class Columns:
         if tuple(map(type, values)) == self.expected and all(
             _INT_LOW <= values[i] < _INT_HIGH for i in self.ints
         ):
-            return values  # type: ignore[no-any-return]
+            return values
         return tuple(map(_fits, self.kinds, values))
 
     def known(self, values: tuple[Any, ...]) -> bool:
