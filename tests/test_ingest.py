@@ -156,6 +156,28 @@ def test_second_run_rewrites_nothing_and_changes_are_updates(
         assert len(stored) == 96 and (4, 999.0, None) in stored and (500, None, "red") in stored
 
 
+def test_pages_are_read_again_when_their_records_are_found_elsewhere(
+    client: httpx.Client, api: LiveServer
+) -> None:
+    """A page whose body is the one last written is passed over unparsed; after a change of
+    ``records_path`` the same body holds other records, so every page is read again."""
+    body = source(api, "/pages", records_path="data.items", pagination={"type": "page_number"})
+    source_id = client.post("/ingest/sources", json=body).json()["id"]
+    assert run(client, source_id)["result"]["rows_inserted"] == 95
+    again = run(client, source_id)["result"]
+    assert (again["rows_unchanged"], again["pages_unchanged"]) == (95, again["pages"])
+
+    path = f"/ingest/sources/{source_id}"
+    assert client.patch(path, json={"records_path": "data.gone"}).status_code == 200
+    moved = run(client, source_id)["result"]
+    assert (moved["pages"], moved["rows_unchanged"], moved["pages_unchanged"]) == (1, 0, 0), moved
+
+    assert client.patch(path, json={"records_path": "data.items"}).status_code == 200
+    back = run(client, source_id)["result"]
+    assert (back["rows_unchanged"], back["pages_unchanged"], back["rows_inserted"]) == (95, 0, 0)
+    assert len(all_rows(client, source_id)) == 95
+
+
 async def _pg_rows(url: str, query: str) -> list[tuple[Any, ...]]:
     conn = await asyncpg.connect(url)
     try:

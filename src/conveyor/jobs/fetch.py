@@ -81,6 +81,12 @@ class Page:
     body: Any
     size: int
     digest: str = ""  # of the body's bytes: the same body, the same records
+    known: bool = False  # its bytes are those of a page already written: not parsed again
+
+
+# Paginations whose next page does not depend on the body's fields, only on whether a page
+# had records: a page known by its digest need not be parsed to go on.
+BLIND = frozenset({"none", "page_number", "link_header"})
 
 
 @dataclass(slots=True)
@@ -140,8 +146,11 @@ async def pages(
     limits: Limits = Limits(),
     stats: FetchStats | None = None,
     on_retry: Callable[[str], None] | None = None,
+    known: Mapping[int, tuple[str, int]] | None = None,
 ) -> AsyncIterator[Page]:
-    """Every page of the API at ``url``, in order."""
+    """Every page of the API at ``url``, in order. ``known``: page number → the digest of the
+    body last written for it and how many records it had; with a pagination in :data:`BLIND`,
+    such a page comes again unparsed (``known``, no records)."""
     stats = stats if stats is not None else FetchStats()
     query: dict[str, str] = dict(params or {})
     if pagination.type == "page_number":
@@ -169,24 +178,24 @@ async def pages(
         last_start = time.monotonic()
         response, raw = await _get(client, request, limits, stats, on_retry)
         number += 1
-        body = _json(response, raw, number)
-        records = dig(body, records_path)
-        if records is None:
-            records = []
-        if not isinstance(records, list):
-            where = records_path or "the response"
-            raise FetchError(f"page {number}: {where} is not a list of records")
-        stats.pages += 1
         digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
-        yield Page(
-            number=number,
-            url=_shown(address),
-            records=records,
-            body=body,
-            size=len(raw),
-            digest=digest,
-        )
-        following = _next(request, response, body, records, pagination, set(headers or {}))
+        last = (known or {}).get(number)
+        if pagination.type in BLIND and last is not None and last[0] == digest:
+            stats.pages += 1
+            yield Page(number, _shown(address), [], None, len(raw), digest, known=True)
+            count, body = last[1], None
+        else:
+            body = _json(response, raw, number)
+            records = dig(body, records_path)
+            if records is None:
+                records = []
+            if not isinstance(records, list):
+                where = records_path or "the response"
+                raise FetchError(f"page {number}: {where} is not a list of records")
+            stats.pages += 1
+            yield Page(number, _shown(address), records, body, len(raw), digest)
+            count = len(records)
+        following = _next(request, response, body, count, pagination, set(headers or {}))
         if following is None:
             return
         request = following
@@ -286,12 +295,13 @@ def _next(
     request: httpx.Request,
     response: httpx.Response,
     body: Any,
-    records: list[Any],
+    count: int,
     pagination: Pagination,
     secret: set[str],
 ) -> httpx.Request | None:
+    """The request for the page after this one (``count``: its records), or None."""
     kind = pagination.type
-    if kind == "none" or (kind in ("page_number", "offset") and not records):
+    if kind == "none" or (kind in ("page_number", "offset") and not count):
         return None
     url = request.url
     if kind == "page_number":
@@ -299,11 +309,11 @@ def _next(
         current = int(url.params.get(name, str(pagination.start)))
         return _with(request, url.copy_set_param(name, str(current + 1)), secret)
     if kind == "offset":
-        if pagination.page_size is not None and len(records) < pagination.page_size:
+        if pagination.page_size is not None and count < pagination.page_size:
             return None
         name = pagination.param or "offset"
         current = int(url.params.get(name, "0"))
-        return _with(request, url.copy_set_param(name, str(current + len(records))), secret)
+        return _with(request, url.copy_set_param(name, str(current + count)), secret)
     if kind == "cursor":
         token = dig(body, pagination.cursor_path)
         if token in (None, "", False):

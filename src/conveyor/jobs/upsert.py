@@ -317,6 +317,27 @@ class Target:
                 self._remember_page(conn, source_id, page, digest or "", len(keyed), outcome)
         return outcome
 
+    def known_pages(self, source_id: str) -> dict[int, tuple[str, int, int]]:
+        """Page number → the digest of the body last written for it, its records with a key
+        and those rejected: for a run to pass over the pages written already."""
+        with self.engine.begin() as conn:
+            if self.table is None:
+                self._load(conn)
+            if self.table is None:  # no table (yet, or any more): every page is new
+                return {}
+            pages = self.pages.c
+            found = conn.execute(
+                sa.select(pages.page, pages.digest, pages.keyed, pages.rejected).where(
+                    pages.source_id == source_id
+                )
+            )
+            return {row[0]: (row[1], row[2], row[3]) for row in found}
+
+    @staticmethod
+    def known_outcome(keyed: int, rejected: int) -> PageOutcome:
+        """What writing a page already written again comes to: each record unchanged."""
+        return PageOutcome(unchanged=keyed, rejected=[{}] * rejected, same_page=True)
+
     def _known_page(
         self, conn: sa.Connection, source_id: str, page: int, digest: str
     ) -> PageOutcome | None:
@@ -328,7 +349,7 @@ class Target:
         ).first()
         if found is None or found[0] != digest:
             return None
-        return PageOutcome(unchanged=found[1], rejected=[{}] * found[2], same_page=True)
+        return self.known_outcome(found[1], found[2])
 
     def _remember_page(
         self,
@@ -497,6 +518,12 @@ class Target:
         transaction."""
         self.state.create(conn, checkfirst=True)
         conn.execute(self.state.delete().where(self.state.c.source_id == source_id))
+
+    def forget_pages(self, conn: sa.Connection, source_id: str) -> None:
+        """Read every page again next run (how a body becomes rows changed), in ``conn``'s
+        transaction."""
+        self.pages.create(conn, checkfirst=True)
+        conn.execute(self.pages.delete().where(self.pages.c.source_id == source_id))
 
     def finish_run(self, source_id: str) -> Any:
         """The run ended: the pending cursor becomes the cursor. Returns the cursor now."""
