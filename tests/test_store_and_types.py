@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
@@ -40,6 +41,35 @@ async def test_writes_wait_while_another_process_holds_the_lock(
         other.close()
         done = await yard.wait(submitted[0], timeout_s=10)
         assert done.result == "after the lock"
+
+
+async def test_a_batch_given_up_while_its_items_are_made_leaves_the_store_writing(
+    make_yard: Callable[..., Conveyor],
+) -> None:
+    """A batch's rows go in on the writer thread while another thread makes its items: a
+    submission cancelled in the middle (a client gone) commits none of them, and the writer
+    is free for the next write."""
+    made_some, go_on = threading.Event(), threading.Event()
+
+    def items() -> Iterator[dict[str, object]]:
+        for i in range(10_000):
+            if i == 5_000:  # past the first chunk, which is being written
+                made_some.set()
+                go_on.wait(30)
+            yield {"value": i}
+
+    async with make_yard(run_workers=False) as yard:
+        async with anyio.create_task_group() as group:
+            group.start_soon(yard.batches.submit, "t.echo", items())
+            await anyio.to_thread.run_sync(made_some.wait, 30)
+            group.cancel_scope.cancel()
+        go_on.set()
+        assert await yard.batches.list_batches() == []
+        record, _ = await yard.submit("t.echo", {"value": "next"})
+        assert (await yard.get(record.id)).status is TaskStatus.QUEUED
+        assert (await yard.store.count_by_status())["queued"] == 1
+        batch = await yard.batch("t.echo", [{"value": i} for i in range(10)])
+        assert (await yard.batches.get(batch.id)).counts["queued"] == 10
 
 
 @pytest.mark.parametrize("synchronous", ["FULL", "OFF"])

@@ -96,6 +96,10 @@ _ERRORS = (
 )
 
 
+class GivenUp(Exception):
+    """A batch's submission stopped before its items were all made: nothing is committed."""
+
+
 def _batch_row(batch: BatchRecord) -> tuple[Any, ...]:
     return (batch.id, batch.owner, batch.name, batch.created_at, dump(batch.meta))
 
@@ -123,7 +127,7 @@ class _File(Protocol):
 
     def _check_room(self, conn: sqlite3.Connection, n: int, max_queued: int | None) -> None: ...
 
-    def _write_alone(self, op: Callable[[sqlite3.Connection], T]) -> Awaitable[T]: ...
+    def _write_alone(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]: ...
 
     @property
     def _counts(self) -> _Tally: ...
@@ -144,7 +148,7 @@ class SQLiteBatches:
         statement (``INSERT ... SELECT`` over the chunk as one JSON array, during which SQLite
         holds no interpreter lock), while the next chunks are made on another thread."""
         store = self._store
-        feed: queue.SimpleQueue[tuple[list[str], str] | BaseException | None]
+        feed: queue.SimpleQueue[tuple[list[str], str] | Exception | None]
         feed = queue.SimpleQueue()
         given_up = threading.Event()
 
@@ -160,7 +164,7 @@ class SQLiteBatches:
                 raise BatchExists(f"batch {batch.id} exists already")
             total = 0
             while (rows := feed.get()) is not None:
-                if isinstance(rows, BaseException):
+                if isinstance(rows, Exception):
                     raise rows
                 ids, items = rows
                 store._counts.added(tasks.owner, tasks.name, "queued", tasks.batch_id, ids)
@@ -195,13 +199,22 @@ class SQLiteBatches:
                     if given_up.is_set():
                         return
                     feed.put((ids, _items_json(ids, args_json)))
-            except BaseException as exc:
+            except Exception as exc:  # an item refused: the batch is rolled back
                 feed.put(exc)
                 return
+            except BaseException:
+                feed.put(GivenUp("the batch was given up while its items were made"))
+                raise
             feed.put(None)
 
         written = store._write_alone(op)
-        await asyncio.to_thread(make)
+        try:
+            await asyncio.to_thread(make)
+        except BaseException:  # cancelled (the thread may never start): roll back
+            given_up.set()
+            feed.put(GivenUp("the batch was given up while its items were made"))
+            written.add_done_callback(lambda done: done.cancelled() or done.exception())
+            raise
         stored = await written
         stored.counts = {status.value: 0 for status in TaskStatus}
         stored.counts[TaskStatus.QUEUED.value] = stored.total
