@@ -157,8 +157,10 @@ class Emails:
     async def submit(
         self, body: EmailIn, *, owner: str, idempotency_key: str | None = None
     ) -> tuple[BatchRecord, bool]:
-        """Check the whole message, then commit one task per distinct recipient: the email and
-        whether it is new (``False``: the one first submitted with ``idempotency_key``)."""
+        """Check the message and its first recipient, then commit one task per distinct
+        recipient, the others checked as the batch writes them (a bad one anywhere commits
+        nothing): the email and whether it is new (``False``: the one first submitted with
+        ``idempotency_key``)."""
         settings = self.yard.settings
         if len(body.recipients) > settings.email_max_recipients:
             raise PayloadTooLarge(

@@ -6,7 +6,9 @@ does not wait for the disk, so the batch runs on the event loop's own connection
 thread hand-off per batch cost 15-25 % of ``POST /tasks`` throughput), and reads of single
 records run there too. Whenever the file is locked by another process (or ``synchronous=FULL``
 makes commits wait for the disk), batches go to a writer thread that waits for the lock instead
-of the loop. The writer thread also checkpoints the WAL, which the loop's connection never does.
+of the loop. A long write (a big batch's rows) runs on the writer thread in a transaction of its
+own (``write_alone``). The writer thread also checkpoints the WAL, which the loop's connection
+never does.
 Other reads run on a small read pool.
 
 Each write transaction is ``BEGIN IMMEDIATE``, so several processes may share the file.
