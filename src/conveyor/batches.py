@@ -76,10 +76,10 @@ class Batches:
         batch_id: str | None = None,
         checked: bool = False,
     ) -> BatchRecord:
-        """Validate every item, then commit the batch and its tasks in one transaction: all of
-        them or none (``InvalidArguments`` locating the item, ``QueueFull``). The items are
-        checked and written a chunk at a time, so ``items`` may be a generator (which may raise
-        to refuse the batch). ``checked``: the items are complete arguments a service built
+        """Commit the batch and its tasks in one transaction: all of them or none
+        (``InvalidArguments`` locating the item, ``QueueFull``). The items are validated and
+        written a chunk at a time, so ``items`` may be a generator (which may raise to refuse
+        the batch). ``checked``: the items are complete arguments a service built
         from checked input (not validated again)."""
         host = self._host
         task_type = host.task_type(name, public_only=public_only)

@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 RESERVED = ("_row_id", "_raw", "_hash", "_ingested_at")
+_INT_LOW, _INT_HIGH = -(2**63), 2**63  # what an integer column holds
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 MAX_REJECTS = 100
 STATE = "conveyor_ingest_state"
@@ -75,7 +76,7 @@ def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
     if isinstance(value, int):
-        return "int" if -(2**63) <= value < 2**63 else "json"
+        return "int" if _INT_LOW <= value < _INT_HIGH else "json"
     if isinstance(value, float):
         return "float"
     if isinstance(value, str):
@@ -100,7 +101,7 @@ def _fits(kind: str, value: Any) -> Any:
     """``value`` as its column of ``kind`` keeps it (None when it does not fit: in ``_raw``)."""
     if value is None:
         return None
-    if _NATIVE.get(type(value)) == kind and (kind != "int" or -(2**63) <= value < 2**63):
+    if _NATIVE.get(type(value)) == kind and (kind != "int" or _INT_LOW <= value < _INT_HIGH):
         return value  # the common case, first
     found = _kind(value)
     if found == kind:
@@ -112,8 +113,7 @@ def _fits(kind: str, value: Any) -> Any:
     return None
 
 
-_NATIVE_TYPE: dict[str, type] = {"bool": bool, "int": int, "float": float, "text": str}
-_INT_LOW, _INT_HIGH = -(2**63), 2**63
+_NATIVE_TYPE: dict[str, type] = {kind: native for native, kind in _NATIVE.items()}
 
 
 class _NoType:
@@ -146,14 +146,10 @@ class Columns:
             values = self.pick(record)
         except KeyError:  # a field is missing: None for it, as _fits gives
             values = tuple(map(record.get, self.names))
-        if tuple(map(type, values)) == self.expected and all(
-            _INT_LOW <= values[i] < _INT_HIGH for i in self.ints
-        ):
-            return values
-        return tuple(map(_fits, self.kinds, values))
+        return values if self.known(values) else tuple(map(_fits, self.kinds, values))
 
     def known(self, values: tuple[Any, ...]) -> bool:
-        """Whether each value is of its column's own type (the key of a record taken fast)."""
+        """Whether each value is of its column's own type, so its column keeps it as it is."""
         return tuple(map(type, values)) == self.expected and all(
             _INT_LOW <= values[i] < _INT_HIGH for i in self.ints
         )

@@ -100,6 +100,9 @@ class GivenUp(Exception):
     """A batch's submission stopped before its items were all made: nothing is committed."""
 
 
+_GIVEN_UP = "the batch was given up while its items were made"
+
+
 def _batch_row(batch: BatchRecord) -> tuple[Any, ...]:
     return (batch.id, batch.owner, batch.name, batch.created_at, dump(batch.meta))
 
@@ -203,7 +206,7 @@ class SQLiteBatches:
                 feed.put(exc)
                 return
             except BaseException:
-                feed.put(GivenUp("the batch was given up while its items were made"))
+                feed.put(GivenUp(_GIVEN_UP))
                 raise
             feed.put(None)
 
@@ -212,7 +215,7 @@ class SQLiteBatches:
             await asyncio.to_thread(make)
         except BaseException:  # cancelled (the thread may never start): roll back
             given_up.set()
-            feed.put(GivenUp("the batch was given up while its items were made"))
+            feed.put(GivenUp(_GIVEN_UP))
             written.add_done_callback(lambda done: done.cancelled() or done.exception())
             raise
         stored = await written
